@@ -1,0 +1,15 @@
+"""bngen: a compiler for batch-normalization kernels.
+
+Describe a layer with `Spec`, `build` it into a `Kernel` (specialised C, compiled and
+cached on disk), and call it on NumPy arrays.
+"""
+
+__version__ = "0.1.0"
+
+from .spec import Spec, SpecError  # noqa: E402
+from .plan import Plan, make_plan  # noqa: E402
+from .build import build  # noqa: E402
+from .kernel import Kernel  # noqa: E402
+from . import oracle  # noqa: E402
+
+__all__ = ["Spec", "SpecError", "Plan", "make_plan", "build", "Kernel", "oracle", "__version__"]

@@ -1,0 +1,57 @@
+"""The pipeline: Spec -> Plan -> C -> cache (compile on a miss) -> loaded Kernel.
+
+The only module that chains the steps.  An in-process memo makes a repeated build of
+an equal spec cost a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+from .cache import Cache, digest, resolve_root
+from .compiler import Compiler, load_module
+from .kernel import Kernel
+from .plan import make_plan
+from .render import render_cdef, render_source
+from .spec import Spec
+
+_memo: dict = {}
+_memo_lock = threading.Lock()
+
+
+def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None) -> Kernel:
+    """Compile (or load from the cache) the kernel for `spec`.
+
+    The cache root is `cache_dir`, else ``$BNGEN_CACHE_DIR``, else the user cache
+    directory.  `compiler` defaults to ``$CC`` (or ``cc``) with optimisation for this
+    machine.
+    """
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec: expected a bngen.Spec, got {type(spec).__name__}")
+    compiler = compiler or Compiler()
+    root = resolve_root(cache_dir)
+    memo_key = (spec, str(root), compiler)
+    kernel = _memo.get(memo_key)
+    if kernel is not None:
+        return kernel
+    with _memo_lock:
+        kernel = _memo.get(memo_key)
+        if kernel is None:
+            kernel = _memo[memo_key] = _build(spec, Cache(root), compiler)
+    return kernel
+
+
+def _build(spec: Spec, cache: Cache, compiler: Compiler) -> Kernel:
+    features = compiler.features(cache.root)
+    plan = make_plan(spec, threaded=features.openmp is not None, pragmas=features.simd is not None)
+    source = render_source(plan)
+    cdef = render_cdef(plan)
+    key = digest(source, cdef, compiler.fingerprint(features))
+    module_name = f"_bngen_{key[:24]}"
+    shared = cache.fetch(
+        key,
+        lambda directory: compiler.compile(source, cdef, module_name, directory, features),
+        files={"kernel.c": source, "spec.json": spec.to_json()},
+    )
+    return Kernel(spec, plan, source, load_module(module_name, shared))

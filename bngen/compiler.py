@@ -1,0 +1,181 @@
+"""The C compiler: a pure function from C text to a loadable Python extension.
+
+`Compiler` is injected into `build` (tests pass one with ``-Werror``).  Its `identity`
+(path and ``--version``) and flags go into the cache key, so a different compiler or
+flag set never reuses another's binary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.machinery
+import importlib.util
+import io
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import cffi
+from cffi.recompiler import make_c_source
+
+from .render import template_dir
+
+DEFAULT_FLAGS = ("-O3", "-march=native")
+STRICT_WARNINGS = ("-Wall", "-Wextra", "-Werror")
+
+
+class CompileError(RuntimeError):
+    """The C compiler rejected generated code; the message carries its output."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiler:
+    """A C compiler command and its flags.
+
+    ``cc`` defaults to ``$CC`` or ``cc``; ``flags`` to optimisation for this machine.
+    ``warnings`` are added on top (``STRICT_WARNINGS`` turns every warning into an
+    error, which the test suite uses so that a sloppy template fails).
+    """
+
+    cc: str = dataclasses.field(default_factory=lambda: os.environ.get("CC", "cc"))
+    flags: Tuple[str, ...] = DEFAULT_FLAGS
+    warnings: Tuple[str, ...] = ()
+
+    @property
+    def argv0(self) -> str:
+        cmd = shlex.split(self.cc)
+        path = shutil.which(cmd[0])
+        if path is None:
+            raise CompileError(f"C compiler {self.cc!r} not found; install gcc or clang, or set CC")
+        return path
+
+    def identity(self) -> str:
+        """The resolved compiler path and its ``--version`` banner."""
+        return _identity(self.argv0)
+
+    def features(self, store: Optional[Path] = None) -> "Features":
+        """What the compiler supports, probed once; remembered in `store` if given, so
+        that a new process loading a cached kernel compiles nothing at all."""
+        identity = self.identity()
+        record = None
+        if store is not None:
+            record = store / f"compiler-{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
+            try:
+                return Features(**json.loads(record.read_text()))
+            except (OSError, ValueError, TypeError):
+                pass
+        openmp = _probe(self.argv0, identity, "-fopenmp")
+        found = Features(openmp=openmp, simd=openmp or _probe(self.argv0, identity, "-fopenmp-simd"))
+        if record is not None:
+            try:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                tmp = record.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(dataclasses.asdict(found)))
+                os.replace(tmp, record)
+            except OSError:
+                pass  # an unwritable store only costs a probe next time
+        return found
+
+    def command(self, c_file: str, output: str, features: "Features") -> list:
+        """The full command line that compiles `c_file` into the extension `output`."""
+        mode = [features.openmp or features.simd] if (features.openmp or features.simd) else []
+        return [
+            *shlex.split(self.cc), *self.flags, *mode, *self.warnings, "-fPIC", "-shared",
+            "-I", sysconfig.get_paths()["include"], c_file, "-o", output, "-lm",
+        ]
+
+    def fingerprint(self, features: "Features") -> str:
+        """Everything about this compiler that changes the binary it produces."""
+        return "\n".join(
+            [
+                self.identity(),
+                " ".join(self.command("SOURCE", "OUTPUT", features)),
+                f"cffi {cffi.__version__}",
+                f"python {sys.implementation.cache_tag} {sysconfig.get_config_var('EXT_SUFFIX')}",
+                f"machine {machine_tag()}",
+            ]
+        )
+
+    def compile(self, source: str, cdef: str, module_name: str, directory: Path, features: "Features") -> Path:
+        """Compile `source` (whose entry points `cdef` declares) into `directory`.
+
+        Returns the path of the extension module; raises `CompileError` with the
+        compiler's output if it fails.
+        """
+        ffi = cffi.FFI()
+        ffi.cdef(cdef)
+        wrapper = io.StringIO()
+        make_c_source(ffi, module_name, source, wrapper, verbose=False)
+        c_file = directory / f"{module_name}.c"
+        c_file.write_text(wrapper.getvalue())
+        output = directory / f"{module_name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+        cmd = self.command(str(c_file), str(output), features)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CompileError(
+                f"compiling generated C failed (exit {result.returncode}):\n$ {' '.join(cmd)}\n{result.stderr}"
+            )
+        return output
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What a compiler accepts: the flag for OpenMP threads and for ``omp simd``."""
+
+    openmp: Optional[str]
+    simd: Optional[str]
+
+
+def load_module(module_name: str, path: Path):
+    """Import the compiled extension at `path` (its ``lib`` and ``ffi``)."""
+    loader = importlib.machinery.ExtensionFileLoader(module_name, str(path))
+    spec = importlib.util.spec_from_file_location(module_name, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def machine_tag() -> str:
+    """The architecture and, for -march=native builds, the CPU's feature set."""
+    return f"{platform.machine()}-{_cpu_features()}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return hashlib.sha256(line.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def _identity(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CompileError(f"cannot run C compiler {path}: {exc}") from None
+    return f"{path}\n{out.stdout.strip()}"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(path: str, identity: str, flag: str) -> Optional[str]:
+    """`flag` if the compiler builds a trivial program with it, else None."""
+    with tempfile.TemporaryDirectory(prefix="bngen-probe-") as tmp:
+        result = subprocess.run(
+            [path, flag, str(template_dir() / "probe.c"), "-o", str(Path(tmp, "probe"))], capture_output=True
+        )
+    return flag if result.returncode == 0 else None

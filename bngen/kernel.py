@@ -1,0 +1,215 @@
+"""The Python callable around a compiled kernel.
+
+Every argument is checked (type, shape, dtype, contiguity, writability, aliasing)
+before any C runs, so a bad call raises a message naming the argument and leaves every
+caller array untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from .plan import Entry, Plan
+from .spec import Spec
+
+_CTYPES = {"float32": "float", "float64": "double", "float16": "uint16_t", "bfloat16": "uint16_t"}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a spec dtype name (bfloat16 comes from ml_dtypes)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise TypeError("dtype: bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def default_threads() -> int:
+    """``$OMP_NUM_THREADS`` if set, else the CPUs this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class Kernel:
+    """A compiled batch-normalization kernel for one `Spec`.
+
+    ``kernel(x, gamma, beta, moving_mean, moving_variance, out=None)`` returns y;
+    ``kernel.forward(...)`` also returns the batch statistics.  ``kernel.source`` is the
+    C that was compiled.  ``threads=`` (default ``$OMP_NUM_THREADS`` or all CPUs) sets
+    the thread count of a call; results are identical run to run for a given count.
+    """
+
+    def __init__(self, spec: Spec, plan: Plan, source: str, module: Any):
+        self.spec = spec
+        self.plan = plan
+        self.source = source
+        self._ffi = module.ffi
+        self._lib = module.lib
+        self._module = module  # keeps the shared object loaded
+        self._dtype = numpy_dtype(spec.dtype)
+        self._pdtype = np.dtype(spec.param_dtype)
+        self._data_ct = _CTYPES[spec.dtype] + "[]"
+        self._param_ct = _CTYPES[spec.param_dtype] + "[]"
+        self._forward_entry: Entry = plan.entries[0]
+        self._forward_fn = getattr(self._lib, self._forward_entry.name)
+        self._threads = default_threads()
+
+    def __repr__(self) -> str:
+        return f"<bngen.Kernel {self.spec.describe()}>"
+
+    # -- public calls ------------------------------------------------------------------
+    def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None, threads=None):
+        """Normalise `x`; returns y (written into `out` if given)."""
+        y, _, _ = self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=False)
+        return y
+
+    def forward(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, out=None, *, threads=None):
+        """Normalise `x` with its own statistics; returns ``(y, mean, variance)``.
+
+        mean and variance are the batch mean and biased batch variance per feature
+        (per sample in mode 1, with shape ``x.shape[:axis]``).
+        """
+        if not self.spec.uses_batch_stats:
+            raise TypeError(
+                "forward: this is a mode-0 inference kernel, which normalises with moving statistics "
+                "and computes none; call kernel(x, gamma, beta, moving_mean, moving_variance) instead"
+            )
+        return self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=True)
+
+    # -- argument checking ---------------------------------------------------------------
+    def _check_x(self, x) -> np.ndarray:
+        spec = self.spec
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+        if x.dtype != self._dtype:
+            raise TypeError(f"x: dtype is {x.dtype}, but the kernel was built for {spec.dtype}")
+        if x.ndim != spec.ndim or any(
+            want is not None and got != want for got, want in zip(x.shape, spec.shape)
+        ):
+            raise ValueError(f"x: shape {x.shape} does not match the spec's shape {_shape_text(spec.shape)}")
+        if x.size == 0:
+            raise ValueError(f"x: shape {x.shape} has a zero-sized dimension; every size must be >= 1")
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+    def _check_param(self, name: str, value, used: bool, why: str, writable: bool = False, required: bool = True):
+        if value is None:
+            if used and required:
+                raise TypeError(f"{name}: required ({why})")
+            return None
+        if not used:
+            raise TypeError(f"{name}: not used by this kernel ({why}); pass None")
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy.ndarray of {self._pdtype}, got {type(value).__name__}")
+        if value.dtype != self._pdtype:
+            raise TypeError(f"{name}: dtype is {value.dtype}; parameters of a {self.spec.dtype} kernel are {self._pdtype}")
+        if value.shape != (self.plan.channels,):
+            raise ValueError(f"{name}: shape is {value.shape}; expected ({self.plan.channels},), one value per feature")
+        if writable:
+            if not value.flags.writeable:
+                raise ValueError(f"{name}: is read-only, but training updates it in place")
+            if not value.flags.c_contiguous:
+                raise ValueError(f"{name}: must be C-contiguous, because training updates it in place")
+            return value
+        return value if value.flags.c_contiguous else np.ascontiguousarray(value)
+
+    def _check_out(self, out, shape) -> np.ndarray:
+        if out is None:
+            return np.empty(shape, self._dtype)
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
+        if out.dtype != self._dtype:
+            raise TypeError(f"out: dtype is {out.dtype}; expected {self._dtype}")
+        if out.shape != tuple(shape):
+            raise ValueError(f"out: shape is {out.shape}; expected {tuple(shape)}, the shape of x")
+        if not out.flags.c_contiguous:
+            raise ValueError("out: must be C-contiguous")
+        if not out.flags.writeable:
+            raise ValueError("out: is read-only")
+        return out
+
+    def _check_threads(self, threads) -> int:
+        if threads is None:
+            return self._threads
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise ValueError(f"threads: {threads!r} must be an int >= 1")
+        return int(threads)
+
+    def _run(self, x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats: bool):
+        spec, plan = self.spec, self.plan
+        x = self._check_x(x)
+        gamma = self._check_param("gamma", gamma, spec.scale, "scale=True" if spec.scale else "the spec has scale=False")
+        beta = self._check_param("beta", beta, spec.center, "center=True" if spec.center else "the spec has center=False")
+        if spec.updates_moving_stats:
+            why = "training updates them in place when given"
+            moving_mean = self._check_param("moving_mean", moving_mean, True, why, writable=True, required=False)
+            moving_variance = self._check_param("moving_variance", moving_variance, True, why, writable=True, required=False)
+        elif spec.mode == 0:
+            why = "inference normalises with the moving statistics"
+            moving_mean = self._check_param("moving_mean", moving_mean, True, why)
+            moving_variance = self._check_param("moving_variance", moving_variance, True, why)
+        else:
+            why = f"mode {spec.mode} keeps no moving statistics"
+            self._check_param("moving_mean", moving_mean, False, why)
+            self._check_param("moving_variance", moving_variance, False, why)
+        nthreads = self._check_threads(threads)
+
+        first, last = spec.axis[0], spec.axis[-1]
+        outer = int(np.prod(x.shape[:first], dtype=np.int64))
+        inner = int(np.prod(x.shape[last + 1 :], dtype=np.int64))
+        if spec.updates_moving_stats and spec.unbiased and outer * inner == 1:
+            raise ValueError(
+                f"x: shape {x.shape} gives one value per feature, so the unbiased variance n/(n-1) "
+                "is undefined (the spec has unbiased=True)"
+            )
+        y = self._check_out(out, x.shape)
+        arrays = [("x", x), ("out", y), ("moving_mean", moving_mean), ("moving_variance", moving_variance)]
+        _check_no_overlap(arrays)
+
+        mean = variance = None
+        if want_stats:
+            stat_shape = x.shape[:first] if spec.mode == 1 else (plan.channels,)
+            mean = np.empty(stat_shape, self._pdtype)
+            variance = np.empty(stat_shape, self._pdtype)
+        values = {
+            "x": x, "y": y, "gamma": gamma, "beta": beta, "moving_mean": moving_mean,
+            "moving_variance": moving_variance, "mean": mean, "variance": variance,
+            "outer": outer, "inner": inner, "nthreads": nthreads,
+        }
+        self._forward_fn(*self._bind(self._forward_entry, values))
+        return y, mean, variance
+
+    def _bind(self, entry: Entry, values: dict) -> list:
+        ffi, args = self._ffi, []
+        for arg in entry.args:
+            value = values[arg.name]
+            if not arg.is_array:
+                args.append(value)
+            elif value is None:
+                args.append(ffi.NULL)
+            else:
+                ctype = self._data_ct if arg.role in ("data_in", "data_out") else self._param_ct
+                args.append(ffi.from_buffer(ctype, value, require_writable=arg.role not in ("data_in", "param_in")))
+        return args
+
+
+def _shape_text(shape: Tuple[Optional[int], ...]) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check_no_overlap(arrays) -> None:
+    """Raises if two arrays the kernel reads and writes share memory."""
+    present = [(n, a) for n, a in arrays if a is not None]
+    for i, (name_a, a) in enumerate(present):
+        for name_b, b in present[i + 1 :]:
+            if np.may_share_memory(a, b):
+                raise ValueError(f"{name_b}: shares memory with {name_a}; pass separate arrays")

@@ -1,0 +1,74 @@
+"""The float64 NumPy reference of every kernel: slow, plain and obviously right.
+
+Tests and ``bngen demo`` compare compiled kernels against these functions.  Inputs of
+any float dtype are upcast to float64; results are float64.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from .spec import Spec
+
+
+class Forward(NamedTuple):
+    y: np.ndarray
+    mean: Optional[np.ndarray]  # batch (or, in mode 1, per-sample) mean; None at mode-0 inference
+    variance: Optional[np.ndarray]  # biased
+    moving_mean: Optional[np.ndarray]  # after the update (training, mode 0), else as given
+    moving_variance: Optional[np.ndarray]
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def reduce_axes(spec: Spec) -> tuple:
+    """The axes statistics are taken over: all but the feature axes (mode 1: the feature axes)."""
+    if spec.mode == 1:
+        return tuple(spec.axis)
+    return tuple(a for a in range(spec.ndim) if a not in spec.axis)
+
+
+def _bshape(spec: Spec, ndim: int):
+    """The shape that makes a (C,) per-feature array broadcast against the input."""
+    return [spec.shape[a] if a in spec.axis else 1 for a in range(ndim)]
+
+
+def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_variance=None) -> Forward:
+    """What the forward kernel of `spec` computes, in float64."""
+    x = _f64(x)
+    bshape = _bshape(spec, x.ndim)
+    g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
+    b = _f64(beta).reshape(bshape) if spec.center else 0.0
+    mm, mv = _f64(moving_mean), _f64(moving_variance)
+    axes = reduce_axes(spec)
+    if spec.mode == 1:
+        m = x.mean(axis=axes, keepdims=True)
+        v = ((x - m) ** 2).mean(axis=axes, keepdims=True)
+        y = g * (x - m) / (np.sqrt(v + spec.epsilon) + spec.epsilon) + b
+        y = _activate(spec, y)
+        return Forward(y, m.reshape(x.shape[: spec.axis[0]]), v.reshape(x.shape[: spec.axis[0]]), None, None)
+    if spec.uses_batch_stats:
+        m = x.mean(axis=axes, keepdims=True)
+        v = ((x - m) ** 2).mean(axis=axes, keepdims=True)
+        y = g * (x - m) / np.sqrt(v + spec.epsilon) + b
+        mean, var = m.reshape(-1), v.reshape(-1)
+        if spec.updates_moving_stats:
+            n = x.size // mean.size
+            fed = var * n / (n - 1) if spec.unbiased else var
+            keep = spec.momentum
+            mm = None if mm is None else keep * mm + (1 - keep) * mean
+            mv = None if mv is None else keep * mv + (1 - keep) * fed
+        return Forward(_activate(spec, y), mean, var, mm, mv)
+    a = g / np.sqrt(mv.reshape(bshape) + spec.epsilon)
+    y = (x - mm.reshape(bshape)) * a + b
+    return Forward(_activate(spec, y), None, None, mm, mv)
+
+
+def _activate(spec: Spec, y: np.ndarray) -> np.ndarray:
+    if spec.activation == "relu":
+        return np.where(y < 0, 0.0, y)
+    return y

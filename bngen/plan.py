@@ -1,0 +1,158 @@
+"""The decisions between a `Spec` and C text, as plain data.
+
+A `Plan` says how a spec is computed: the canonical ``(outer, C, inner)`` view, which
+sizes are compile-time constants, the loop schedule, the C types, whether OpenMP
+threads are used, blocking factors, and the runtime signature of every entry point.
+Templates only read a plan; they decide nothing of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+from .spec import Spec
+
+# Values per statistics block: small enough that a block's second pass reads L1, large
+# enough that the per-block float64 merge costs nothing next to the element work.
+STAT_BLOCK = 1024
+# Channels per tile in the channels-last schedule: the tile's per-channel work arrays
+# (a few KiB) stay on the stack and in L1 however many channels the layer has.
+CHANNEL_TILE = 128
+# Rows per statistics block in the channels-last schedule: a block of ROW_BLOCK rows of
+# one tile is at most 32 KiB of doubles, so its second pass reads L1.
+ROW_BLOCK = 32
+# Elements below which a kernel runs on one thread: waking a team costs microseconds.
+PARALLEL_MIN = 1 << 15
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """C types for one storage dtype."""
+
+    dtype: str  # storage dtype of x / y / dy / dx
+    data: str  # C type holding one stored element
+    param: str  # C type of gamma, beta, statistics
+    compute: str  # C type the arithmetic is done in
+    half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
+
+    @property
+    def suffix(self) -> str:
+        """The C literal suffix of the compute type."""
+        return "f" if self.compute == "float" else ""
+
+
+PRECISIONS = {
+    "float32": Precision("float32", "float", "float", "float"),
+    "float64": Precision("float64", "double", "double", "double"),
+    "float16": Precision("float16", "uint16_t", "float", "float", half="float16"),
+    "bfloat16": Precision("bfloat16", "uint16_t", "float", "float", half="bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """One runtime argument of an entry point."""
+
+    name: str
+    role: str  # data_in | data_out | param_in | param_inout | stat_out | grad_out | size | threads
+    nullable: bool = False  # the Python side may pass NULL (C then skips that work)
+
+    @property
+    def is_array(self) -> bool:
+        return self.role not in ("size", "threads")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """An exported C function: its name and its runtime signature."""
+
+    name: str
+    args: Tuple[Arg, ...]
+
+    def arg(self, name: str) -> Optional[Arg]:
+        return next((a for a in self.args if a.name == name), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every decision that shapes the generated C for one spec."""
+
+    spec: Spec
+    precision: Precision
+    schedule: str  # channels_first | channels_last | per_sample
+    outer: Optional[int]  # None: a runtime argument
+    channels: int
+    inner: Optional[int]  # None: a runtime argument
+    threaded: bool  # OpenMP threads, the count a runtime argument
+    pragmas: bool  # `#pragma omp simd` on inner loops (the compiler takes -fopenmp[-simd])
+    stat_block: int
+    channel_tile: int
+    row_block: int
+    parallel_min: int
+    entries: Tuple[Entry, ...]
+
+    def entry(self, name: str) -> Optional[Entry]:
+        return next((e for e in self.entries if e.name == name), None)
+
+    @property
+    def batch_stats(self) -> bool:
+        """True when forward normalises with the input's own statistics."""
+        return self.spec.uses_batch_stats
+
+
+def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True) -> Plan:
+    """Decide how `spec` is computed.
+
+    `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
+    understands `#pragma omp simd` (with -fopenmp or -fopenmp-simd).
+    """
+    outer, channels, inner = spec.view
+    if spec.mode == 1:
+        schedule = "per_sample"
+    elif inner == 1:
+        schedule = "channels_last"
+    else:
+        schedule = "channels_first"
+    return Plan(
+        spec=spec,
+        precision=PRECISIONS[spec.dtype],
+        schedule=schedule,
+        outer=outer,
+        channels=channels,
+        inner=inner,
+        threaded=threaded,
+        pragmas=pragmas,
+        stat_block=STAT_BLOCK,
+        channel_tile=min(channels, CHANNEL_TILE),
+        row_block=ROW_BLOCK,
+        parallel_min=PARALLEL_MIN,
+        entries=_entries(spec, outer, inner, threaded),
+    )
+
+
+def _entries(spec: Spec, outer, inner, threaded) -> Tuple[Entry, ...]:
+    sizes = []
+    if outer is None:
+        sizes.append(Arg("outer", "size"))
+    if inner is None:
+        sizes.append(Arg("inner", "size"))
+    if threaded:
+        sizes.append(Arg("nthreads", "threads"))
+    affine = []
+    if spec.scale:
+        affine.append(Arg("gamma", "param_in"))
+    if spec.center:
+        affine.append(Arg("beta", "param_in"))
+
+    io = [Arg("x", "data_in"), Arg("y", "data_out")]
+    if spec.uses_batch_stats:
+        moving = []
+        if spec.updates_moving_stats:
+            moving = [Arg("moving_mean", "param_inout", True), Arg("moving_variance", "param_inout", True)]
+        stats = [Arg("mean", "stat_out", True), Arg("variance", "stat_out", True)]
+        forward = Entry("bn_forward", tuple(io + affine + moving + stats + sizes))
+    else:
+        moving = [Arg("moving_mean", "param_in"), Arg("moving_variance", "param_in")]
+        forward = Entry("bn_inference", tuple(io + affine + moving + sizes))
+    return (forward,)

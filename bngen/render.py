@@ -1,0 +1,73 @@
+"""Plan -> C text, through the Jinja templates in templates/.
+
+A pure function of the plan: no C is written in Python.  Undefined template variables
+are errors (StrictUndefined), and numbers reach C as exact hexadecimal literals.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jinja2
+import numpy as np
+
+from . import __version__
+from .plan import Plan
+
+
+def template_dir() -> Path:
+    """templates/: inside the installed package, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"bngen's C templates are missing (looked in {here / 'templates'} and {here.parent / 'templates'})")
+
+
+def hexfloat(value: float, ctype: str = "double") -> str:
+    """An exact C literal for `value` rounded to `ctype` ("double" or "float")."""
+    if ctype == "float":
+        return float(np.float32(value)).hex() + "f"
+    return float(value).hex()
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        lstrip_blocks=False,
+        autoescape=False,
+    )
+    env.filters["hexfloat"] = hexfloat
+    env.globals["version"] = __version__
+    return env
+
+
+def _render(template: str, plan: Plan, **extra) -> str:
+    text = environment().get_template(template).render(plan=plan, spec=plan.spec, **extra)
+    return _tidy(text)
+
+
+def _tidy(text: str) -> str:
+    """Collapses the blank lines that template control flow leaves behind."""
+    out, blank = [], 0
+    for line in text.splitlines():
+        line = line.rstrip()
+        blank = blank + 1 if not line else 0
+        if blank <= 1:
+            out.append(line)
+    return "\n".join(out).strip("\n") + "\n"
+
+
+def render_source(plan: Plan) -> str:
+    """The C translation unit compiled for `plan`."""
+    return _render("kernel.c.j2", plan)
+
+
+def render_cdef(plan: Plan) -> str:
+    """The declarations cffi needs to call the entry points of `plan`."""
+    return _render("cdef.h.j2", plan)
