@@ -1,0 +1,152 @@
+"""The ``bngen`` command line (also ``python -m bngen``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .build import build
+from .cache import Cache, resolve_root
+from .compiler import CompileError
+from .spec import Spec, SpecError
+
+DEMO_SHAPE = (None, 64, 56, 56)  # a ResNet stage-1 activation, NCHW
+DEMO_BATCH = 16
+
+
+def _load_spec(path: str) -> Spec:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(f"--spec: cannot read {path}: {exc.strerror}") from None
+    return Spec.from_json(text)
+
+
+def _median_ms(fn, repeat: int) -> float:
+    fn()  # warm caches and threads
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def cmd_demo(args) -> int:
+    """Build training and inference kernels for a ResNet-style layer, check them against
+    the NumPy oracle and time them beside NumPy."""
+    from . import oracle
+
+    rng = np.random.default_rng(0)
+    shape = (args.batch,) + DEMO_SHAPE[1:]
+    c = DEMO_SHAPE[1]
+    x = (rng.standard_normal(shape) * 2.0 + 3.0).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    beta = rng.standard_normal(c).astype(np.float32)
+    moving_mean = np.zeros(c, np.float32)
+    moving_variance = np.ones(c, np.float32)
+    print(f"bngen {__version__} demo: batch norm over NCHW input {shape}, float32, cache {resolve_root(args.cache_dir)}")
+
+    failures = 0
+    for training in (True, False):
+        spec = Spec(DEMO_SHAPE, axis=1, training=training, momentum=0.9, epsilon=1e-5)
+        t = time.perf_counter()
+        kernel = build(spec, args.cache_dir)
+        built = time.perf_counter() - t
+        mm, mv = moving_mean.copy(), moving_variance.copy()
+        if training:
+            y, mean, var = kernel.forward(x, gamma, beta, mm, mv)
+            ref = oracle.forward(spec, x, gamma, beta, moving_mean, moving_variance)
+            checks = {"y": (y, ref.y), "mean": (mean, ref.mean), "variance": (var, ref.variance),
+                      "moving_mean": (mm, ref.moving_mean), "moving_variance": (mv, ref.moving_variance)}
+            run = lambda: kernel(x, gamma, beta)  # noqa: E731
+
+            def numpy_run():
+                m = x.mean(axis=(0, 2, 3), keepdims=True)
+                v = x.var(axis=(0, 2, 3), keepdims=True)
+                return (x - m) / np.sqrt(v + spec.epsilon) * gamma[:, None, None] + beta[:, None, None]
+        else:
+            y = kernel(x, gamma, beta, mm, mv)
+            ref = oracle.forward(spec, x, gamma, beta, mm, mv)
+            checks = {"y": (y, ref.y)}
+            run = lambda: kernel(x, gamma, beta, mm, mv)  # noqa: E731
+            a = (gamma / np.sqrt(mv + spec.epsilon))[:, None, None]
+            b = beta[:, None, None] - mm[:, None, None] * a
+            numpy_run = lambda: x * a + b  # noqa: E731
+        errors = {name: float(np.max(np.abs(got - want))) for name, (got, want) in checks.items()}
+        ok = all(e < 1e-4 for e in errors.values())
+        failures += not ok
+        ms, np_ms = _median_ms(run, args.repeat), _median_ms(numpy_run, args.repeat)
+        label = "training forward" if training else "inference"
+        print(f"\n{label}: built in {built * 1e3:.0f} ms; max |error| vs float64 oracle: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + ("  OK" if ok else "  FAILED"))
+        print(f"  bngen {ms:8.3f} ms   numpy {np_ms:8.3f} ms   speed-up {np_ms / ms:5.1f}x")
+    return 1 if failures else 0
+
+
+def cmd_build(args) -> int:
+    """Build (or load from the cache) the kernel of a spec file."""
+    spec = _load_spec(args.spec)
+    t = time.perf_counter()
+    kernel = build(spec, args.cache_dir)
+    print(f"built {spec.describe()} in {(time.perf_counter() - t) * 1e3:.0f} ms")
+    if args.show_source:
+        print(kernel.source)
+    return 0
+
+
+def cmd_cache_info(args) -> int:
+    cache = Cache(resolve_root(args.cache_dir))
+    entries = cache.entries()
+    print(f"cache: {cache.root}")
+    print(f"entries: {len(entries)}, {cache.size() / 1e6:.2f} MB")
+    return 0
+
+
+def cmd_cache_clear(args) -> int:
+    cache = Cache(resolve_root(args.cache_dir))
+    print(f"removed {cache.clear()} entries from {cache.root}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bngen", description="A compiler for batch-normalization kernels.")
+    parser.add_argument("--version", action="version", version=f"bngen {__version__}")
+    parser.add_argument("--cache-dir", help="cache root (default: $BNGEN_CACHE_DIR or the user cache directory)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="build, run and check a ResNet-style layer end to end", description=cmd_demo.__doc__)
+    p.add_argument("--batch", type=int, default=DEMO_BATCH, help=f"batch size (default {DEMO_BATCH})")
+    p.add_argument("--repeat", type=int, default=20, help="timed repetitions (default 20)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("build", help="build the kernel of a spec file into the cache", description=cmd_build.__doc__)
+    p.add_argument("--spec", required=True, help="JSON file with the Spec fields")
+    p.add_argument("--show-source", action="store_true", help="print the generated C")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("cache", help="inspect or clear the kernel cache")
+    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION")
+    cache_sub.required = True
+    cache_sub.add_parser("info", help="where the cache is and what it holds").set_defaults(func=cmd_cache_info)
+    cache_sub.add_parser("clear", help="remove every cached kernel").set_defaults(func=cmd_cache_clear)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, CompileError, OSError) as exc:
+        print(f"bngen: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
