@@ -46,12 +46,18 @@ def _build(spec: Spec, cache: Cache, compiler: Compiler) -> Kernel:
     features = compiler.features(cache.root)
     plan = make_plan(spec, threaded=features.openmp is not None, pragmas=features.simd is not None)
     source = render_source(plan)
-    cdef = render_cdef(plan)
+    module = load_source(source, render_cdef(plan), cache, compiler, features, spec.to_json())
+    return Kernel(spec, plan, source, module)
+
+
+def load_source(source: str, cdef: str, cache: Cache, compiler: Compiler, features, spec_json: str):
+    """The extension module of generated C `source` (entry points declared by `cdef`):
+    from the cache, compiling it on a miss."""
     key = digest(source, cdef, compiler.fingerprint(features))
     module_name = f"_bngen_{key[:24]}"
     shared = cache.fetch(
         key,
         lambda directory: compiler.compile(source, cdef, module_name, directory, features),
-        files={"kernel.c": source, "spec.json": spec.to_json()},
+        files={"kernel.c": source, "spec.json": spec_json},
     )
-    return Kernel(spec, plan, source, load_module(module_name, shared))
+    return load_module(module_name, shared)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,34 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Time bngen's kernels beside NumPy and PyTorch (when installed) and against the
+    memory-traffic floor, on the preset cases or on a spec file; print a markdown table."""
+    from . import bench
+    from .kernel import default_threads
+
+    if args.spec:
+        cases = [bench.case_from_spec(_load_spec(args.spec), args.batch)]
+    else:
+        cases = list(bench.PRESETS)
+    if args.threads:
+        try:
+            threads = [int(t) for t in args.threads.split(",")]
+        except ValueError:
+            threads = []
+        if not threads or min(threads) < 1:
+            raise SpecError(f"--threads: {args.threads!r} is not a comma-separated list of counts >= 1")
+    else:
+        threads = sorted({1, default_threads()})
+    kinds = [k for k in bench.KINDS if k in args.kinds.split(",")] if args.kinds else list(bench.KINDS)
+    progress = (lambda s: print(f"  {s}", file=sys.stderr)) if not args.quiet else (lambda s: None)
+    report = bench.run(cases, threads, repeat=args.repeat, kinds=kinds, cache_dir=args.cache_dir, progress=progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(bench.markdown(report))
+    return 0
+
+
 def cmd_cache_info(args) -> int:
     cache = Cache(resolve_root(args.cache_dir))
     entries = cache.entries()
@@ -130,6 +159,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="JSON file with the Spec fields")
     p.add_argument("--show-source", action="store_true", help="print the generated C")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("bench", help="time kernels beside NumPy/PyTorch and the memory floor", description=cmd_bench.__doc__)
+    p.add_argument("--spec", help="JSON spec file to benchmark instead of the preset cases")
+    p.add_argument("--batch", type=int, default=32, help="size for the spec's dynamic (None) dimensions (default 32)")
+    p.add_argument("--threads", help="comma-separated thread counts (default: 1 and all CPUs)")
+    p.add_argument("--repeat", type=int, default=21, help="timed samples per implementation (default 21)")
+    p.add_argument("--kinds", help="comma-separated subset of: inference,training forward,backward")
+    p.add_argument("--json", metavar="FILE", help="also write the full report (all statistics) as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("cache", help="inspect or clear the kernel cache")
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION")

@@ -7,6 +7,7 @@ caller array untouched.
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any, Optional, Tuple
 
@@ -63,6 +64,7 @@ class Kernel:
         self._forward_entry: Entry = plan.entries[0]
         self._forward_fn = getattr(self._lib, self._forward_entry.name)
         self._threads = default_threads()
+        self._fast_args = _fast_path(self)
 
     def __repr__(self) -> str:
         return f"<bngen.Kernel {self.spec.describe()}>"
@@ -70,6 +72,11 @@ class Kernel:
     # -- public calls ------------------------------------------------------------------
     def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None, threads=None):
         """Normalise `x`; returns y (written into `out` if given)."""
+        if out is None:
+            call = self._fast_args(x, gamma, beta, moving_mean, moving_variance, threads, False)
+            if call is not None:
+                self._forward_fn(*call[0])
+                return call[1]
         y, _, _ = self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=False)
         return y
 
@@ -84,6 +91,11 @@ class Kernel:
                 "forward: this is a mode-0 inference kernel, which normalises with moving statistics "
                 "and computes none; call kernel(x, gamma, beta, moving_mean, moving_variance) instead"
             )
+        if out is None:
+            call = self._fast_args(x, gamma, beta, moving_mean, moving_variance, threads, True)
+            if call is not None:
+                self._forward_fn(*call[0])
+                return call[1], call[2], call[3]
         return self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=True)
 
     # -- argument checking ---------------------------------------------------------------
@@ -200,6 +212,135 @@ class Kernel:
                 ctype = self._data_ct if arg.role in ("data_in", "data_out") else self._param_ct
                 args.append(ffi.from_buffer(ctype, value, require_writable=arg.role not in ("data_in", "param_in")))
         return args
+
+
+# -- the fast path ------------------------------------------------------------------------
+# A call whose arrays are all exactly what the kernel needs (arrays of the right dtype and
+# shape, C-contiguous, writable where written, no overlap) costs a few identity and tuple
+# comparisons plus one ffi.from_buffer per array; from_buffer itself refuses arrays that
+# are not C-contiguous and, for written arrays, read-only ones.  Any other call, valid or
+# not, takes Kernel._run, whose checks explain what is wrong.  Both run every check before
+# any C runs; the fast path only orders them for speed.
+def _fast_path(kernel: "Kernel"):
+    """The fast-path function of `kernel`: ``(x, gamma, beta, moving_mean,
+    moving_variance, threads, want_stats)`` -> ``(C arguments, y, mean, variance)``, or
+    None when the call needs the checked path."""
+    spec, plan = kernel.spec, kernel.plan
+    first, last = spec.axis[0], spec.axis[-1]
+    dyn = [i for i, d in enumerate(spec.shape) if d is None]
+    lead = len(dyn)
+    if dyn != list(range(lead)) or lead > first:
+        return lambda *args: None  # a dynamic size after a static one: always checked
+    ndim, tail = spec.ndim, spec.shape[lead:]
+    static_outer = int(np.prod(spec.shape[lead:first], dtype=np.int64))
+    inner = int(np.prod(spec.shape[last + 1:], dtype=np.int64))
+    dtype, pdtype, cshape = kernel._dtype, kernel._pdtype, (plan.channels,)
+    data_ct, param_ct = kernel._data_ct, kernel._param_ct
+    from_buffer, null, empty, ndarray = kernel._ffi.from_buffer, kernel._ffi.NULL, np.empty, np.ndarray
+    scale, center = spec.scale, spec.center
+    moving = "inout" if spec.updates_moving_stats else "in" if spec.mode == 0 else None
+    written = moving == "inout"
+    unbiased_check = spec.updates_moving_stats and spec.unbiased
+    per_sample = spec.mode == 1
+    default_threads = kernel._threads
+    share = np.may_share_memory
+    order = ("x", "y", "gamma", "beta", "moving_mean", "moving_variance", "mean", "variance", "outer", "inner", "nthreads")
+    pick = operator.itemgetter(*(order.index(a.name) for a in kernel._forward_entry.args))
+
+    # Read-only parameter arrays are usually the same objects call after call: the last
+    # ones seen are kept (a strong reference, so their memory cannot go away) with their
+    # cffi pointers.  Only their dtype, shape and contiguity, which can change in place,
+    # are checked again; an array's data pointer cannot change while we hold it.
+    last = [(None, None, None, None, null, null, null, null)]
+    readonly_moving = moving == "in"
+
+    def params(gamma, beta, mm, mv):
+        """The cffi pointers of the read-only parameters, or None."""
+        for value, used in ((gamma, scale), (beta, center), (mm, readonly_moving), (mv, readonly_moving)):
+            if value is None:
+                if used:
+                    return None
+            elif not used or not isinstance(value, ndarray) or value.dtype != pdtype or value.shape != cshape:
+                return None
+        held = (gamma, beta, mm, mv,
+                null if gamma is None else from_buffer(param_ct, gamma),
+                null if beta is None else from_buffer(param_ct, beta),
+                null if mm is None else from_buffer(param_ct, mm),
+                null if mv is None else from_buffer(param_ct, mv))
+        last[0] = held  # one store: concurrent callers see an old or a new entry, never a mix
+        return held
+
+    def fast(x, gamma, beta, mm, mv, threads, want_stats):
+        if x.__class__ is not ndarray and not isinstance(x, ndarray):
+            return None
+        shape = x.shape
+        if x.dtype is not dtype and x.dtype != dtype or len(shape) != ndim or shape[lead:] != tail:
+            return None
+        outer = static_outer
+        for i in range(lead):
+            outer *= shape[i]
+        if outer <= 0 or (unbiased_check and outer * inner == 1):
+            return None
+        if threads is None:
+            threads = default_threads
+        elif threads.__class__ is not int or threads < 1:
+            return None
+        try:
+            cx = from_buffer(data_ct, x)
+            held = last[0]
+            if written:
+                if (gamma is not held[0] or beta is not held[1]) and params(gamma, beta, None, None) is None:
+                    return None
+                held = last[0]
+                if gamma is not held[0] or beta is not held[1]:
+                    return None  # another thread replaced the entry meanwhile
+                cmm, cmv = _written_params(x, mm, mv, from_buffer, param_ct, pdtype, cshape, null)
+                if cmm is None:
+                    return None
+            else:
+                if mm is not held[2] or mv is not held[3] or gamma is not held[0] or beta is not held[1]:
+                    held = params(gamma, beta, mm, mv)
+                    if held is None:
+                        return None
+                elif not (
+                    (gamma is None or gamma.dtype is pdtype and gamma.shape == cshape and gamma.flags.c_contiguous)
+                    and (beta is None or beta.dtype is pdtype and beta.shape == cshape and beta.flags.c_contiguous)
+                    and (mm is None or mm.dtype is pdtype and mm.shape == cshape and mm.flags.c_contiguous)
+                    and (mv is None or mv.dtype is pdtype and mv.shape == cshape and mv.flags.c_contiguous)
+                ):
+                    return None
+                cmm, cmv = held[6], held[7]
+        except ValueError:  # not C-contiguous, or read-only where written
+            return None
+        y = empty(shape, dtype)
+        if want_stats:
+            stat_shape = shape[:first] if per_sample else cshape
+            mean, variance = empty(stat_shape, pdtype), empty(stat_shape, pdtype)
+            cmean, cvar = from_buffer(param_ct, mean, True), from_buffer(param_ct, variance, True)
+        else:
+            mean = variance = None
+            cmean = cvar = null
+        args = pick((cx, from_buffer(data_ct, y, True), held[4], held[5], cmm, cmv, cmean, cvar, outer, inner, threads))
+        return args, y, mean, variance
+
+    return fast
+
+
+def _written_params(x, mm, mv, from_buffer, ctype, pdtype, cshape, null):
+    """Pointers to the moving statistics a training call updates in place (writable,
+    sharing memory with nothing else it touches), or (None, None)."""
+    out = []
+    for value in (mm, mv):
+        if value is None:
+            out.append(null)
+        elif not isinstance(value, np.ndarray) or value.dtype != pdtype or value.shape != cshape:
+            return None, None
+        else:
+            out.append(from_buffer(ctype, value, True))  # ValueError if read-only / not contiguous
+    for a, b in ((x, mm), (x, mv), (mm, mv)):
+        if a is not None and b is not None and np.may_share_memory(a, b):
+            return None, None
+    return out[0], out[1]
 
 
 def _shape_text(shape: Tuple[Optional[int], ...]) -> str:

@@ -13,15 +13,25 @@ from typing import Optional, Tuple
 
 from .spec import Spec
 
-# Values per statistics block: small enough that a block's second pass reads L1, large
-# enough that the per-block float64 merge costs nothing next to the element work.
-STAT_BLOCK = 1024
+# Bytes per statistics block: small enough that a block's second pass reads L1 (32 KiB
+# or more on current cores), large enough that the per-block float64 merge costs nothing
+# next to the element work.
+STAT_BLOCK_BYTES = 16384
 # Channels per tile in the channels-last schedule: the tile's per-channel work arrays
-# (a few KiB) stay on the stack and in L1 however many channels the layer has.
-CHANNEL_TILE = 128
-# Rows per statistics block in the channels-last schedule: a block of ROW_BLOCK rows of
-# one tile is at most 32 KiB of doubles, so its second pass reads L1.
-ROW_BLOCK = 32
+# (tens of KiB) stay on the stack however many channels the layer has.
+CHANNEL_TILE = 1024
+# Rows per statistics block in the channels-last schedule: each group of LANES channels
+# of a block is ROW_BLOCK short runs, summed twice while they sit in L1.
+ROW_BLOCK = 64
+# Bytes of independent partial sums per reduction: four 256-bit registers, enough to
+# hide the latency of vector adds, so reductions vectorise without reassociating a sum.
+LANE_BYTES = 128
+# Output bytes from which stores stream past the caches (non-temporal): an output this
+# large would evict what the caches hold anyway, and streaming saves the read that a
+# cached store of a line costs.
+STREAM_MIN_BYTES = 16 << 20
+# Values per L1 buffer that the normalisation fills before it is streamed out.
+STREAM_CHUNK = 1024
 # Elements below which a kernel runs on one thread: waking a team costs microseconds.
 PARALLEL_MIN = 1 << 15
 
@@ -41,6 +51,8 @@ class Precision:
         """The C literal suffix of the compute type."""
         return "f" if self.compute == "float" else ""
 
+
+_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float": 4, "double": 8}
 
 PRECISIONS = {
     "float32": Precision("float32", "float", "float", "float"),
@@ -91,6 +103,10 @@ class Plan:
     row_block: int
     parallel_min: int
     entries: Tuple[Entry, ...]
+    lanes: int = 32  # independent partial sums per reduction (in acc_t)
+    streaming: bool = False  # large outputs use streaming stores (hosted builds only)
+    stream_min: int = STREAM_MIN_BYTES
+    stream_chunk: int = STREAM_CHUNK
 
     def entry(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
@@ -101,11 +117,13 @@ class Plan:
         return self.spec.uses_batch_stats
 
 
-def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True) -> Plan:
+def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, streaming: Optional[bool] = None) -> Plan:
     """Decide how `spec` is computed.
 
     `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
-    understands `#pragma omp simd` (with -fopenmp or -fopenmp-simd).
+    understands `#pragma omp simd` (with -fopenmp or -fopenmp-simd).  `streaming`: large
+    outputs bypass the caches with x86 streaming stores (needs <immintrin.h>, so only for
+    hosted builds; default: as `threaded`, which freestanding exports turn off).
     """
     outer, channels, inner = spec.view
     if spec.mode == 1:
@@ -123,11 +141,13 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True) -> Pla
         inner=inner,
         threaded=threaded,
         pragmas=pragmas,
-        stat_block=STAT_BLOCK,
+        stat_block=STAT_BLOCK_BYTES // _ITEMSIZE[spec.dtype],
         channel_tile=min(channels, CHANNEL_TILE),
         row_block=ROW_BLOCK,
         parallel_min=PARALLEL_MIN,
         entries=_entries(spec, outer, inner, threaded),
+        lanes=LANE_BYTES // _ITEMSIZE[PRECISIONS[spec.dtype].compute],
+        streaming=threaded if streaming is None else streaming,
     )
 
 

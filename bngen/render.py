@@ -68,6 +68,12 @@ def render_source(plan: Plan) -> str:
     return _render("kernel.c.j2", plan)
 
 
+def render_memory(plan: Plan) -> str:
+    """The memory-bandwidth probes (bn_copy, bn_read) that `bngen bench` measures the
+    memory-traffic floor with, for the data type and store policy of `plan`."""
+    return _render("memory.c.j2", plan)
+
+
 def render_cdef(plan: Plan) -> str:
     """The declarations cffi needs to call the entry points of `plan`."""
     return _render("cdef.h.j2", plan)

@@ -1,0 +1,331 @@
+"""`bngen bench`: bngen's kernels timed beside NumPy and PyTorch, and against memory.
+
+For each case (an input shape and feature axis) and kernel kind (inference, training
+forward, backward when the kernel has one) every implementation runs in turn, A B C A B
+C ..., so that a slow spell of a shared machine hits all of them alike; the report gives
+medians.  In the same rotation run bngen's own memory probes (templates/memory.c.j2): a
+copy (read x, write y) and a read of the same size, with the same threads and the same
+store policy as the kernels.  From them comes each kind's memory-traffic floor, the time
+its unavoidable passes over memory take:
+
+* inference reads x and writes y: one copy;
+* training forward reads x twice (statistics, then normalisation) and writes y:
+  one copy plus one read;
+* backward reads x and dy twice each (the sums, then dx) and writes dx: one copy plus
+  three reads.
+
+``bngen / floor`` is the kernel's time over that floor: 1.0 means it runs at the speed of
+memory; below 1.0 means it beat the floor by re-reading data from cache (the channels-first
+training schedule normalises each channel while it is still in L2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .build import build, load_source
+from .cache import Cache, resolve_root
+from .compiler import Compiler
+from .kernel import numpy_dtype
+from .plan import Arg, Entry, make_plan
+from .render import render_cdef, render_memory
+from .spec import Spec
+
+KINDS = ("inference", "training forward", "backward")
+# Floors: (reads of the input-sized arrays, writes), see the module docstring.
+PASSES = {"inference": (1, 1), "training forward": (2, 1), "backward": (4, 1)}
+# A timed sample is one call, or as many back-to-back calls as fill this many seconds,
+# so that the clock's resolution and the loop's own cost do not show in tiny kernels.
+SAMPLE_SECONDS = 2e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One input: its name, shape, feature axis and dtype."""
+
+    name: str
+    shape: Tuple[int, ...]
+    axis: int
+    dtype: str = "float32"
+
+    @property
+    def channels_last(self) -> bool:
+        return self.axis in (-1, len(self.shape) - 1) and len(self.shape) > 2
+
+
+PRESETS = (
+    Case("(32, 64, 56, 56) NCHW", (32, 64, 56, 56), 1),
+    Case("(32, 56, 56, 64) channels-last", (32, 56, 56, 64), -1),
+    Case("(8, 256, 14, 14) NCHW", (8, 256, 14, 14), 1),
+    Case("(256, 1024)", (256, 1024), -1),
+    Case("(1, 32, 8, 8) NCHW", (1, 32, 8, 8), 1),
+)
+
+
+def case_from_spec(spec: Spec, fill: int = 32) -> Case:
+    """A bench case for a spec file: dynamic sizes (None) become `fill`."""
+    shape = tuple(fill if d is None else d for d in spec.shape)
+    axis = spec.axis[0] if len(spec.axis) == 1 else spec.axis
+    return Case(f"{shape} axis={list(spec.axis)} (spec file)", shape, axis, spec.dtype)
+
+
+# -- timing --------------------------------------------------------------------------------
+def _calls_per_sample(fn: Callable[[], object]) -> int:
+    fn()
+    t = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t
+    return max(1, min(10000, int(SAMPLE_SECONDS / max(once, 1e-7))))
+
+
+def measure(fns: Dict[str, Callable[[], object]], repeat: int) -> Dict[str, List[float]]:
+    """Seconds per call of each function: `repeat` samples each, taken in rotation."""
+    loops = {name: _calls_per_sample(fn) for name, fn in fns.items()}
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+            fn, n = fns[name], loops[name]
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t) / n)
+    return times
+
+
+def summary(samples: Sequence[float]) -> dict:
+    """Median, quartiles and minimum of `samples` (seconds), in milliseconds."""
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return {"median_ms": statistics.median(samples) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
+            "min_ms": min(samples) * 1e3, "samples": len(samples)}
+
+
+# -- the implementations -----------------------------------------------------------------------
+class _Inputs:
+    def __init__(self, case: Case, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.dtype = numpy_dtype(case.dtype)
+        self.x = (rng.standard_normal(case.shape) * 2 + 0.5).astype(self.dtype)
+        self.dy = rng.standard_normal(case.shape).astype(self.dtype)
+        c = case.shape[case.axis]
+        pd = np.float64 if case.dtype == "float64" else np.float32
+        self.gamma = rng.uniform(0.5, 1.5, c).astype(pd)
+        self.beta = rng.standard_normal(c).astype(pd)
+        self.moving_mean = rng.standard_normal(c).astype(pd) * 0.1
+        self.moving_variance = rng.uniform(0.5, 2.0, c).astype(pd)
+
+
+def _bngen_fns(case: Case, data: _Inputs, threads: int, cache_dir, compiler) -> Dict[str, Callable]:
+    fns = {}
+    base = dict(shape=case.shape, axis=case.axis, dtype=case.dtype, epsilon=1e-3, momentum=0.9)
+    infer = build(Spec(training=False, **base), cache_dir, compiler=compiler)
+    train = build(Spec(training=True, **base), cache_dir, compiler=compiler)
+    x, g, b, mm, mv = data.x, data.gamma, data.beta, data.moving_mean, data.moving_variance
+    mm_t, mv_t = mm.copy(), mv.copy()
+    fns["inference"] = lambda: infer(x, g, b, mm, mv, threads=threads)
+    fns["training forward"] = lambda: train(x, g, b, mm_t, mv_t, threads=threads)
+    if hasattr(train, "backward"):
+        _, mean, var = train.forward(x, g, b, threads=threads)
+        dy = data.dy
+        fns["backward"] = lambda: _call_backward(train, dy, x, g, mean, var, threads)
+    return fns
+
+
+def _call_backward(kernel, dy, x, gamma, mean, variance, threads):
+    try:
+        return kernel.backward(dy, x, gamma, mean, variance, threads=threads)
+    except TypeError:  # a backward without a threads= argument
+        return kernel.backward(dy, x, gamma, mean, variance)
+
+
+def _numpy_fns(case: Case, data: _Inputs) -> Dict[str, Callable]:
+    axis = case.axis % len(case.shape)
+    axes = tuple(a for a in range(len(case.shape)) if a != axis)
+    bshape = [1] * len(case.shape)
+    bshape[axis] = case.shape[axis]
+    x, dy, eps = data.x, data.dy, 1e-3
+    g, b = data.gamma.reshape(bshape), data.beta.reshape(bshape)
+    mm, mv = data.moving_mean.reshape(bshape), data.moving_variance.reshape(bshape)
+    n = x.size // case.shape[axis]
+
+    def inference():
+        a = g / np.sqrt(mv + eps)
+        return x * a + (b - mm * a)
+
+    def training():
+        m = x.mean(axis=axes, keepdims=True)
+        v = x.var(axis=axes, keepdims=True)
+        return (x - m) * (g / np.sqrt(v + eps)) + b
+
+    m = x.mean(axis=axes, keepdims=True)
+    r = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+
+    def backward():
+        xhat = (x - m) * r
+        sdy = dy.sum(axis=axes, keepdims=True)
+        sdyx = (dy * xhat).sum(axis=axes, keepdims=True)
+        return g * r / n * (n * dy - sdy - xhat * sdyx), sdyx.ravel(), sdy.ravel()
+
+    return {"inference": inference, "training forward": training, "backward": backward}
+
+
+def _torch_fns(case: Case, data: _Inputs, threads: int) -> Optional[Dict[str, Callable]]:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    axis = case.axis % len(case.shape)
+
+    def as_torch(a):
+        t = torch.from_numpy(a)
+        if axis != 1:  # PyTorch wants features on dim 1: a permuted view (channels_last strides)
+            order = (0, axis) + tuple(d for d in range(1, len(case.shape)) if d != axis)
+            t = t.permute(*order)
+        return t
+
+    x, dy = as_torch(data.x), as_torch(data.dy)
+    g, b = torch.from_numpy(data.gamma), torch.from_numpy(data.beta)
+    mm, mv = torch.from_numpy(data.moving_mean), torch.from_numpy(data.moving_variance)
+    mm_t, mv_t = mm.clone(), mv.clone()
+    F = torch.nn.functional
+    _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(x, g, b, mm.clone(), mv.clone(), True, 0.1, 1e-3)
+    fns = {
+        "inference": lambda: F.batch_norm(x, mm, mv, g, b, False, 0.1, 1e-3),
+        "training forward": lambda: F.batch_norm(x, mm_t, mv_t, g, b, True, 0.1, 1e-3),
+        "backward": lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, g, mm, mv, save_mean, save_invstd, True, 1e-3, [True, True, True]),
+    }
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+    return fns
+
+
+def torch_version() -> Optional[str]:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
+
+
+# -- the memory floor ------------------------------------------------------------------------------
+def build_memory_probe(dtype: str, cache_dir=None, *, compiler: Optional[Compiler] = None):
+    """The compiled copy / read probes for `dtype`: bngen's own code path, same flags,
+    thread split and store policy as its kernels."""
+    compiler = compiler or Compiler()
+    cache = Cache(resolve_root(cache_dir))
+    features = compiler.features(cache.root)
+    spec = Spec((None, 1), axis=1, dtype=dtype, training=True)
+    plan = make_plan(spec, threaded=features.openmp is not None, pragmas=features.simd is not None)
+    sizes = (Arg("n", "size"),) + ((Arg("nthreads", "threads"),) if plan.threaded else ())
+    plan = dataclasses.replace(plan, entries=(
+        Entry("bn_copy", (Arg("x", "data_in"), Arg("y", "data_out")) + sizes),
+        Entry("bn_read", (Arg("x", "data_in"), Arg("sink", "stat_out")) + sizes),
+    ))
+    module = load_source(render_memory(plan), render_cdef(plan), cache, compiler, features,
+                         json.dumps({"probe": "memory", "dtype": dtype}))
+    return plan, module
+
+
+def _memory_fns(probe, data: _Inputs, threads: int) -> Dict[str, Callable]:
+    plan, module = probe
+    ffi, lib = module.ffi, module.lib
+    ctype = plan.precision.data + "[]"
+    x = data.x
+    y = np.empty_like(x)
+    sink = np.zeros(1, np.float64 if plan.precision.param == "double" else np.float32)
+    px, py = ffi.from_buffer(ctype, x), ffi.from_buffer(ctype, y, require_writable=True)
+    psink = ffi.from_buffer(plan.precision.param + "[]", sink, require_writable=True)
+    extra = (threads,) if plan.threaded else ()
+    n = x.size
+    return {"copy": lambda: lib.bn_copy(px, py, n, *extra), "read": lambda: lib.bn_read(px, psink, n, *extra)}
+
+
+def floor_ms(kind: str, copy_ms: float, read_ms: float) -> float:
+    """The time of the memory passes `kind` cannot avoid (see the module docstring)."""
+    reads, writes = PASSES[kind]
+    return writes * copy_ms + (reads - writes) * read_ms
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run(cases: Sequence[Case], threads: Sequence[int], repeat: int = 21, kinds: Sequence[str] = KINDS,
+        cache_dir=None, compiler: Optional[Compiler] = None, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Benchmarks every case x kind x thread count; returns a JSON-ready report."""
+    rows = []
+    probes = {}
+    for case in cases:
+        data = _Inputs(case)
+        if case.dtype not in probes:
+            probes[case.dtype] = build_memory_probe(case.dtype, cache_dir, compiler=compiler)
+        numpy_fns = _numpy_fns(case, data)
+        for nthreads in threads:
+            bngen_fns = _bngen_fns(case, data, nthreads, cache_dir, compiler)
+            torch_fns = _torch_fns(case, data, nthreads)
+            memory = _memory_fns(probes[case.dtype], data, nthreads)
+            for kind in kinds:
+                if kind not in bngen_fns:
+                    continue
+                progress(f"{case.name} | {kind} | {nthreads} thread(s)")
+                fns = {"bngen": bngen_fns[kind], "numpy": numpy_fns[kind], **memory}
+                if torch_fns is not None:
+                    fns["torch"] = torch_fns[kind]
+                if torch_fns is not None:
+                    import torch
+
+                    with torch.no_grad():
+                        times = measure(fns, repeat)
+                else:
+                    times = measure(fns, repeat)
+                stats = {name: summary(t) for name, t in times.items()}
+                med = {name: s["median_ms"] for name, s in stats.items()}
+                floor = floor_ms(kind, med["copy"], med["read"])
+                rows.append({
+                    "case": case.name, "shape": list(case.shape), "axis": case.axis, "dtype": case.dtype,
+                    "kind": kind, "threads": nthreads, "timings": stats, "floor_ms": floor,
+                    "torch_over_bngen": med["torch"] / med["bngen"] if "torch" in med else None,
+                    "numpy_over_bngen": med["numpy"] / med["bngen"],
+                    "bngen_over_floor": med["bngen"] / floor,
+                    "bytes": int(data.x.nbytes),
+                })
+    return {"repeat": repeat, "threads": list(threads), "torch": torch_version(), "numpy": np.__version__, "rows": rows}
+
+
+def _ms(v: float) -> str:
+    return f"{v:.4f}" if v < 0.1 else f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown table (median milliseconds per call)."""
+    has_torch = report["torch"] is not None
+    head = ["case", "kind", "threads", "bngen ms", "spread", "numpy ms"]
+    if has_torch:
+        head += ["torch ms", "torch / bngen"]
+    head += ["floor ms", "bngen / floor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["rows"]:
+        t = row["timings"]
+        b = t["bngen"]
+        spread = (b["q3_ms"] - b["q1_ms"]) / b["median_ms"]
+        cells = [row["case"], row["kind"], str(row["threads"]), _ms(b["median_ms"]), f"{spread:.0%}",
+                 _ms(t["numpy"]["median_ms"])]
+        if has_torch:
+            cells += [_ms(t["torch"]["median_ms"]), f"{row['torch_over_bngen']:.2f}x"]
+        cells += [_ms(row["floor_ms"]), f"{row['bngen_over_floor']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        f"Median of {report['repeat']} samples per cell, implementations timed in rotation; "
+        "spread = interquartile range of bngen's samples over its median. "
+        f"NumPy {report['numpy']}" + (f", PyTorch {report['torch']}" if has_torch else ", PyTorch not installed") + ". "
+        "floor = the kind's unavoidable memory passes timed with bngen's copy/read probes "
+        "(inference: 1 copy; training forward: 1 copy + 1 read; backward: 1 copy + 3 reads).",
+    ]
+    return "\n".join(lines + notes)
