@@ -85,7 +85,7 @@ class Plan:
     channels: int
     inner: Optional[int]  # None: a runtime argument
     threaded: bool  # OpenMP threads, the count a runtime argument
-    pragmas: bool  # `#pragma omp simd` on inner loops (the compiler takes -fopenmp[-simd])
+    pragmas: bool  # "omp simd" pragmas on inner loops (the compiler takes -fopenmp[-simd])
     stat_block: int
     channel_tile: int
     row_block: int
@@ -105,7 +105,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True) -> Pla
     """Decide how `spec` is computed.
 
     `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
-    understands `#pragma omp simd` (with -fopenmp or -fopenmp-simd).
+    understands the "omp simd" pragma (with -fopenmp or -fopenmp-simd).
     """
     outer, channels, inner = spec.view
     if spec.mode == 1:
