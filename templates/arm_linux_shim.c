@@ -15,6 +15,8 @@ int _read(int fd, char *buf, int len);
 int _write(int fd, const char *buf, int len);
 void _exit(int code);
 void *_sbrk(ptrdiff_t increment);
+void _init(void);
+void _fini(void);
 
 enum { SYS_EXIT = 1, SYS_READ = 3, SYS_WRITE = 4 };
 
@@ -56,6 +58,15 @@ void *_sbrk(ptrdiff_t increment)
     void *p = heap + heap_used;
     heap_used += (size_t)increment;
     return p;
+}
+
+/* -nostartfiles leaves out crti/crtn, whose empty hooks newlib's exit() calls. */
+void _init(void)
+{
+}
+
+void _fini(void)
+{
 }
 
 void _start(void)
