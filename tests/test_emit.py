@@ -324,3 +324,35 @@ def test_params_with_bad_values(tmp_path):
 
 def test_spec_must_be_a_spec(tmp_path):
     _refused(tmp_path, TypeError, "spec: expected a bngen.Spec", {"shape": [None, 4]}, "bn")
+
+
+# -- the command ---------------------------------------------------------------------------
+def test_emit_command(tmp_path, capsys):
+    from bngen.cli import main as cli_main
+
+    spec = bngen.Spec((1, 16, 8), training=False, activation="relu")
+    (tmp_path / "spec.json").write_text(spec.to_json())
+    np.savez(tmp_path / "p.npz", **_params(spec))
+    rc = cli_main(["emit", "--spec", str(tmp_path / "spec.json"), "--params", str(tmp_path / "p.npz"), "--name", "imu_bn",
+                   "--out", str(tmp_path / "out"), "--target", "cortex-m", "--harness"])
+    assert rc == 0
+    printed = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[-1] for p in printed] == ["imu_bn.c", "imu_bn.h", "imu_bn_test.c", "imu_bn_test_vectors.h"]
+    assert "void imu_bn(const float *x, float *y);" in (tmp_path / "out" / "imu_bn.h").read_text()
+    # the same files as the Python call
+    same = emit(spec, tmp_path / "py", "imu_bn", _params(spec), target="cortex-m", harness=True)
+    for path in same:
+        assert path.read_bytes() == (tmp_path / "out" / path.name).read_bytes()
+
+
+def test_emit_command_errors(tmp_path, capsys):
+    from bngen.cli import main as cli_main
+
+    (tmp_path / "spec.json").write_text(bngen.Spec((None, 4), dtype="float64").to_json())
+    rc = cli_main(["emit", "--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o"), "--target", "cortex-m"])
+    assert rc == 2 and "dtype: float64" in capsys.readouterr().err
+    rc = cli_main(["emit", "--spec", str(tmp_path / "spec.json"), "--params", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--params: cannot read" in capsys.readouterr().err
+    rc = cli_main(["emit", "--spec", str(tmp_path / "spec.json"), "--name", "9x", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "name: '9x'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
