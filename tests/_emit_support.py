@@ -36,9 +36,16 @@ class Toolchain:
     link: Tuple[str, ...]  # extra link arguments
     runner: Tuple[str, ...]  # command prefix that runs a built program
     needs: Tuple[str, ...]  # executables (or paths) that must exist
+    libs: Tuple[str, ...] = ()  # files the compiler must find (-print-file-name)
 
     def missing(self) -> List[str]:
-        return [n for n in self.needs if (shutil.which(n) if "/" not in n else (n if os.path.exists(n) else None)) is None]
+        missing = [n for n in self.needs if (shutil.which(n) if "/" not in n else (n if os.path.exists(n) else None)) is None]
+        if not missing:
+            for lib in self.libs:
+                found = subprocess.run([self.cc, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+                if not os.path.isabs(found):
+                    missing.append(lib)
+        return missing
 
     def require(self) -> None:
         """Skips the calling test when a part of this toolchain is not installed."""
@@ -68,8 +75,10 @@ AARCH64 = Toolchain(
 CORTEX_M = Toolchain(
     "cortex-m", "arm-none-eabi-gcc", (*CORTEX_M4, "-Os"),
     ("--specs=nosys.specs", "-nostartfiles", str(template_dir() / "arm_linux_shim.c"), "-lm"),
-    ("qemu-arm", "-cpu", "max"), ("arm-none-eabi-gcc", "qemu-arm"),
+    ("qemu-arm", "-cpu", "max"), ("arm-none-eabi-gcc", "qemu-arm"), libs=("nosys.specs",),
 )
+# Compiling Cortex-M4 objects and reading their symbols needs no emulator or C library.
+CORTEX_M_OBJECTS = Toolchain("cortex-m", "arm-none-eabi-gcc", (*CORTEX_M4, "-Os"), (), (), ("arm-none-eabi-gcc", "arm-none-eabi-nm"))
 
 
 class Program:

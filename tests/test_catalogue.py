@@ -15,7 +15,7 @@ import pytest
 
 from bngen.catalogue import ITEMS, default_dir, regenerate
 from bngen.cli import main as cli_main
-from _emit_support import CORTEX_M4, HOST, STRICT
+from _emit_support import CORTEX_M_OBJECTS, HOST, STRICT
 
 GENERATED = default_dir()
 
@@ -48,12 +48,8 @@ def test_catalogue_kernels_compile_strictly(tmp_path, item):
     source = GENERATED / item.name / f"{item.name}.c"
     extra = ("-Wdouble-promotion",) if item.target == "cortex-m" else ()
     HOST.compile([source], tmp_path / "k.o", warnings=STRICT + extra)
-    if item.target == "cortex-m":
-        import shutil
-
-        if shutil.which("arm-none-eabi-gcc"):
-            subprocess.run(["arm-none-eabi-gcc", *CORTEX_M4, "-Os", *STRICT, *extra, "-c", str(source), "-o",
-                            str(tmp_path / "k_m4.o")], check=True)
+    if item.target == "cortex-m" and not CORTEX_M_OBJECTS.missing():
+        CORTEX_M_OBJECTS.compile([source], tmp_path / "k_m4.o", warnings=STRICT + extra)
     if item.harness:
         exe = HOST.compile([source, GENERATED / item.name / f"{item.name}_test.c"], tmp_path / "selftest", link=True)
         run = subprocess.run([str(exe)], capture_output=True, text=True)

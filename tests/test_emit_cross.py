@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import bngen
 from bngen.emit import emit
-from _emit_support import AARCH64, CORTEX_M, CORTEX_M4, STRICT, assert_matches, build_program, undefined_symbols
+from _emit_support import AARCH64, CORTEX_M, CORTEX_M4, CORTEX_M_OBJECTS, STRICT, assert_matches, build_program, undefined_symbols
 from test_emit import draw_case, params_for
 
 EXAMPLES = 8
@@ -111,7 +111,7 @@ FORBIDDEN = {"malloc", "calloc", "realloc", "free", "printf", "fprintf", "puts",
 def test_cortex_m4_object_is_single_precision_and_needs_no_allocator_or_io(tmp_path, kind, spec):
     """-Os for Cortex-M4 with -Wdouble-promotion: no double helper (__aeabi_d*), no
     allocator, no stdio; baked inference references nothing at all (no sqrtf, no libm)."""
-    CORTEX_M.require()
+    CORTEX_M_OBJECTS.require()
     emit(spec, tmp_path, "bn", params_for(spec.channels) if kind == "baked" else None, target="cortex-m")
     obj = tmp_path / "bn.o"
     cmd = ["arm-none-eabi-gcc", *CORTEX_M4, "-Os", *STRICT, "-Wdouble-promotion", "-c", str(tmp_path / "bn.c"), "-o", str(obj)]
