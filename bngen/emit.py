@@ -64,13 +64,13 @@ PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
 HARNESS_DYNAMIC_SIZE = 3
 HARNESS_SEED = 20240501
 # Tolerances are this many units in the last place of the data type, times the
-# magnitude of the terms that make up a value (see `expected`).
+# magnitude of the terms that make up a value (see `tolerances`).
 TOLERANCE_ULPS = 16
 
 _C_KEYWORDS = frozenset(
     "auto break case char const continue default do double else enum extern float for goto if "
     "inline int long register restrict return short signed sizeof static struct switch typedef "
-    "union unsigned void volatile while _Bool _Complex _Imaginary main".split()
+    "union unsigned void volatile while _Bool _Complex _Imaginary".split()
 )
 
 
@@ -99,6 +99,7 @@ def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None
     files = render_files(plan, tgt, coefficients)
     if harness:
         files.update(render_harness(plan, tgt, params))
+    check_no_clash(plan, files)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -120,6 +121,30 @@ def check_name(name) -> str:
     if name.startswith("__") or re.match(r"_[A-Z]", name):
         raise ValueError(f"name: {name!r} is reserved in C (starts with __ or _ and a capital)")
     return name
+
+
+# Names the C library and the C language keep for themselves, beside the keywords.
+_C_LIBRARY = frozenset(
+    "NULL size_t ptrdiff_t offsetof int8_t int16_t int32_t int64_t uint8_t uint16_t uint32_t uint64_t "
+    "main sqrt sqrtf fabs fabsf memset memcpy memmove memcmp malloc calloc realloc free exit abort printf puts".split()
+)
+_INTERNAL = re.compile(
+    r"#define (\w+)|typedef [^;]*?(\w+);|^static[^;={]*?\b(\w+)\s*\(|^static const \w+ (\w+)\[|enum \{ (\w+)", re.M
+)
+
+
+def check_no_clash(plan: Plan, files: Mapping[str, str]) -> None:
+    """Raises if an entry point's C name is also a name the emitted files use inside
+    (a macro, type, helper or constant) or one the C library keeps."""
+    internal = set(_C_LIBRARY)
+    for filename, text in files.items():
+        if filename.endswith(".c"):
+            internal.update(n for groups in _INTERNAL.findall(text) for n in groups if n)
+    for entry in plan.entries:
+        symbol = plan.symbol(entry)
+        if symbol in internal:
+            raise ValueError(f"name: {plan.prefix!r} gives the C name {symbol!r}, which the emitted code uses "
+                             "for something else; choose another name")
 
 
 def get_target(target) -> Target:
@@ -155,8 +180,7 @@ def fold_parameters(spec: Spec, params: Mapping) -> Tuple[np.ndarray, np.ndarray
     gamma = p["gamma"] if spec.scale else 1.0
     beta = p["beta"] if spec.center else 0.0
     scale = gamma / np.sqrt(p["moving_variance"] + spec.epsilon)
-    shift = beta - p["moving_mean"] * scale
-    return np.broadcast_to(scale, (spec.channels,)).astype(np.float64), shift.astype(np.float64)
+    return scale, beta - p["moving_mean"] * scale
 
 
 def check_params(spec: Spec, params: Mapping) -> Dict[str, np.ndarray]:
@@ -219,6 +243,7 @@ def render_files(plan: Plan, target: Target, coefficients=None) -> Dict[str, str
 
 
 def kind_text(plan: Plan, baked: bool) -> str:
+    """What the file holds, for its banner."""
     spec = plan.spec
     if baked:
         return "Inference, parameters baked in and folded"
@@ -254,13 +279,13 @@ def harness_case(plan: Plan, params: Optional[Mapping] = None, seed: int = HARNE
     spread = rng.uniform(0.5, 2, c).reshape(bshape)
     x = (centre + spread * rng.standard_normal(shape)).astype(dtype)
     if params is not None:
-        values = check_params(spec, params)
+        values = check_params(spec, params)  # baked: the float64 values the constants were folded from
     else:
         values = {
             "gamma": rng.uniform(0.5, 1.5, c), "beta": rng.normal(0, 0.5, c),
             "moving_mean": rng.normal(0, 0.5, c), "moving_variance": rng.uniform(0.5, 2, c),
         }
-    values = {k: v.astype(pdtype) for k, v in values.items()}
+        values = {k: v.astype(pdtype) for k, v in values.items()}
     return make_case(plan, x, values)
 
 
@@ -276,7 +301,6 @@ def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray]) -> Ca
     for arg in entry.args:
         if arg.role in ("param_in", "param_inout"):
             inputs[arg.name] = values[arg.name]
-    baked = entry.name == "bn"
     ref = oracle.forward(
         spec, x,
         values.get("gamma") if spec.scale else None, values.get("beta") if spec.center else None,
@@ -289,11 +313,11 @@ def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray]) -> Ca
         expected.update(moving_mean=ref.moving_mean, moving_variance=ref.moving_variance)
     names = {a.name for a in entry.args if a.role in ("data_out", "stat_out", "param_inout")}
     expected = {k: v for k, v in expected.items() if k in names}
-    tolerance = tolerances(spec, x, values, ref, baked)
+    tolerance = tolerances(spec, x, values, ref)
     return Case(outer, inner, inputs, expected, {k: tolerance[k] for k in expected})
 
 
-def tolerances(spec: Spec, x, values, ref, baked: bool) -> Dict[str, float]:
+def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
     """Absolute tolerances: TOLERANCE_ULPS units of the data type's precision times the
     magnitude of the terms each output is made of (so cancellation is allowed for, and
     a formula that loses precision, like a one-pass variance, is not)."""

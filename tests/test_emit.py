@@ -67,13 +67,13 @@ def draw_case(data, plan, params=None):
     centre = offset * rng.uniform(-1, 1, c)
     spread = 10 ** rng.uniform(-2, 1, c)
     x = (centre.reshape(bshape) + spread.reshape(bshape) * rng.standard_normal(shape)).astype(spec.dtype)
-    if params is None:
+    if params is None:  # runtime parameters, passed to the kernel in its parameter dtype
         params = {
             "gamma": rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c), "beta": rng.normal(0, 1, c),
             "moving_mean": centre + rng.normal(0, 1, c) * spread, "moving_variance": spread**2 * rng.uniform(0.5, 2, c),
         }
-    values = {k: np.asarray(v).astype(spec.param_dtype) for k, v in params.items()}
-    return make_case(plan, x, values)
+        params = {k: v.astype(spec.param_dtype) for k, v in params.items()}
+    return make_case(plan, x, params)  # baked: the float64 values its constants were folded from
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +279,11 @@ def test_bad_name(tmp_path):
     spec = bngen.Spec((None, 4))
     for bad in ("1bn", "bn-layer", "", "int", "__bn", "_Bn", 3, "bn layer"):
         _refused(tmp_path, (ValueError, TypeError), "name", spec, bad)
+    # names the emitted code already uses inside
+    baked = bngen.Spec((2, 4), training=False)
+    for bad in ("SCALE", "OUTER", "CHANNELS", "sqrtf", "memset"):
+        _refused(tmp_path, ValueError, f"name: '{bad}' gives the C name", baked, bad, params_for(4))
+    _refused(tmp_path, ValueError, "name: 'check' gives the C name", baked, "check", params_for(4), harness=True)
 
 
 def test_bad_target(tmp_path):
