@@ -18,7 +18,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pytest
 
-from bngen.emit import Case, emit, export_plan, get_target, render_driver
+from hypothesis import strategies as st
+
+from bngen.emit import Case, emit, export_plan, get_target, make_case, render_driver
 from bngen.render import template_dir
 
 STRICT = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror")
@@ -159,3 +161,38 @@ def undefined_symbols(nm: str, obj: Path) -> List[str]:
     """The symbols an object file references but does not define."""
     result = subprocess.run([nm, "-u", str(obj)], capture_output=True, text=True, check=True)
     return sorted(line.split()[-1] for line in result.stdout.splitlines() if line.strip())
+
+
+def params_for(c, seed=7, scale=True, center=True):
+    rng = np.random.default_rng(seed)
+    p = {"moving_mean": rng.normal(0, 2, c), "moving_variance": rng.uniform(0.05, 4, c)}
+    if scale:
+        p["gamma"] = rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c)
+    if center:
+        p["beta"] = rng.normal(0, 1, c)
+    return p
+
+
+def draw_case(data, plan, params=None):
+    """A `Case` for `plan`: dynamic sizes, data offset and spread drawn by hypothesis."""
+    spec = plan.spec
+    shape = [data.draw(st.integers(1, 6), label=f"dim{i}") if d is None else d for i, d in enumerate(spec.shape)]
+    if spec.updates_moving_stats and spec.unbiased:
+        first, last = spec.axis[0], spec.axis[-1]
+        if np.prod(shape[:first]) * np.prod(shape[last + 1:]) < 2:
+            shape[next(i for i, d in enumerate(spec.shape) if d is None)] = 2
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    offset = data.draw(st.sampled_from([0.0, 1.0, 100.0, 1e4]), label="offset")
+    rng = np.random.default_rng(seed)
+    c = spec.channels
+    bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
+    centre = offset * rng.uniform(-1, 1, c)
+    spread = 10 ** rng.uniform(-2, 1, c)
+    x = (centre.reshape(bshape) + spread.reshape(bshape) * rng.standard_normal(shape)).astype(spec.dtype)
+    if params is None:  # runtime parameters, passed to the kernel in its parameter dtype
+        params = {
+            "gamma": rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c), "beta": rng.normal(0, 1, c),
+            "moving_mean": centre + rng.normal(0, 1, c) * spread, "moving_variance": spread**2 * rng.uniform(0.5, 2, c),
+        }
+        params = {k: v.astype(spec.param_dtype) for k, v in params.items()}
+    return make_case(plan, x, params)  # baked: the float64 values its constants were folded from

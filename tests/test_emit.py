@@ -22,19 +22,9 @@ from hypothesis import strategies as st
 
 import bngen
 from bngen.emit import emit, export_plan, get_target, make_case
-from _emit_support import HOST, STRICT, assert_matches, build_program, undefined_symbols
+from _emit_support import HOST, assert_matches, build_program, draw_case, params_for, undefined_symbols
 
 EXAMPLES = 25
-
-
-def params_for(c, seed=7, scale=True, center=True):
-    rng = np.random.default_rng(seed)
-    p = {"moving_mean": rng.normal(0, 2, c), "moving_variance": rng.uniform(0.05, 4, c)}
-    if scale:
-        p["gamma"] = rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c)
-    if center:
-        p["beta"] = rng.normal(0, 1, c)
-    return p
 
 
 # (id, spec, target, baked, extra compiler flags)
@@ -49,31 +39,6 @@ HOST_CASES = [
     ("mode1-f64", bngen.Spec((None, 33), mode=1, dtype="float64"), "host", False, ()),
     ("mode2-nchw-cortexm-math", bngen.Spec((None, 5, 6), axis=1, mode=2, training=False), "cortex-m", False, ()),
 ]
-
-
-def draw_case(data, plan, params=None):
-    """A `Case` for `plan`: dynamic sizes, data offset and spread drawn by hypothesis."""
-    spec = plan.spec
-    shape = [data.draw(st.integers(1, 6), label=f"dim{i}") if d is None else d for i, d in enumerate(spec.shape)]
-    if spec.updates_moving_stats and spec.unbiased:
-        first, last = spec.axis[0], spec.axis[-1]
-        if np.prod(shape[:first]) * np.prod(shape[last + 1:]) < 2:
-            shape[next(i for i, d in enumerate(spec.shape) if d is None)] = 2
-    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
-    offset = data.draw(st.sampled_from([0.0, 1.0, 100.0, 1e4]), label="offset")
-    rng = np.random.default_rng(seed)
-    c = spec.channels
-    bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
-    centre = offset * rng.uniform(-1, 1, c)
-    spread = 10 ** rng.uniform(-2, 1, c)
-    x = (centre.reshape(bshape) + spread.reshape(bshape) * rng.standard_normal(shape)).astype(spec.dtype)
-    if params is None:  # runtime parameters, passed to the kernel in its parameter dtype
-        params = {
-            "gamma": rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c), "beta": rng.normal(0, 1, c),
-            "moving_mean": centre + rng.normal(0, 1, c) * spread, "moving_variance": spread**2 * rng.uniform(0.5, 2, c),
-        }
-        params = {k: v.astype(spec.param_dtype) for k, v in params.items()}
-    return make_case(plan, x, params)  # baked: the float64 values its constants were folded from
 
 
 @pytest.fixture(scope="module")

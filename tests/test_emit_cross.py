@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import subprocess
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bngen
 from bngen.emit import emit
-from _emit_support import AARCH64, CORTEX_M, CORTEX_M4, CORTEX_M_OBJECTS, STRICT, assert_matches, build_program, undefined_symbols
-from test_emit import draw_case, params_for
+from _emit_support import (AARCH64, CORTEX_M, CORTEX_M4, CORTEX_M_OBJECTS, STRICT, assert_matches, build_program,
+                           draw_case, params_for, undefined_symbols)
 
 EXAMPLES = 8
 CASES_PER_RUN = 3

@@ -26,13 +26,13 @@ extern "C" {
 #define RESNET_STAGE1_BN_TRAIN_INNER 3136  /* values after the feature axes */
 
 /* resnet_stage1_bn_train_forward:
- * Training forward: the batch mean and biased variance of
- * each feature over its outer * inner values (two-pass blocks merged with Chan's
- * formula), then y = gamma * (x - mean) / sqrt(variance + epsilon) + beta.
+ * Training forward: computes the batch mean and biased
+ * variance of each feature over its outer * inner values (two-pass blocks merged with
+ * Chan's formula), then y = gamma * (x - mean) / sqrt(variance + epsilon) + beta.
  * The moving averages are updated in place when given.
  *
- *   x               [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * inner]  input
- *   y               [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * inner]  output; must not overlap any other argument
+ *   x               [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  input
+ *   y               [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  output; must not overlap any other argument
  *   gamma           [RESNET_STAGE1_BN_TRAIN_CHANNELS]  scale per feature
  *   beta            [RESNET_STAGE1_BN_TRAIN_CHANNELS]  offset per feature
  *   moving_mean     [RESNET_STAGE1_BN_TRAIN_CHANNELS]  moving_mean; updated in place: new = 0.9 * old + 0.1 * batch mean; NULL skips
