@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from bngen.catalogue import ITEMS, default_dir, regenerate
+from bngen.catalogue import ITEMS, regenerate
 from bngen.cli import main as cli_main
 from _emit_support import CORTEX_M_OBJECTS, HOST, STRICT
 
-GENERATED = default_dir()
+GENERATED = Path(__file__).resolve().parent.parent / "generated"  # the checkout's, not an installed copy's
 
 
 def _files(root: Path):
