@@ -35,11 +35,17 @@ class Precision:
     param: str  # C type of gamma, beta, statistics
     compute: str  # C type the arithmetic is done in
     half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
+    stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
 
     @property
     def suffix(self) -> str:
         """The C literal suffix of the compute type."""
         return "f" if self.compute == "float" else ""
+
+    @property
+    def sqrt(self) -> str:
+        """The libm square root of the `stat` type (sqrtf keeps float math in float)."""
+        return "sqrtf" if self.stat == "float" else "sqrt"
 
 
 PRECISIONS = {
@@ -91,9 +97,18 @@ class Plan:
     row_block: int
     parallel_min: int
     entries: Tuple[Entry, ...]
+    # Ahead-of-time export (bngen.emit): pragmas are guarded by `#ifdef _OPENMP`, and the
+    # C symbol of an entry starts with `prefix` instead of "bn".
+    export: bool = False
+    prefix: str = "bn"
+    target: str = "host"
 
     def entry(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
+
+    def symbol(self, entry: Entry) -> str:
+        """The C name of `entry`: its name with the "bn" prefix replaced by `prefix`."""
+        return self.prefix + entry.name[len("bn"):]
 
     @property
     def batch_stats(self) -> bool:
