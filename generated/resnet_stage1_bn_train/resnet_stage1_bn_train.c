@@ -99,7 +99,7 @@ static inline void finish_channel(ptrdiff_t c, stat_t count, stat_t mean_c, stat
                                   param_t *variance,
                                   acc_t *center, acc_t *scale, acc_t *shift)
 {
-    const stat_t var = m2 > 0 ? m2 / count : 0;  /* biased; rounding can leave m2 just below 0 */
+    const stat_t var = m2 < 0 ? 0 : m2 / count;  /* biased; rounding can leave m2 just below 0; NaN stays NaN */
     if (mean)
         mean[c] = (param_t)mean_c;
     if (variance)
