@@ -34,7 +34,7 @@ from .cache import Cache, resolve_root
 from .compiler import Compiler
 from .kernel import numpy_dtype
 from .plan import Arg, Entry, make_plan
-from .render import render_cdef, render_memory
+from .render import render_cdef, render_template
 from .spec import Spec
 
 KINDS = ("inference", "training forward", "backward")
@@ -230,7 +230,7 @@ def build_memory_probe(dtype: str, cache_dir=None, *, compiler: Optional[Compile
         Entry("bn_copy", (Arg("x", "data_in"), Arg("y", "data_out")) + sizes),
         Entry("bn_read", (Arg("x", "data_in"), Arg("sink", "stat_out")) + sizes),
     ))
-    module = load_source(render_memory(plan), render_cdef(plan), cache, compiler, features,
+    module = load_source(render_template("memory.c.j2", plan), render_cdef(plan), cache, compiler, features,
                          json.dumps({"probe": "memory", "dtype": dtype}))
     return plan, module
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Dict, Mapping, Optional, Union
 
 import filelock
 import platformdirs
@@ -50,6 +50,10 @@ def digest(*parts: str) -> str:
     return h.hexdigest()
 
 
+# Unusable cache roots, and the temporary directory this process uses instead of each.
+_FALLBACKS: Dict[Path, Path] = {}
+
+
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -59,7 +63,6 @@ class Cache:
 
     def __init__(self, root: Union[str, os.PathLike]):
         self.root = Path(root)
-        self._fallback: Optional[Path] = None
 
     def entry(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -80,16 +83,17 @@ class Cache:
             return found
         try:
             return self._publish(self.root, key, compile, files)
-        except PermissionError as exc:
-            if self._fallback is None:
-                self._fallback = Path(tempfile.mkdtemp(prefix="bngen-cache-"))
+        except OSError as exc:  # unwritable, read-only file system, a file in the way...
+            fallback = _FALLBACKS.get(self.root)
+            if fallback is None:
+                fallback = _FALLBACKS[self.root] = Path(tempfile.mkdtemp(prefix="bngen-cache-"))
                 warnings.warn(
-                    f"bngen cache directory {self.root} is not writable ({exc.strerror}); "
-                    f"using {self._fallback} for this process. Set {ENV_VAR} or pass cache_dir= to choose another.",
+                    f"bngen cache directory {self.root} is not usable ({exc.strerror or exc}); "
+                    f"using {fallback} for this process. Set {ENV_VAR} or pass cache_dir= to choose another.",
                     CacheWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-            return self._publish(self._fallback, key, compile, files)
+            return self._publish(fallback, key, compile, files)
 
     @staticmethod
     def _publish(root: Path, key: str, compile: Callable[[Path], Path], files: Mapping[str, str]) -> Path:

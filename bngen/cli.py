@@ -129,6 +129,63 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _load_npz(option: str, path: str):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"{option}: cannot read {path} as .npz ({exc})") from None
+
+
+def cmd_emit(args) -> int:
+    """Write NAME.c and NAME.h (freestanding C99) for a spec file; with --params, a mode-0
+    inference spec gets its folded per-feature scale and shift baked in."""
+    from .emit import emit
+
+    spec = _load_spec(args.spec)
+    params = _load_npz("--params", args.params) if args.params else None
+    try:
+        paths = emit(spec, args.out, args.name, params, target=args.target, harness=args.harness)
+    except (ValueError, TypeError) as exc:
+        print(f"bngen: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if params is not None:
+            params.close()
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_fold(args) -> int:
+    """Fold an inference batch norm into the dense or convolution layer before it:
+    W' = W * s, b' = (b - mean) * s + beta with s = gamma / sqrt(variance + epsilon)."""
+    from .fold import fold_npz
+
+    try:
+        axis = tuple(int(a) for a in args.out_axis.split(","))
+    except ValueError:
+        print(f"bngen: error: --out-axis: {args.out_axis!r} is not an int or a comma-separated list of ints", file=sys.stderr)
+        return 2
+    with _load_npz("--layer", args.layer) as layer, _load_npz("--bn", args.bn) as bn:
+        try:
+            folded = fold_npz(layer, bn, args.epsilon, axis[0] if len(axis) == 1 else axis)
+        except (ValueError, TypeError) as exc:
+            print(f"bngen: error: {exc}", file=sys.stderr)
+            return 2
+    np.savez(args.out, **folded)
+    print(args.out)
+    return 0
+
+
+def cmd_catalogue(args) -> int:
+    """Regenerate the reference kernels of generated/ (the test suite checks they are current)."""
+    from .catalogue import default_dir, regenerate
+
+    for path in regenerate(args.out or default_dir()):
+        print(path)
+    return 0
+
+
 def cmd_cache_info(args) -> int:
     cache = Cache(resolve_root(args.cache_dir))
     entries = cache.entries()
@@ -169,6 +226,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the full report (all statistics) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("emit", help="write freestanding C99 source and header for a spec", description=cmd_emit.__doc__)
+    p.add_argument("--spec", required=True, help="JSON file with the Spec fields")
+    p.add_argument("--params", help=".npz with gamma, beta, moving_mean, moving_variance (bakes them in)")
+    p.add_argument("--name", default="bn", help="C name of the kernel and its files (default bn)")
+    p.add_argument("--out", required=True, help="directory to write NAME.c and NAME.h into")
+    p.add_argument("--target", default="host", choices=["host", "aarch64", "cortex-m"],
+                   help="host (default), aarch64, or cortex-m (single precision throughout)")
+    p.add_argument("--harness", action="store_true", help="also write NAME_test.c and reference vectors")
+    p.set_defaults(func=cmd_emit)
+
+    p = sub.add_parser("fold", help="fold a batch norm into the preceding dense/conv layer (.npz)", description=cmd_fold.__doc__)
+    p.add_argument("--layer", required=True, help=".npz with weight (or kernel) and optionally bias")
+    p.add_argument("--bn", required=True, help=".npz with moving_mean, moving_variance and optionally gamma, beta")
+    p.add_argument("--epsilon", required=True, type=float, help="the batch norm's epsilon (Keras 1e-3, PyTorch 1e-5)")
+    p.add_argument("--out-axis", default="0", help="output-feature axis of the weight: 0 (PyTorch), 1 (PyTorch transposed "
+                   "conv), -1 (Keras), or adjacent axes like 2,3 (default 0)")
+    p.add_argument("--out", required=True, help=".npz to write the folded weight and bias to")
+    p.set_defaults(func=cmd_fold)
+
+    p = sub.add_parser("catalogue", help="regenerate the reference kernels in generated/", description=cmd_catalogue.__doc__)
+    p.add_argument("--out", help="where to write (default: generated/ of the source checkout)")
+    p.set_defaults(func=cmd_catalogue)
 
     p = sub.add_parser("cache", help="inspect or clear the kernel cache")
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION")

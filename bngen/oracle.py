@@ -25,11 +25,24 @@ def _f64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
 
 
-def reduce_axes(spec: Spec) -> tuple:
-    """The axes statistics are taken over: all but the feature axes (mode 1: the feature axes)."""
+def statistics(spec: Spec, x: np.ndarray):
+    """Mean and biased variance, per feature (mode 1: per sample), in float64.
+
+    The values of each group are made contiguous so that NumPy sums them pairwise, and
+    the variance is the corrected two-pass formula, so the oracle stays within a few
+    units in the last place even when |mean| >> std.
+    """
+    x = _f64(x)
     if spec.mode == 1:
-        return tuple(spec.axis)
-    return tuple(a for a in range(spec.ndim) if a not in spec.axis)
+        groups = x.reshape(int(np.prod(x.shape[: spec.axis[0]], dtype=np.int64)), -1)
+    else:
+        groups = np.moveaxis(x, spec.axis, range(len(spec.axis))).reshape(spec.channels, -1)
+    groups = np.ascontiguousarray(groups)
+    n = groups.shape[1]
+    mean = groups.sum(axis=1) / n
+    d = groups - mean[:, None]
+    var = ((d * d).sum(axis=1) - d.sum(axis=1) ** 2 / n) / n
+    return mean, np.maximum(var, 0.0)
 
 
 def _bshape(spec: Spec, ndim: int):
@@ -44,21 +57,20 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
     g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
     b = _f64(beta).reshape(bshape) if spec.center else 0.0
     mm, mv = _f64(moving_mean), _f64(moving_variance)
-    axes = reduce_axes(spec)
     if spec.mode == 1:
-        m = x.mean(axis=axes, keepdims=True)
-        v = ((x - m) ** 2).mean(axis=axes, keepdims=True)
+        lead = x.shape[: spec.axis[0]]
+        mean, var = statistics(spec, x)
+        m = mean.reshape(lead + (1,) * len(spec.axis))
+        v = var.reshape(m.shape)
         y = g * (x - m) / (np.sqrt(v + spec.epsilon) + spec.epsilon) + b
-        y = _activate(spec, y)
-        return Forward(y, m.reshape(x.shape[: spec.axis[0]]), v.reshape(x.shape[: spec.axis[0]]), None, None)
+        return Forward(_activate(spec, y), mean.reshape(lead), var.reshape(lead), None, None)
     if spec.uses_batch_stats:
-        m = x.mean(axis=axes, keepdims=True)
-        v = ((x - m) ** 2).mean(axis=axes, keepdims=True)
+        mean, var = statistics(spec, x)
+        m, v = mean.reshape(bshape), var.reshape(bshape)
         y = g * (x - m) / np.sqrt(v + spec.epsilon) + b
-        mean, var = m.reshape(-1), v.reshape(-1)
         if spec.updates_moving_stats:
             n = x.size // mean.size
-            fed = var * n / (n - 1) if spec.unbiased else var
+            fed = var * (n / (n - 1)) if spec.unbiased and n > 1 else var
             keep = spec.momentum
             mm = None if mm is None else keep * mm + (1 - keep) * mean
             mv = None if mv is None else keep * mv + (1 - keep) * fed

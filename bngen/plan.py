@@ -13,10 +13,10 @@ from typing import Optional, Tuple
 
 from .spec import Spec
 
-# Bytes per statistics block: small enough that a block's second pass reads L1 (32 KiB
-# or more on current cores), large enough that the per-block float64 merge costs nothing
-# next to the element work.
-STAT_BLOCK_BYTES = 16384
+# Bytes per statistics block: small enough that a block's second pass reads L1 and each
+# of its LANES partial sums adds few values (their rounding error grows with the count),
+# large enough that the per-block float64 merge costs little next to the element work.
+STAT_BLOCK_BYTES = 4096
 # Channels per tile in the channels-last schedule: the tile's per-channel work arrays
 # (tens of KiB) stay on the stack however many channels the layer has.
 CHANNEL_TILE = 1024
@@ -45,11 +45,17 @@ class Precision:
     param: str  # C type of gamma, beta, statistics
     compute: str  # C type the arithmetic is done in
     half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
+    stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
 
     @property
     def suffix(self) -> str:
         """The C literal suffix of the compute type."""
         return "f" if self.compute == "float" else ""
+
+    @property
+    def sqrt(self) -> str:
+        """The libm square root of the `stat` type (sqrtf keeps float math in float)."""
+        return "sqrtf" if self.stat == "float" else "sqrt"
 
 
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float": 4, "double": 8}
@@ -97,12 +103,17 @@ class Plan:
     channels: int
     inner: Optional[int]  # None: a runtime argument
     threaded: bool  # OpenMP threads, the count a runtime argument
-    pragmas: bool  # `#pragma omp simd` on inner loops (the compiler takes -fopenmp[-simd])
+    pragmas: bool  # "omp simd" pragmas on inner loops (the compiler takes -fopenmp[-simd])
     stat_block: int
     channel_tile: int
     row_block: int
     parallel_min: int
     entries: Tuple[Entry, ...]
+    # Ahead-of-time export (bngen.emit): pragmas are guarded by `#ifdef _OPENMP`, and the
+    # C symbol of an entry starts with `prefix` instead of "bn".
+    export: bool = False
+    prefix: str = "bn"
+    target: str = "host"
     lanes: int = 32  # independent partial sums per reduction (in acc_t)
     streaming: bool = False  # large outputs use streaming stores (hosted builds only)
     stream_min: int = STREAM_MIN_BYTES
@@ -110,6 +121,10 @@ class Plan:
 
     def entry(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
+
+    def symbol(self, entry: Entry) -> str:
+        """The C name of `entry`: its name with the "bn" prefix replaced by `prefix`."""
+        return self.prefix + entry.name[len("bn"):]
 
     @property
     def batch_stats(self) -> bool:
@@ -121,7 +136,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, stream
     """Decide how `spec` is computed.
 
     `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
-    understands `#pragma omp simd` (with -fopenmp or -fopenmp-simd).  `streaming`: large
+    understands the "omp simd" pragma (with -fopenmp or -fopenmp-simd).  `streaming`: large
     outputs bypass the caches with x86 streaming stores (needs <immintrin.h>, so only for
     hosted builds; default: as `threaded`, which freestanding exports turn off).
     """

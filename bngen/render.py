@@ -26,10 +26,13 @@ def template_dir() -> Path:
 
 
 def hexfloat(value: float, ctype: str = "double") -> str:
-    """An exact C literal for `value` rounded to `ctype` ("double" or "float")."""
-    if ctype == "float":
-        return float(np.float32(value)).hex() + "f"
-    return float(value).hex()
+    """An exact C literal for `value` rounded to `ctype` ("double" or "float"), without
+    the trailing zeros of the mantissa (0x1.8p+1, not 0x1.8000000000000p+1)."""
+    text = float(np.float32(value) if ctype == "float" else value).hex()
+    if "." in text and "p" in text:
+        mantissa, exponent = text.split("p")
+        text = mantissa.rstrip("0").rstrip(".") + "p" + exponent
+    return text + ("f" if ctype == "float" else "")
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,9 +56,12 @@ def _render(template: str, plan: Plan, **extra) -> str:
 
 
 def _tidy(text: str) -> str:
-    """Collapses the blank lines that template control flow leaves behind."""
+    """Collapses the blank lines that template control flow leaves behind, and drops the
+    indented lines that a macro rendering nothing (an absent pragma) leaves empty."""
     out, blank = [], 0
     for line in text.splitlines():
+        if line[:1] in (" ", "\t") and not line.strip():
+            continue
         line = line.rstrip()
         blank = blank + 1 if not line else 0
         if blank <= 1:
@@ -68,10 +74,9 @@ def render_source(plan: Plan) -> str:
     return _render("kernel.c.j2", plan)
 
 
-def render_memory(plan: Plan) -> str:
-    """The memory-bandwidth probes (bn_copy, bn_read) that `bngen bench` measures the
-    memory-traffic floor with, for the data type and store policy of `plan`."""
-    return _render("memory.c.j2", plan)
+def render_template(template: str, plan: Plan, **extra) -> str:
+    """Any template of templates/ rendered for `plan` (with `extra` variables), tidied."""
+    return _render(template, plan, **extra)
 
 
 def render_cdef(plan: Plan) -> str:

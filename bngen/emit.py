@@ -1,0 +1,368 @@
+"""Ahead-of-time export: a spec as freestanding C99 source and a documented header.
+
+`emit` renders the same templates as the JIT path (common.c.j2, channel.c.j2,
+forward_<schedule>.c.j2, macros.j2) with an export variant of the `Plan`: no threads,
+`omp simd` pragmas guarded by ``#ifdef _OPENMP``, C symbols named after the user's
+`name`, and the arithmetic type of the target.  With `params`, a mode-0 inference spec
+gets its per-feature scale and shift folded at generation time and baked in as
+constants (templates/baked.c.j2): one multiply-add per element and no libm.
+
+With ``harness=True`` it also writes a test program and reference vectors from the
+float64 oracle, so that the kernel can be checked on the board it will run on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from . import oracle
+from .plan import CHANNEL_TILE, Arg, Entry, Plan, make_plan
+from .render import render_template
+from .spec import Spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A family of machines the exported C is tuned for."""
+
+    name: str
+    description: str
+    cc: str  # the compiler named in the banner and the harness instructions
+    flags: str  # the flags suggested there
+    stat: str  # C type of merged statistics and per-channel coefficients
+    pragmas: bool  # emit `omp simd` (guarded): worth it where there are SIMD units
+    channel_tile: int  # channels per tile in the channels-last schedule (bounds stack use)
+    single_precision: bool  # float only: no double arithmetic, float64 specs refused
+
+
+TARGETS: Dict[str, Target] = {
+    "host": Target(
+        "host", "the machine's own C compiler", "cc", "-std=c99 -O3 -march=native",
+        stat="double", pragmas=True, channel_tile=CHANNEL_TILE, single_precision=False,
+    ),
+    "aarch64": Target(
+        "aarch64", "64-bit Arm (Cortex-A, Neoverse) running Linux", "aarch64-linux-gnu-gcc", "-std=c99 -O3",
+        stat="double", pragmas=True, channel_tile=CHANNEL_TILE, single_precision=False,
+    ),
+    # Cortex-M4F/M7: a single-precision FPU and a few KiB of stack.  Double arithmetic
+    # would be emulated in software, so statistics are merged in float (blocks keep the
+    # two-pass accuracy) and the channel tile is small.
+    "cortex-m": Target(
+        "cortex-m", "Arm Cortex-M4F/M7 microcontrollers (single-precision FPU)", "arm-none-eabi-gcc",
+        "-std=c99 -mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -Os",
+        stat="float", pragmas=False, channel_tile=16, single_precision=True,
+    ),
+}
+
+PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
+# Sizes given to dynamic dimensions in the harness (small: the vectors go to flash).
+HARNESS_DYNAMIC_SIZE = 3
+HARNESS_SEED = 20240501
+# Tolerances are this many units in the last place of the data type, times the
+# magnitude of the terms that make up a value (see `tolerances`).
+TOLERANCE_ULPS = 16
+
+_C_KEYWORDS = frozenset(
+    "auto break case char const continue default do double else enum extern float for goto if "
+    "inline int long register restrict return short signed sizeof static struct switch typedef "
+    "union unsigned void volatile while _Bool _Complex _Imaginary".split()
+)
+
+
+def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None, *, target: str = "host",
+         harness: bool = False) -> List[Path]:
+    """Write `name`.c and `name`.h for `spec` into `out_dir`; return the written paths.
+
+    `params`: a mapping (dict or loaded ``.npz``) with ``moving_mean``,
+    ``moving_variance`` and, as the spec uses them, ``gamma`` and ``beta``.  It bakes the
+    folded per-feature scale and shift into a mode-0 inference kernel; with a fully
+    static shape the entry point is exactly ``void name(const T *x, T *y);``.
+    `target`: "host", "aarch64" or "cortex-m" (single precision throughout).
+    `harness`: also write `name`_test.c and `name`_test_vectors.h, a self-check against
+    the float64 oracle that runs on the host or on a board.
+
+    Everything is checked before anything is written; emitting twice gives
+    byte-identical files.
+    """
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec: expected a bngen.Spec, got {type(spec).__name__}")
+    name = check_name(name)
+    tgt = get_target(target)
+    check_exportable(spec, tgt)
+    coefficients = None if params is None else fold_parameters(spec, params)
+    plan = export_plan(spec, name, tgt, baked=coefficients is not None)
+    files = render_files(plan, tgt, coefficients)
+    if harness:
+        files.update(render_harness(plan, tgt, params))
+    check_no_clash(plan, files)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, text in files.items():
+        path = out / filename
+        with open(path, "w", encoding="ascii", newline="\n") as f:
+            f.write(text)
+        written.append(path)
+    return written
+
+
+# -- checks -------------------------------------------------------------------------------
+def check_name(name) -> str:
+    """`name` if it can prefix C identifiers (symbols, macros, file names)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"name: {name!r} is not a C identifier (letters, digits and _, not starting with a digit)")
+    if name in _C_KEYWORDS:
+        raise ValueError(f"name: {name!r} is a C keyword")
+    if name.startswith("__") or re.match(r"_[A-Z]", name):
+        raise ValueError(f"name: {name!r} is reserved in C (starts with __ or _ and a capital)")
+    return name
+
+
+# Names the C library and the C language keep for themselves, beside the keywords.
+_C_LIBRARY = frozenset(
+    "NULL size_t ptrdiff_t offsetof int8_t int16_t int32_t int64_t uint8_t uint16_t uint32_t uint64_t "
+    "main sqrt sqrtf fabs fabsf memset memcpy memmove memcmp malloc calloc realloc free exit abort printf puts".split()
+)
+_INTERNAL = re.compile(
+    r"#define (\w+)|typedef [^;]*?(\w+);|^static[^;={]*?\b(\w+)\s*\(|^static const \w+ (\w+)\[|enum \{ (\w+)", re.M
+)
+
+
+def check_no_clash(plan: Plan, files: Mapping[str, str]) -> None:
+    """Raises if an entry point's C name is also a name the emitted files use inside
+    (a macro, type, helper or constant) or one the C library keeps."""
+    internal = set(_C_LIBRARY)
+    for filename, text in files.items():
+        if filename.endswith(".c"):
+            internal.update(n for groups in _INTERNAL.findall(text) for n in groups if n)
+    for entry in plan.entries:
+        symbol = plan.symbol(entry)
+        if symbol in internal:
+            raise ValueError(f"name: {plan.prefix!r} gives the C name {symbol!r}, which the emitted code uses "
+                             "for something else; choose another name")
+
+
+def get_target(target) -> Target:
+    """The `Target` preset called `target`."""
+    if isinstance(target, Target):
+        return target
+    if target not in TARGETS:
+        raise ValueError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
+    return TARGETS[target]
+
+
+def check_exportable(spec: Spec, target: Target) -> None:
+    """Raises if `spec` cannot be exported for `target`."""
+    if spec.dtype in ("float16", "bfloat16"):
+        raise ValueError(f"dtype: {spec.dtype} export is not supported yet; export a float32 spec")
+    if target.single_precision and spec.dtype == "float64":
+        raise ValueError(
+            f"dtype: float64 on target {target.name!r}, which is single precision throughout "
+            "(doubles would be emulated in software); use dtype='float32' or target='host'/'aarch64'"
+        )
+
+
+def fold_parameters(spec: Spec, params: Mapping) -> Tuple[np.ndarray, np.ndarray]:
+    """The per-feature (scale, shift) of a mode-0 inference spec, in float64:
+    scale = gamma / sqrt(moving_variance + epsilon), shift = beta - moving_mean * scale."""
+    if spec.uses_batch_stats:
+        why = "training normalises with batch statistics" if spec.training else f"mode {spec.mode} uses batch statistics"
+        raise ValueError(
+            f"params: only a mode-0 inference spec (training=False, mode=0) can bake its parameters; "
+            f"this spec has training={spec.training}, mode={spec.mode} ({why}); emit it without params"
+        )
+    p = check_params(spec, params)
+    gamma = p["gamma"] if spec.scale else 1.0
+    beta = p["beta"] if spec.center else 0.0
+    scale = gamma / np.sqrt(p["moving_variance"] + spec.epsilon)
+    return scale, beta - p["moving_mean"] * scale
+
+
+def check_params(spec: Spec, params: Mapping) -> Dict[str, np.ndarray]:
+    """The parameter arrays of `params` that `spec` uses, as float64, checked."""
+    if not hasattr(params, "keys") or not hasattr(params, "__getitem__"):
+        raise TypeError(f"params: expected a mapping (dict or loaded .npz) of arrays, got {type(params).__name__}")
+    keys = set(params.keys())
+    wanted = {"moving_mean", "moving_variance"} | ({"gamma"} if spec.scale else set()) | ({"beta"} if spec.center else set())
+    unknown = sorted(keys - set(PARAM_NAMES))
+    if unknown:
+        raise ValueError(f"params: unknown array(s) {', '.join(unknown)}; expected {', '.join(sorted(wanted))}")
+    for unused, flag in (("gamma", "scale"), ("beta", "center")):
+        if unused in keys and unused not in wanted:
+            raise ValueError(f"params: {unused} given, but the spec has {flag}=False; leave it out")
+    missing = sorted(wanted - keys)
+    if missing:
+        raise ValueError(f"params: missing {', '.join(missing)}")
+    result = {}
+    for key in sorted(wanted):
+        value = np.asarray(params[key])
+        if value.dtype.kind not in "fiu":
+            raise TypeError(f"params: {key} has dtype {value.dtype}; expected real numbers")
+        if value.shape != (spec.channels,):
+            raise ValueError(f"params: {key} has shape {value.shape}; expected ({spec.channels},), one value per feature")
+        value = value.astype(np.float64)
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"params: {key} holds NaN or infinite values")
+        result[key] = value
+    if np.any(result["moving_variance"] + spec.epsilon <= 0):
+        raise ValueError("params: moving_variance + epsilon must be > 0 for every feature")
+    return result
+
+
+# -- plan and rendering --------------------------------------------------------------------
+def export_plan(spec: Spec, name: str, target: Target, baked: bool = False) -> Plan:
+    """The JIT plan of `spec` turned into an export plan for `target`."""
+    plan = make_plan(spec, threaded=False, pragmas=target.pragmas)
+    precision = dataclasses.replace(plan.precision, stat=target.stat)
+    entries = plan.entries
+    if baked:
+        sizes = [a for a in plan.entries[0].args if a.role == "size"]
+        entries = (Entry("bn", (Arg("x", "data_in"), Arg("y", "data_out"), *sizes)),)
+    return dataclasses.replace(
+        plan, precision=precision, channel_tile=min(plan.channels, target.channel_tile), entries=entries,
+        export=True, prefix=name, target=target.name,
+    )
+
+
+def render_files(plan: Plan, target: Target, coefficients=None) -> Dict[str, str]:
+    """{file name: text} of the kernel's source and header."""
+    name = plan.prefix
+    baked = coefficients is not None
+    extra = dict(name=name, target=target, baked=baked, uses_math=not baked, kind=kind_text(plan, baked))
+    if baked:
+        extra.update(scale=[float(v) for v in coefficients[0]], shift=[float(v) for v in coefficients[1]])
+    return {
+        f"{name}.c": render_template("export.c.j2", plan, **extra),
+        f"{name}.h": render_template("export.h.j2", plan, **extra),
+    }
+
+
+def kind_text(plan: Plan, baked: bool) -> str:
+    """What the file holds, for its banner."""
+    spec = plan.spec
+    if baked:
+        return "Inference, parameters baked in and folded"
+    if not spec.uses_batch_stats:
+        return "Inference, runtime parameters"
+    if spec.training:
+        return "Training forward" + (" (backward to follow)" if plan.entry("bn_backward") is None else " and backward")
+    return "Forward with batch statistics"
+
+
+# -- the harness ---------------------------------------------------------------------------
+class Case(NamedTuple):
+    """One call of an entry point: its inputs, the oracle's outputs and tolerances."""
+
+    outer: int
+    inner: int
+    inputs: Dict[str, np.ndarray]  # by argument name, in the entry's dtypes
+    expected: Dict[str, np.ndarray]  # float64, by output argument name
+    tolerance: Dict[str, float]
+
+
+def harness_case(plan: Plan, params: Optional[Mapping] = None, seed: int = HARNESS_SEED) -> Case:
+    """Deterministic inputs for the first entry point of `plan` and what it must return."""
+    spec = plan.spec
+    shape = tuple(HARNESS_DYNAMIC_SIZE if d is None else d for d in spec.shape)
+    rng = np.random.default_rng(seed)
+    c = spec.channels
+    dtype = np.dtype(spec.dtype)
+    pdtype = np.dtype(spec.param_dtype)
+    # Per-feature offsets and spreads, so statistics differ between features.
+    bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
+    centre = rng.uniform(-2, 2, c).reshape(bshape)
+    spread = rng.uniform(0.5, 2, c).reshape(bshape)
+    x = (centre + spread * rng.standard_normal(shape)).astype(dtype)
+    if params is not None:
+        values = check_params(spec, params)  # baked: the float64 values the constants were folded from
+    else:
+        values = {
+            "gamma": rng.uniform(0.5, 1.5, c), "beta": rng.normal(0, 0.5, c),
+            "moving_mean": rng.normal(0, 0.5, c), "moving_variance": rng.uniform(0.5, 2, c),
+        }
+        values = {k: v.astype(pdtype) for k, v in values.items()}
+    return make_case(plan, x, values)
+
+
+def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray]) -> Case:
+    """The `Case` of calling the first entry of `plan` on `x` and parameter `values`
+    (the parameters the entry does not take are ignored)."""
+    spec = plan.spec
+    entry = plan.entries[0]
+    first, last = spec.axis[0], spec.axis[-1]
+    outer = int(np.prod(x.shape[:first], dtype=np.int64))
+    inner = int(np.prod(x.shape[last + 1:], dtype=np.int64))
+    inputs = {"x": x}
+    for arg in entry.args:
+        if arg.role in ("param_in", "param_inout"):
+            inputs[arg.name] = values[arg.name]
+    ref = oracle.forward(
+        spec, x,
+        values.get("gamma") if spec.scale else None, values.get("beta") if spec.center else None,
+        values.get("moving_mean") if spec.mode == 0 else None, values.get("moving_variance") if spec.mode == 0 else None,
+    )
+    expected = {"y": ref.y}
+    if spec.uses_batch_stats:
+        expected.update(mean=ref.mean, variance=ref.variance)
+    if spec.updates_moving_stats:
+        expected.update(moving_mean=ref.moving_mean, moving_variance=ref.moving_variance)
+    names = {a.name for a in entry.args if a.role in ("data_out", "stat_out", "param_inout")}
+    expected = {k: v for k, v in expected.items() if k in names}
+    tolerance = tolerances(spec, x, values, ref)
+    return Case(outer, inner, inputs, expected, {k: tolerance[k] for k in expected})
+
+
+def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
+    """Absolute tolerances: TOLERANCE_ULPS units of the data type's precision times the
+    magnitude of the terms each output is made of (so cancellation is allowed for, and
+    a formula that loses precision, like a one-pass variance, is not)."""
+    eps = float(np.finfo(np.dtype(spec.param_dtype)).eps) * TOLERANCE_ULPS
+    x = np.asarray(x, np.float64)
+    mag_x = float(np.max(np.abs(x)))
+    gamma = np.abs(np.asarray(values["gamma"], np.float64)) if spec.scale else np.ones(spec.channels)
+    if spec.uses_batch_stats:
+        var = np.asarray(ref.variance, np.float64)
+        std = float(np.sqrt(np.max(var)))
+        # The slope of y in x: gamma / sqrt(var + eps), largest where var is smallest.
+        slope = float(np.max(gamma)) / float(np.sqrt(np.min(var) + spec.epsilon))
+        mag_y = mag_x * slope + float(np.max(np.abs(ref.y)))
+    else:
+        a = gamma / np.sqrt(np.asarray(values["moving_variance"], np.float64) + spec.epsilon)
+        b = np.abs(np.asarray(values["moving_mean"], np.float64)) * a
+        # Folded inference computes x * a + (beta - mean * a): both terms count.
+        mag_y = mag_x * float(np.max(a)) + float(np.max(b)) + float(np.max(np.abs(ref.y)))
+        var, std = None, 0.0
+    tol = {"y": eps * mag_y}
+    if var is not None:
+        tol["mean"] = eps * mag_x
+        tol["variance"] = eps * (float(np.max(var)) + std * mag_x)
+    if spec.updates_moving_stats:
+        tol["moving_mean"] = eps * (mag_x + float(np.max(np.abs(ref.moving_mean))))
+        tol["moving_variance"] = eps * (float(np.max(ref.moving_variance)) + float(np.max(var)) + std * mag_x)
+    return tol
+
+
+def render_harness(plan: Plan, target: Target, params: Optional[Mapping] = None) -> Dict[str, str]:
+    """{file name: text} of the test program and its reference vectors."""
+    case = harness_case(plan, params)
+    name = plan.prefix
+    extra = dict(
+        name=name, target=target, case=case, entry=plan.entries[0],
+        inputs={k: [float(v) for v in np.asarray(a).reshape(-1)] for k, a in case.inputs.items()},
+        expected={k: [float(v) for v in np.asarray(a).reshape(-1)] for k, a in case.expected.items()},
+    )
+    return {
+        f"{name}_test.c": render_template("harness.c.j2", plan, **extra),
+        f"{name}_test_vectors.h": render_template("harness_vectors.h.j2", plan, **extra),
+    }
+
+
+def render_driver(plan: Plan) -> str:
+    """A C program that runs the first entry point of `plan` on binary cases from stdin
+    and writes its outputs to stdout (templates/driver.c.j2 says the format)."""
+    return render_template("driver.c.j2", plan, name=plan.prefix)

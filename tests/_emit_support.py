@@ -1,0 +1,198 @@
+"""Compiling and running exported kernels in the tests.
+
+A `Toolchain` compiles the emitted NAME.c strictly (-std=c99 -Wall -Wextra -Wpedantic
+-Werror) and links it with the batch driver of templates/driver.c.j2; a `Program` runs
+it (natively, under qemu-aarch64, or under qemu-arm for Cortex-M4 code) on `Case`s and
+returns the outputs.  Toolchains that are not installed make the tests skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pytest
+
+from hypothesis import strategies as st
+
+from bngen.emit import Case, emit, export_plan, get_target, make_case, render_driver
+from bngen.render import template_dir
+
+STRICT = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror")
+CORTEX_M4 = ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16")
+AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Toolchain:
+    """A compiler, its flags, and how to run what it builds."""
+
+    name: str
+    cc: str
+    flags: Tuple[str, ...]  # code generation, for the kernel and the driver
+    link: Tuple[str, ...]  # extra link arguments
+    runner: Tuple[str, ...]  # command prefix that runs a built program
+    needs: Tuple[str, ...]  # executables (or paths) that must exist
+    libs: Tuple[str, ...] = ()  # files the compiler must find (-print-file-name)
+
+    def missing(self) -> List[str]:
+        missing = [n for n in self.needs if (shutil.which(n) if "/" not in n else (n if os.path.exists(n) else None)) is None]
+        if not missing:
+            for lib in self.libs:
+                found = subprocess.run([self.cc, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+                if not os.path.isabs(found):
+                    missing.append(lib)
+        return missing
+
+    def require(self) -> None:
+        """Skips the calling test when a part of this toolchain is not installed."""
+        missing = self.missing()
+        if missing:
+            pytest.skip(f"{self.name} toolchain not installed (missing {', '.join(missing)})")
+
+    def compile(self, sources: Sequence[Path], output: Path, *, warnings: Sequence[str] = STRICT,
+                extra: Sequence[str] = (), link: bool = False) -> Path:
+        cmd = [self.cc, *self.flags, *warnings, *extra]
+        cmd += [*map(str, sources), "-o", str(output)] + (list(self.link) if link else ["-c"])
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)}\n{result.stderr}")
+        return output
+
+
+HOST_CC = os.environ.get("CC", "gcc") if shutil.which(os.environ.get("CC", "gcc")) else "cc"
+HOST = Toolchain("host", HOST_CC, ("-O2",), ("-lm",), (), (HOST_CC,))
+AARCH64 = Toolchain(
+    "aarch64", "aarch64-linux-gnu-gcc", ("-O2",), ("-lm",), ("qemu-aarch64", "-L", AARCH64_SYSROOT),
+    ("aarch64-linux-gnu-gcc", "qemu-aarch64", AARCH64_SYSROOT + "/lib/ld-linux-aarch64.so.1"),
+)
+# Cortex-M4 code (Thumb-2, FPv4-SP, -Os) run by qemu-arm, the Linux user-mode emulator
+# (its default CPU executes the Cortex-M4 instruction set); templates/arm_linux_shim.c
+# turns newlib's system calls into Linux ones.
+CORTEX_M = Toolchain(
+    "cortex-m", "arm-none-eabi-gcc", (*CORTEX_M4, "-Os"),
+    ("--specs=nosys.specs", "-nostartfiles", str(template_dir() / "arm_linux_shim.c"), "-lm"),
+    ("qemu-arm", "-cpu", "max"), ("arm-none-eabi-gcc", "qemu-arm"), libs=("nosys.specs",),
+)
+# Compiling Cortex-M4 objects and reading their symbols needs no emulator or C library.
+CORTEX_M_OBJECTS = Toolchain("cortex-m", "arm-none-eabi-gcc", (*CORTEX_M4, "-Os"), (), (), ("arm-none-eabi-gcc", "arm-none-eabi-nm"))
+
+
+class Program:
+    """An exported kernel linked with its batch driver."""
+
+    def __init__(self, plan, path: Path, toolchain: Toolchain):
+        self.plan = plan
+        self.path = path
+        self.toolchain = toolchain
+        self.entry = plan.entries[0]
+
+    def run(self, cases: Sequence[Case], masks: Optional[Sequence[int]] = None) -> List[Dict[str, np.ndarray]]:
+        """The outputs of each case, by argument name (NULL-skipped ones absent)."""
+        spec = self.plan.spec
+        masks = list(masks) if masks is not None else [0] * len(cases)
+        nullable = [a.name for a in self.entry.args if a.nullable]
+        data_dt, param_dt = np.dtype(spec.dtype), np.dtype(spec.param_dtype)
+        chunks = []
+        for case, mask in zip(cases, masks):
+            chunks.append(np.array([case.outer, case.inner, mask], np.int64).tobytes())
+            for arg in self.entry.args:
+                if arg.role in ("data_in", "param_in", "param_inout"):
+                    dt = data_dt if arg.role == "data_in" else param_dt
+                    chunks.append(np.ascontiguousarray(case.inputs[arg.name], dt).tobytes())
+        result = subprocess.run([*self.toolchain.runner, str(self.path)], input=b"".join(chunks), capture_output=True)
+        if result.returncode != 0:
+            raise AssertionError(f"{self.path.name} failed ({result.returncode}): {result.stderr.decode(errors='replace')}")
+        out, offset, outputs = result.stdout, 0, []
+        for case, mask in zip(cases, masks):
+            values = {}
+            for arg in self.entry.args:
+                if arg.role not in ("data_out", "stat_out", "param_inout"):
+                    continue
+                if arg.nullable and mask >> nullable.index(arg.name) & 1:
+                    continue
+                if arg.role == "data_out":
+                    count, dt = case.outer * self.plan.channels * case.inner, data_dt
+                else:
+                    count = case.outer if (spec.mode == 1 and arg.role == "stat_out") else self.plan.channels
+                    dt = param_dt
+                values[arg.name] = np.frombuffer(out, dt, count, offset).astype(np.float64)
+                offset += count * dt.itemsize
+            outputs.append(values)
+        assert offset == len(out), f"driver wrote {len(out)} bytes, expected {offset}"
+        return outputs
+
+
+def build_program(directory: Path, spec, toolchain: Toolchain, *, name: str = "k", params=None,
+                  target: str = "host", extra: Sequence[str] = ()) -> Program:
+    """Emit `spec` into `directory`, compile it strictly and link the driver."""
+    toolchain.require()
+    directory.mkdir(parents=True, exist_ok=True)
+    emit(spec, directory, name, params, target=target)
+    plan = export_plan(spec, name, get_target(target), baked=params is not None)
+    driver = directory / f"{name}_driver.c"
+    driver.write_text(render_driver(plan))
+    warnings = STRICT + (("-Wdouble-promotion",) if get_target(target).single_precision else ())
+    kernel = toolchain.compile([directory / f"{name}.c"], directory / f"{name}.o", warnings=warnings, extra=extra)
+    drv = toolchain.compile([driver], directory / f"{name}_driver.o", warnings=("-std=c99", "-Wall", "-Wextra", "-Werror"))
+    exe = toolchain.compile([kernel, drv], directory / f"{name}.elf", warnings=(), extra=extra, link=True)
+    return Program(plan, exe, toolchain)
+
+
+def assert_matches(case: Case, outputs: Dict[str, np.ndarray]) -> None:
+    """Every output of `outputs` within the case's tolerance of the oracle."""
+    for key, got in outputs.items():
+        want = np.asarray(case.expected[key], np.float64).reshape(-1)
+        err = np.abs(got - want)
+        tol = case.tolerance[key]
+        bad = ~(err <= tol)
+        assert not bad.any(), (
+            f"{key}: {int(bad.sum())} of {got.size} values off by up to {np.nanmax(err):.3g} (tolerance {tol:.3g}); "
+            f"first at {int(np.argmax(bad))}: got {got[np.argmax(bad)]!r}, want {want[np.argmax(bad)]!r}"
+        )
+
+
+def undefined_symbols(nm: str, obj: Path) -> List[str]:
+    """The symbols an object file references but does not define."""
+    result = subprocess.run([nm, "-u", str(obj)], capture_output=True, text=True, check=True)
+    return sorted(line.split()[-1] for line in result.stdout.splitlines() if line.strip())
+
+
+def params_for(c, seed=7, scale=True, center=True):
+    rng = np.random.default_rng(seed)
+    p = {"moving_mean": rng.normal(0, 2, c), "moving_variance": rng.uniform(0.05, 4, c)}
+    if scale:
+        p["gamma"] = rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c)
+    if center:
+        p["beta"] = rng.normal(0, 1, c)
+    return p
+
+
+def draw_case(data, plan, params=None):
+    """A `Case` for `plan`: dynamic sizes, data offset and spread drawn by hypothesis."""
+    spec = plan.spec
+    shape = [data.draw(st.integers(1, 6), label=f"dim{i}") if d is None else d for i, d in enumerate(spec.shape)]
+    if spec.updates_moving_stats and spec.unbiased:
+        first, last = spec.axis[0], spec.axis[-1]
+        if np.prod(shape[:first]) * np.prod(shape[last + 1:]) < 2:
+            shape[next(i for i, d in enumerate(spec.shape) if d is None)] = 2
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    offset = data.draw(st.sampled_from([0.0, 1.0, 100.0, 1e4]), label="offset")
+    rng = np.random.default_rng(seed)
+    c = spec.channels
+    bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
+    centre = offset * rng.uniform(-1, 1, c)
+    spread = 10 ** rng.uniform(-2, 1, c)
+    x = (centre.reshape(bshape) + spread.reshape(bshape) * rng.standard_normal(shape)).astype(spec.dtype)
+    if params is None:  # runtime parameters, passed to the kernel in its parameter dtype
+        params = {
+            "gamma": rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c), "beta": rng.normal(0, 1, c),
+            "moving_mean": centre + rng.normal(0, 1, c) * spread, "moving_variance": spread**2 * rng.uniform(0.5, 2, c),
+        }
+        params = {k: v.astype(spec.param_dtype) for k, v in params.items()}
+    return make_case(plan, x, params)  # baked: the float64 values its constants were folded from
