@@ -163,6 +163,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, stream
         entries=_entries(spec, outer, inner, threaded),
         lanes=LANE_BYTES // _ITEMSIZE[PRECISIONS[spec.dtype].compute],
         streaming=threaded if streaming is None else streaming,
+        stream_min=STREAM_MIN_BYTES,
     )
 
 

@@ -1,0 +1,380 @@
+"""The code paths added for speed, each against the float64 oracle.
+
+Covers: lane-parallel statistics (runs shorter than, equal to and longer than LANES and
+STAT_BLOCK, static and runtime sizes, run tails), the channels-last register groups
+(channel counts that leave a tail group, several channel tiles), per-sample rows longer
+than a statistics block, streaming stores (forced on for small tensors, every alignment
+of the output, an unaligned output, and one tensor above the real threshold), threads 1
+to 3 and run-to-run determinism, the large-offset and constant-feature cases on every
+schedule, the fast Python call path (cached parameter pointers, in-place changes of a
+cached array, every fallback), the memory probes and `bngen bench` itself (a smoke run,
+never a timed assertion).
+
+Specs: 16 kernels (9 general, 4 with streaming forced on, 1 real-size streaming,
+2 memory probes and bench's own).  Examples: about 330 drawn calls in all (40 per
+hypothesis test) plus ~60 fixed calls.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bngen
+from bngen import bench, oracle
+from bngen import plan as plan_module
+from strategies import K, assert_close, unit_roundoff
+
+S = bngen.Spec
+EXAMPLES = 40
+
+
+def _params(spec, rng):
+    c = spec.channels
+    pd = spec.param_dtype
+    gamma = rng.uniform(0.5, 2.0, c).astype(pd) if spec.scale else None
+    beta = rng.standard_normal(c).astype(pd) if spec.center else None
+    if spec.mode == 0:
+        return gamma, beta, rng.standard_normal(c).astype(pd), rng.uniform(0.5, 2.0, c).astype(pd)
+    return gamma, beta, None, None
+
+
+def _data(shape, dtype, kind, rng, spec=None):
+    std = 10.0 ** rng.uniform(-1, 2)
+    if kind == "offset":  # |mean| = 1e4 std: a one-pass sum of squares loses everything here
+        x = rng.standard_normal(shape) * std + 1e4 * std
+    elif kind == "constant" and spec is not None:
+        x = rng.standard_normal(shape) * std
+        idx = [slice(None)] * len(shape)
+        idx[spec.axis[0]] = 0  # the first feature holds one value everywhere
+        x[tuple(idx)] = np.float32(rng.uniform(-50, 50))
+    else:
+        x = rng.standard_normal(shape) * std + rng.uniform(-3, 3) * std
+    return x.astype(dtype)
+
+
+def _bc(spec, values, ndim):
+    """A per-feature array as float64, shaped to broadcast against the input."""
+    return np.asarray(values, np.float64).reshape([spec.shape[a] if a in spec.axis else 1 for a in range(ndim)])
+
+
+def check(kernel, x, params, threads, out=None):
+    """Runs `kernel` on x and compares y (and statistics) with the oracle."""
+    spec = kernel.spec
+    gamma, beta, mm, mv = params
+    u = unit_roundoff(spec)
+    ref = oracle.forward(spec, x, gamma, beta, mm, mv)
+    if spec.uses_batch_stats:
+        mm_k = None if mm is None else mm.copy()
+        mv_k = None if mv is None else mv.copy()
+        y, mean, var = kernel.forward(x, gamma, beta, mm_k, mv_k, out=out, threads=threads)
+        std = np.sqrt(ref.variance)
+        assert_close("mean", mean, ref.mean, K * u * (std + np.abs(ref.mean)))
+        assert_close("variance", var, ref.variance, K * u * ref.variance + K * 2.0**-53 * np.abs(ref.mean) * std)
+        if mm is not None:
+            assert_close("moving_mean", mm_k, ref.moving_mean, K * u * (np.abs(ref.moving_mean) + np.abs(ref.mean)))
+        # y = gamma * (x - mean) / sd + beta: its error scales with |x - mean| / sd and |beta|
+        if spec.mode == 1:
+            sshape = x.shape[: spec.axis[0]] + (1,) * len(spec.axis)
+            m, v = ref.mean.reshape(sshape), ref.variance.reshape(sshape)
+            sd = np.sqrt(v + spec.epsilon) + spec.epsilon
+        else:
+            m, v = _bc(spec, ref.mean, x.ndim), _bc(spec, ref.variance, x.ndim)
+            sd = np.sqrt(v + spec.epsilon)
+        g = 1.0 if gamma is None else np.abs(_bc(spec, gamma, x.ndim))
+        b = 0.0 if beta is None else np.abs(_bc(spec, beta, x.ndim))
+        # (the mean is carried in double: a float64 input far from zero also carries its rounding)
+        terms = K * u * (g * (np.abs(x - m) + np.sqrt(v)) / sd + b + np.abs(ref.y)) + K * 2.0**-53 * g * np.abs(m) / sd
+        assert_close("y", y, ref.y, terms)
+    else:
+        y = kernel(x, gamma, beta, mm, mv, out=out, threads=threads)
+        a = (1.0 if gamma is None else np.abs(_bc(spec, gamma, x.ndim))) / np.sqrt(_bc(spec, mv, x.ndim) + spec.epsilon)
+        terms = (np.abs(x.astype(np.float64)) + np.abs(_bc(spec, mm, x.ndim))) * a
+        terms = terms + (0.0 if beta is None else np.abs(_bc(spec, beta, x.ndim)))
+        assert_close("y", y, ref.y, K * u * (terms + np.abs(ref.y)))
+    if out is not None:
+        assert y is out
+    return y
+
+
+# -- channels-first: lanes, run tails, blocks of runs, runs split into blocks -------------------
+CHANNELS_FIRST = [
+    S((None, 5, None), axis=1, momentum=0.9),  # runtime inner: short runs, long runs, tails
+    S((None, 3, 40, 41), axis=1, training=False),  # static inner 1640 = 51 lanes-groups + 8
+    S((None, 7, 5), axis=1, dtype="float64"),  # static inner shorter than LANES
+    S((None, 4, 1030), axis=1, activation="relu", unbiased=True),  # runs longer than a block
+]
+
+
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_channels_first(build, data):
+    spec = data.draw(st.sampled_from(CHANNELS_FIRST), label="spec")
+    kernel = build(spec)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    shape = list(spec.shape)
+    budget = 80_000
+    if shape[2] is None:
+        shape[2] = data.draw(st.sampled_from([1, 3, 31, 32, 33, 200, 1023, 1024, 1025, 2500]), label="inner")
+    rest = spec.channels * shape[2]
+    shape[0] = data.draw(st.integers(1, max(1, budget // rest)), label="outer")
+    if spec.unbiased and shape[0] * shape[2] == 1:
+        shape[0] = 2
+    kind = data.draw(st.sampled_from(["normal", "offset", "constant"]), label="data")
+    x = _data(tuple(shape), spec.dtype, kind, rng, spec)
+    threads = data.draw(st.integers(1, 3), label="threads")
+    check(kernel, x, _params(spec, rng), threads)
+
+
+# -- channels-last: register groups of LANES channels, tail groups, several tiles ----------------
+CHANNELS_LAST = [
+    S((None, 37)),  # one tile, a tail group of 5
+    S((None, 1100), momentum=0.5),  # two tiles (1024 + 76), a tail group in the second
+    S((None, 6, 64), axis=-1, training=False),  # inference, rows of 64
+    S((None, 3, 3, 16), axis=-1, mode=2, center=False),  # mode 2: batch statistics, 16 channels
+]
+
+
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_channels_last(build, data):
+    spec = data.draw(st.sampled_from(CHANNELS_LAST), label="spec")
+    kernel = build(spec)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    rest = int(np.prod(spec.shape[1:]))
+    n = data.draw(st.sampled_from([1, 2, 63, 64, 65, 129, 2000, 5000]), label="outer")
+    n = max(1, min(n, 120_000 // rest))
+    kind = data.draw(st.sampled_from(["normal", "offset", "constant"]), label="data")
+    x = _data((n,) + spec.shape[1:], spec.dtype, kind, rng, S((n,) + spec.shape[1:], axis=spec.axis, mode=spec.mode) if kind == "constant" else None)
+    threads = data.draw(st.integers(1, 3), label="threads")
+    check(kernel, x, _params(spec, rng), threads)
+
+
+def test_per_sample_rows_longer_than_a_block(build, rng):
+    spec = S((None, 4100), mode=1)
+    kernel = build(spec)
+    for n, kind in [(1, "normal"), (3, "offset"), (9, "normal")]:
+        for threads in (1, 2, 3):
+            check(kernel, _data((n, 4100), np.float32, kind, rng), _params(spec, rng), threads)
+
+
+# -- streaming stores, forced on for small tensors -----------------------------------------------
+STREAMED = [
+    S((None, 6, None), axis=1, epsilon=0.00123),
+    S((None, 3, None), axis=1, epsilon=0.00123, training=False),
+    S((None, None, 19), epsilon=0.00123),
+    S((None, 48), epsilon=0.00123, training=False),
+]
+
+
+@pytest.fixture(scope="module")
+def streamed_kernels(build):
+    """The STREAMED specs built with every output streamed (threshold 0 bytes).  Their
+    epsilon is unique to this module, so no kernel built elsewhere is reused."""
+    saved = plan_module.STREAM_MIN_BYTES
+    plan_module.STREAM_MIN_BYTES = 0
+    try:
+        kernels = [build(spec) for spec in STREAMED]
+    finally:
+        plan_module.STREAM_MIN_BYTES = saved
+    for k in kernels:
+        assert "#define STREAM_MIN_BYTES 0" in k.source
+    return kernels
+
+
+def _out_at(shape, dtype, offset):
+    """An output array starting `offset` elements into a 64-byte aligned buffer."""
+    n = int(np.prod(shape))
+    raw = np.empty(n + offset + 64, dtype)
+    start = (-raw.ctypes.data % 64) // raw.itemsize
+    return raw[start + offset: start + offset + n].reshape(shape)
+
+
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_streaming_stores(streamed_kernels, data):
+    kernel = data.draw(st.sampled_from(streamed_kernels), label="kernel")
+    spec = kernel.spec
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    shape = list(spec.shape)
+    for i, d in enumerate(shape):
+        if d is None:
+            shape[i] = data.draw(st.sampled_from([1, 2, 5, 15, 16, 17, 47, 100, 333]), label=f"dim{i}")
+    shape = tuple(shape)
+    offset = data.draw(st.sampled_from([None, 0, 1, 3, 7, 8, 15]), label="out offset")
+    out = None if offset is None else _out_at(shape, np.float32, offset)
+    kind = data.draw(st.sampled_from(["normal", "offset", "constant"]), label="data")
+    x = _data(shape, spec.dtype, kind, rng, S(shape, axis=spec.axis))
+    check(kernel, x, _params(spec, rng), data.draw(st.integers(1, 3), label="threads"), out=out)
+
+
+def test_streaming_into_an_unaligned_output(streamed_kernels, rng):
+    """An output that is not even element-aligned is stored plainly, and correctly."""
+    for kernel in streamed_kernels:
+        spec = kernel.spec
+        shape = tuple(7 if d is None else d for d in spec.shape)
+        raw = bytearray(4 * int(np.prod(shape)) + 1)
+        out = np.frombuffer(raw, np.float32, offset=1).reshape(shape)
+        assert not out.flags.aligned
+        check(kernel, _data(shape, np.float32, "normal", rng), _params(spec, rng), 2, out=out)
+
+
+def test_streaming_above_the_real_threshold(build, rng):
+    """One tensor above STREAM_MIN_BYTES (16 MiB) through both kinds of channels-first kernel."""
+    shape = (2, 16, 368, 368)  # 17.3 MB of float32
+    assert 4 * np.prod(shape) >= plan_module.STREAM_MIN_BYTES
+    for training in (True, False):
+        spec = S((None, 16, 368, 368), axis=1, training=training)
+        x = _data(shape, np.float32, "normal", rng)
+        check(build(spec), x, _params(spec, rng), 2)
+
+
+# -- threads: determinism, and the accuracy cases on every schedule -------------------------------
+@pytest.mark.parametrize("spec", [S((None, 5, 64), axis=1), S((None, 37)), S((None, 300), mode=1)],
+                         ids=["channels_first", "channels_last", "per_sample"])
+def test_identical_run_to_run_for_a_thread_count(build, rng, spec):
+    kernel = build(spec)
+    x = _data((2000,) + spec.shape[1:], np.float32, "normal", rng)  # large enough to use threads
+    params = _params(spec, rng)
+    for threads in (1, 2, 3):
+        runs = [kernel.forward(x, *params[:2], threads=threads) for _ in range(4)]
+        for y, mean, var in runs[1:]:
+            np.testing.assert_array_equal(y, runs[0][0])
+            np.testing.assert_array_equal(mean, runs[0][1])
+            np.testing.assert_array_equal(var, runs[0][2])
+    if kernel.plan.schedule == "channels_first":  # channels-first: threads take whole channels, so the count does not matter
+        one = kernel.forward(x, *params[:2], threads=1)
+        three = kernel.forward(x, *params[:2], threads=3)
+        np.testing.assert_array_equal(one[0], three[0])
+
+
+@pytest.mark.parametrize("spec", [S((None, 4, 70), axis=1), S((None, 37)), S((None, 3, None), axis=1, epsilon=0.00123)],
+                         ids=["channels_first", "channels_last", "streamed"])
+def test_constant_feature_gives_exactly_beta(build, streamed_kernels, rng, spec):
+    kernel = streamed_kernels[0] if spec.epsilon == 0.00123 else build(spec)
+    spec = kernel.spec
+    shape = tuple(1000 if i == 0 else (50 if d is None else d) for i, d in enumerate(spec.shape))
+    x = _data(shape, np.float32, "normal", rng)
+    idx = [slice(None)] * len(shape)
+    idx[spec.axis[0]] = 1
+    x[tuple(idx)] = np.float32(12345.678)
+    gamma, beta, mm, mv = _params(spec, rng)
+    for threads in (1, 2, 3):
+        y, mean, var = kernel.forward(x, gamma, beta, threads=threads)
+        assert var[1] == 0
+        np.testing.assert_array_equal(y[tuple(idx)], np.float32(beta[1]))
+
+
+# -- the fast call path ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def infer(build):
+    return build(S((None, 8, 5), axis=1, training=False))
+
+
+def test_cached_parameters_follow_their_contents(infer, rng):
+    spec = infer.spec
+    x = _data((3, 8, 5), np.float32, "normal", rng)
+    params = _params(spec, rng)
+    check(infer, x, params, 1)
+    params[0][:] *= 2  # same objects, new values
+    params[3][:] += 1
+    check(infer, x, params, 1)
+
+
+def test_cached_parameter_changed_in_place_is_checked_again(infer, rng):
+    x = _data((3, 8, 5), np.float32, "normal", rng)
+    gamma, beta, mm, mv = _params(infer.spec, rng)
+    infer(x, gamma, beta, mm, mv)
+    gamma.shape = (2, 4)
+    with pytest.raises(ValueError, match="gamma"):
+        infer(x, gamma, beta, mm, mv)
+    gamma.shape = (8,)
+    gamma.dtype = np.int32  # same bytes, another dtype
+    with pytest.raises(TypeError, match="gamma"):
+        infer(x, gamma, beta, mm, mv)
+    gamma.dtype = np.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            gamma.strides = (0,)  # deprecated, but possible: no longer contiguous
+        except (AttributeError, ValueError):  # pragma: no cover - a NumPy without the setter
+            pytest.skip("this NumPy cannot set strides")
+    check(infer, x, (gamma, beta, mm, mv), 1)
+
+
+def test_calls_off_the_fast_path_are_still_right(build, infer, rng):
+    spec = infer.spec
+    params = _params(spec, rng)
+    x = _data((4, 8, 10), np.float32, "normal", rng)[:, :, ::2]  # not contiguous
+    check(infer, x, params, 1)
+    check(infer, np.asfortranarray(_data((3, 8, 5), np.float32, "normal", rng)), params, 2)
+
+    class Sub(np.ndarray):
+        pass
+
+    check(infer, _data((3, 8, 5), np.float32, "normal", rng).view(Sub), params, 1)
+    strided = [p.copy() for p in params]
+    strided[1] = np.repeat(params[1], 2)[::2]
+    check(infer, _data((3, 8, 5), np.float32, "normal", rng), strided, 1)
+
+
+def test_fast_path_refusals_raise_the_checked_errors(build, rng):
+    spec = S((None, 8), momentum=0.9)
+    kernel = build(spec)
+    x = _data((5, 8), np.float32, "normal", rng)
+    gamma, beta, mm, mv = _params(spec, rng)
+    frozen = mm.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="moving_mean"):
+        kernel(x, gamma, beta, frozen, mv)
+    both = np.ones(16, np.float32)
+    mv_before = mv.copy()
+    with pytest.raises(ValueError, match="moving_variance"):
+        kernel(x, gamma, beta, both[:8], both[4:12])
+    np.testing.assert_array_equal(both, 1)
+    np.testing.assert_array_equal(mv, mv_before)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="threads"):
+            kernel(x, gamma, beta, threads=bad)
+    with pytest.raises(TypeError, match="gamma"):
+        kernel(x, gamma.astype(np.float64), beta)
+    with pytest.raises(TypeError, match="x"):
+        kernel(x.astype(np.float64), gamma, beta)
+    with pytest.raises(ValueError, match="x"):
+        kernel(np.ones((0, 8), np.float32), gamma, beta)
+
+
+# -- memory probes and bench ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_memory_probes(session_cache, strict_compiler, rng, dtype):
+    plan, module = bench.build_memory_probe(dtype, session_cache, compiler=strict_compiler)
+    data = bench._Inputs(bench.Case("t", (3, 1000, 7), 1, dtype))
+    for threads in (1, 2):
+        fns = bench._memory_fns((plan, module), data, threads)
+        fns["copy"]()
+        fns["read"]()
+    # the copy wrote a fresh buffer that matches x exactly; the read summed x
+    ffi, lib = module.ffi, module.lib
+    y = np.zeros_like(data.x)
+    sink = np.zeros(1, plan.precision.param == "double" and np.float64 or np.float32)
+    args = (2,) if plan.threaded else ()
+    lib.bn_copy(ffi.from_buffer(plan.precision.data + "[]", data.x), ffi.from_buffer(plan.precision.data + "[]", y, True), data.x.size, *args)
+    np.testing.assert_array_equal(y, data.x)
+    lib.bn_read(ffi.from_buffer(plan.precision.data + "[]", data.x), ffi.from_buffer(plan.precision.param + "[]", sink, True), data.x.size, *args)
+    assert sink[0] == pytest.approx(float(data.x.astype(np.float64).sum()), rel=1e-4, abs=1e-2)
+
+
+def test_bench_smoke(session_cache, strict_compiler):
+    case = bench.Case("tiny", (2, 3, 4, 4), 1)
+    report = bench.run([case], [1, 2], repeat=3, cache_dir=session_cache, compiler=strict_compiler)
+    kinds = {(r["kind"], r["threads"]) for r in report["rows"]}
+    assert {("inference", 1), ("training forward", 2)} <= kinds
+    for row in report["rows"]:
+        assert row["timings"]["bngen"]["samples"] == 3 and row["floor_ms"] > 0
+    table = bench.markdown(report)
+    assert table.startswith("| case | kind | threads | bngen ms")
+    assert table.count("| tiny |") == len(report["rows"])
