@@ -35,10 +35,36 @@ def hexfloat(value: float, ctype: str = "double") -> str:
     return text + ("f" if ctype == "float" else "")
 
 
+class _BytecodeCache(jinja2.FileSystemBytecodeCache):
+    """Jinja's per-user bytecode cache (in the temp directory), failing soft: compiling the
+    templates costs a new process ~0.2 s, loading them compiled a few ms; a cache that
+    cannot be read or written just means compiling them again."""
+
+    def load_bytecode(self, bucket):
+        try:
+            super().load_bytecode(bucket)
+        except (OSError, EOFError, ValueError, TypeError):
+            bucket.reset()
+
+    def dump_bytecode(self, bucket):
+        try:
+            super().dump_bytecode(bucket)
+        except OSError:
+            pass
+
+
+def _bytecode_cache():
+    try:
+        return _BytecodeCache()  # <tmp>/_jinja2-cache-<uid>, created private to the user
+    except (OSError, RuntimeError):
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
+        bytecode_cache=_bytecode_cache(),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=False,
