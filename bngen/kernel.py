@@ -64,7 +64,7 @@ class Kernel:
         self._forward_entry: Entry = plan.entries[0]
         self._forward_fn = getattr(self._lib, self._forward_entry.name)
         self._threads = default_threads()
-        self._fast_args = _fast_path(self)
+        self._fast_call = _fast_path(self)
 
     def __repr__(self) -> str:
         return f"<bngen.Kernel {self.spec.describe()}>"
@@ -73,10 +73,9 @@ class Kernel:
     def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None, threads=None):
         """Normalise `x`; returns y (written into `out` if given)."""
         if out is None:
-            call = self._fast_args(x, gamma, beta, moving_mean, moving_variance, threads, False)
-            if call is not None:
-                self._forward_fn(*call[0])
-                return call[1]
+            done = self._fast_call(x, gamma, beta, moving_mean, moving_variance, threads, False)
+            if done is not None:
+                return done
         y, _, _ = self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=False)
         return y
 
@@ -92,10 +91,9 @@ class Kernel:
                 "and computes none; call kernel(x, gamma, beta, moving_mean, moving_variance) instead"
             )
         if out is None:
-            call = self._fast_args(x, gamma, beta, moving_mean, moving_variance, threads, True)
-            if call is not None:
-                self._forward_fn(*call[0])
-                return call[1], call[2], call[3]
+            done = self._fast_call(x, gamma, beta, moving_mean, moving_variance, threads, True)
+            if done is not None:
+                return done
         return self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=True)
 
     # -- argument checking ---------------------------------------------------------------
@@ -223,8 +221,9 @@ class Kernel:
 # any C runs; the fast path only orders them for speed.
 def _fast_path(kernel: "Kernel"):
     """The fast-path function of `kernel`: ``(x, gamma, beta, moving_mean,
-    moving_variance, threads, want_stats)`` -> ``(C arguments, y, mean, variance)``, or
-    None when the call needs the checked path."""
+    moving_variance, threads, want_stats)`` -> y (or ``(y, mean, variance)`` with
+    want_stats) after running the kernel, or None, having run nothing, when the call
+    needs the checked path."""
     spec, plan = kernel.spec, kernel.plan
     first, last = spec.axis[0], spec.axis[-1]
     dyn = [i for i, d in enumerate(spec.shape) if d is None]
@@ -246,6 +245,7 @@ def _fast_path(kernel: "Kernel"):
     share = np.may_share_memory
     order = ("x", "y", "gamma", "beta", "moving_mean", "moving_variance", "mean", "variance", "outer", "inner", "nthreads")
     pick = operator.itemgetter(*(order.index(a.name) for a in kernel._forward_entry.args))
+    run = kernel._forward_fn
 
     # Read-only parameter arrays are usually the same objects call after call: the last
     # ones seen are kept (a strong reference, so their memory cannot go away) with their
@@ -274,11 +274,14 @@ def _fast_path(kernel: "Kernel"):
         if x.__class__ is not ndarray and not isinstance(x, ndarray):
             return None
         shape = x.shape
-        if x.dtype is not dtype and x.dtype != dtype or len(shape) != ndim or shape[lead:] != tail:
+        if x.dtype is not dtype and x.dtype != dtype:
+            return None
+        if (shape != tail) if lead == 0 else (len(shape) != ndim or shape[lead:] != tail):
             return None
         outer = static_outer
-        for i in range(lead):
-            outer *= shape[i]
+        if lead:
+            for i in range(lead):
+                outer *= shape[i]
         if outer <= 0 or (unbiased_check and outer * inner == 1):
             return None
         if threads is None:
@@ -320,8 +323,8 @@ def _fast_path(kernel: "Kernel"):
         else:
             mean = variance = None
             cmean = cvar = null
-        args = pick((cx, from_buffer(data_ct, y, True), held[4], held[5], cmm, cmv, cmean, cvar, outer, inner, threads))
-        return args, y, mean, variance
+        run(*pick((cx, from_buffer(data_ct, y, True), held[4], held[5], cmm, cmv, cmean, cvar, outer, inner, threads)))
+        return (y, mean, variance) if want_stats else y
 
     return fast
 

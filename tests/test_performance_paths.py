@@ -173,14 +173,16 @@ STREAMED = [
 
 @pytest.fixture(scope="module")
 def streamed_kernels(build):
-    """The STREAMED specs built with every output streamed (threshold 0 bytes).  Their
+    """The STREAMED specs built with every output streamed (threshold 0 bytes, every
+    schedule and kind).  Their
     epsilon is unique to this module, so no kernel built elsewhere is reused."""
-    saved = plan_module.STREAM_MIN_BYTES
+    saved = plan_module.STREAM_MIN_BYTES, plan_module.STREAMING_KINDS
     plan_module.STREAM_MIN_BYTES = 0
+    plan_module.STREAMING_KINDS = frozenset(f"{s} {k}" for s in ("channels_first", "channels_last") for k in ("training", "inference"))
     try:
         kernels = [build(spec) for spec in STREAMED]
     finally:
-        plan_module.STREAM_MIN_BYTES = saved
+        plan_module.STREAM_MIN_BYTES, plan_module.STREAMING_KINDS = saved
     for k in kernels:
         assert "#define STREAM_MIN_BYTES 0" in k.source
     return kernels
@@ -349,14 +351,16 @@ def test_fast_path_refusals_raise_the_checked_errors(build, rng):
 
 
 # -- memory probes and bench ------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_memory_probes(session_cache, strict_compiler, rng, dtype):
-    plan, module = bench.build_memory_probe(dtype, session_cache, compiler=strict_compiler)
+@pytest.mark.parametrize("dtype,streaming", [("float32", True), ("float64", False)])
+def test_memory_probes(session_cache, strict_compiler, rng, dtype, streaming):
+    plan, module = bench.build_memory_probe(dtype, session_cache, compiler=strict_compiler, streaming=streaming)
+    assert plan.streaming == streaming
     data = bench._Inputs(bench.Case("t", (3, 1000, 7), 1, dtype))
     for threads in (1, 2):
-        fns = bench._memory_fns((plan, module), data, threads)
-        fns["copy"]()
-        fns["read"]()
+        fns = bench._memory_fns(((plan, module), (plan, module)), data, threads)
+        assert set(fns) == {"copy", "read", "copy streamed"}
+        for fn in fns.values():
+            fn()
     # the copy wrote a fresh buffer that matches x exactly; the read summed x
     ffi, lib = module.ffi, module.lib
     y = np.zeros_like(data.x)
