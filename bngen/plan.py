@@ -37,6 +37,10 @@ STREAM_MIN_BYTES = 16 << 20
 STREAMING_KINDS = frozenset({"channels_first training"})
 # Values per L1 buffer that the normalisation fills before it is streamed out.
 STREAM_CHUNK = 1024
+# Channels up to which channels-first inference computes every channel's coefficients
+# first (two stack arrays of this many values) and then sweeps memory in order, run after
+# run, instead of channel after channel.
+COEF_TABLE_MAX = 4096
 # Elements below which a kernel runs on one thread: waking a team costs microseconds.
 PARALLEL_MIN = 1 << 15
 
@@ -123,6 +127,7 @@ class Plan:
     streaming: bool = False  # large outputs use streaming stores (hosted builds only)
     stream_min: int = STREAM_MIN_BYTES
     stream_chunk: int = STREAM_CHUNK
+    coef_table: bool = False  # channels-first inference: coefficients first, then runs in memory order
 
     def entry(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
@@ -171,6 +176,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, stream
         streaming=(threaded and f"{schedule} {'training' if spec.uses_batch_stats else 'inference'}" in STREAMING_KINDS)
         if streaming is None else streaming,
         stream_min=STREAM_MIN_BYTES,
+        coef_table=schedule == "channels_first" and not spec.uses_batch_stats and channels <= COEF_TABLE_MAX,
     )
 
 

@@ -107,6 +107,7 @@ CHANNELS_FIRST = [
     S((None, 3, 40, 41), axis=1, training=False),  # static inner 1640 = 51 lanes-groups + 8
     S((None, 7, 5), axis=1, dtype="float64"),  # static inner shorter than LANES
     S((None, 4, 1030), axis=1, activation="relu", unbiased=True),  # runs longer than a block
+    S((None, 4100, None), axis=1, training=False),  # inference beyond COEF_TABLE_MAX: channel by channel
 ]
 
 
