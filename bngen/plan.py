@@ -14,9 +14,10 @@ from typing import Optional, Tuple
 from .spec import Spec
 
 # Bytes per statistics block: small enough that a block's second pass reads L1 and each
-# of its LANES partial sums adds few values (their rounding error grows with the count),
-# large enough that the per-block float64 merge costs little next to the element work.
-STAT_BLOCK_BYTES = 4096
+# of its LANES partial sums adds at most 128 float values (their rounding error grows with
+# the count), large enough that the first pass streams from memory in long runs and the
+# per-block float64 merge costs little next to the element work.
+STAT_BLOCK_BYTES = 16384
 # Channels per tile in the channels-last schedule: the tile's per-channel work arrays
 # (tens of KiB) stay on the stack however many channels the layer has.
 CHANNEL_TILE = 1024
