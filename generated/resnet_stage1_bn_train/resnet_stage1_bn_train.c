@@ -92,13 +92,17 @@ static inline void lanes_add_dev(acc_t *restrict s1, acc_t *restrict s2, const d
     }
 }
 
-/* The lanes added up in stat_t, always in the same order. */
+/* The lanes added up in stat_t, pairwise (a fixed tree: the same sum every time, and a
+ * short dependency chain where a plain loop would wait on every addition in turn). */
 static inline stat_t lanes_total(const acc_t *s)
 {
-    stat_t total = 0;
+    stat_t t[LANES];
     for (int k = 0; k < LANES; k++)
-        total += s[k];
-    return total;
+        t[k] = s[k];
+    for (int half = LANES / 2; half > 0; half /= 2)
+        for (int k = 0; k < half; k++)
+            t[k] += t[k + half];
+    return t[0];
 }
 
 /* Adds the moments of `rows` runs of `len` contiguous values, `stride` apart.  Two
