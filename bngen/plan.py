@@ -36,6 +36,9 @@ class Precision:
     compute: str  # C type the arithmetic is done in
     half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
     stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
+    # float16 conversions: "bits" (portable integer arithmetic) or "native" (the compiler's
+    # __fp16 where it has one, bits otherwise; exported Arm code, see emit.Target).
+    half_conversion: str = "bits"
 
     @property
     def suffix(self) -> str:
