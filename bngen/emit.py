@@ -6,6 +6,8 @@ forward_<schedule>.c.j2, macros.j2) with an export variant of the `Plan`: no thr
 `name`, and the arithmetic type of the target.  With `params`, a mode-0 inference spec
 gets its per-feature scale and shift folded at generation time and baked in as
 constants (templates/baked.c.j2): one multiply-add per element and no libm.
+float16/bfloat16 data are uint16_t bit patterns, with float parameters and arithmetic;
+the `Target` chooses how float16 is converted (the FPU's __fp16 on Arm, bits elsewhere).
 
 With ``harness=True`` it also writes a test program and reference vectors from the
 float64 oracle, so that the kernel can be checked on the board it will run on.
@@ -90,7 +92,8 @@ def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None
     `params`: a mapping (dict or loaded ``.npz``) with ``moving_mean``,
     ``moving_variance`` and, as the spec uses them, ``gamma`` and ``beta``.  It bakes the
     folded per-feature scale and shift into a mode-0 inference kernel; with a fully
-    static shape the entry point is exactly ``void name(const T *x, T *y);``.
+    static shape the entry point is exactly ``void name(const T *x, T *y);`` (T is
+    float, double, or uint16_t holding float16/bfloat16 bit patterns).
     `target`: "host", "aarch64" or "cortex-m" (single precision throughout).
     `harness`: also write `name`_test.c and `name`_test_vectors.h, a self-check against
     the float64 oracle that runs on the host or on a board.
