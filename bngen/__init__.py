@@ -10,6 +10,7 @@ from .spec import Spec, SpecError  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402
 from .build import build  # noqa: E402
 from .kernel import Kernel  # noqa: E402
-from . import oracle  # noqa: E402
+from .layer import BatchNormalization  # noqa: E402
+from . import frameworks, oracle  # noqa: E402
 
-__all__ = ["Spec", "SpecError", "Plan", "make_plan", "build", "Kernel", "oracle", "__version__"]
+__all__ = ["Spec", "SpecError", "Plan", "make_plan", "build", "Kernel", "BatchNormalization", "frameworks", "oracle", "__version__"]

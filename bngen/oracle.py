@@ -97,7 +97,10 @@ def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=No
     b = _f64(beta).reshape(bshape) if spec.center and spec.activation == "relu" else 0.0
     axes = reduce_axes(spec)
     if spec.uses_batch_stats:
-        m = x.mean(axis=axes, keepdims=True) if mean is None else _f64(mean).reshape(bshape)
+        # Shifted by the minimum so that a constant feature's mean is exactly its value (and a
+        # fused ReLU sees exactly the output 0 or beta the kernels give it).
+        low = x.min(axis=axes, keepdims=True)
+        m = low + (x - low).mean(axis=axes, keepdims=True) if mean is None else _f64(mean).reshape(bshape)
         v = ((x - m) ** 2).mean(axis=axes, keepdims=True) if variance is None else _f64(variance).reshape(bshape)
     else:
         if mean is None or variance is None:
