@@ -126,7 +126,8 @@ class Kernel:
         gamma = self._check_param("gamma", gamma, spec.scale, "scale=True" if spec.scale else "the spec has scale=False")
         relu = spec.activation == "relu"
         beta_why = (
-            "the ReLU mask recomputes the forward output, which adds beta" if relu and spec.center
+            "activation='relu' with center=True: the mask recomputes the forward output, which adds beta; "
+            "pass it as beta=" if relu and spec.center
             else "backward needs beta only with activation='relu' and center=True"
         )
         beta = self._check_param("beta", beta, relu and spec.center, beta_why)
