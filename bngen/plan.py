@@ -96,6 +96,12 @@ class Plan:
         return next((e for e in self.entries if e.name == name), None)
 
     @property
+    def grad_lanes(self) -> int:
+        """Independent partial sums per reduction in the channels-first gradient loops: two
+        256-bit vectors of the compute type, so the sums vectorise without reassociation."""
+        return 16 if self.precision.compute == "float" else 8
+
+    @property
     def backward(self) -> Optional[Entry]:
         """The gradient entry point (``bn_backward`` or ``bn_backward_frozen``), if any."""
         return self.entry("bn_backward") or self.entry("bn_backward_frozen")
