@@ -112,11 +112,12 @@ class Plan:
         return self.spec.uses_batch_stats
 
 
-def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True) -> Plan:
+def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backward: bool = True) -> Plan:
     """Decide how `spec` is computed.
 
     `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
-    understands `#pragma omp simd` (with -fopenmp or -fopenmp-simd).
+    understands `#pragma omp simd` (with -fopenmp or -fopenmp-simd).  `backward`: also
+    export the gradient entry point where the spec has one (modes 0 and 2).
     """
     outer, channels, inner = spec.view
     if spec.mode == 1:
@@ -138,11 +139,11 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True) -> Pla
         channel_tile=min(channels, CHANNEL_TILE),
         row_block=ROW_BLOCK,
         parallel_min=PARALLEL_MIN,
-        entries=_entries(spec, outer, inner, threaded),
+        entries=_entries(spec, outer, inner, threaded, backward),
     )
 
 
-def _entries(spec: Spec, outer, inner, threaded) -> Tuple[Entry, ...]:
+def _entries(spec: Spec, outer, inner, threaded, with_backward: bool) -> Tuple[Entry, ...]:
     sizes = []
     if outer is None:
         sizes.append(Arg("outer", "size"))
@@ -166,7 +167,7 @@ def _entries(spec: Spec, outer, inner, threaded) -> Tuple[Entry, ...]:
     else:
         moving = [Arg("moving_mean", "param_in"), Arg("moving_variance", "param_in")]
         forward = Entry("bn_inference", tuple(io + affine + moving + sizes))
-    backward = _backward_entry(spec, sizes)
+    backward = _backward_entry(spec, sizes) if with_backward else None
     return (forward,) if backward is None else (forward, backward)
 
 

@@ -231,3 +231,25 @@ def test_backward_of_sum_is_zero_and_constant_channel_is_finite(build):
     assert np.all(np.isfinite(dx)) and np.abs(dx).max() < 1e-12
     np.testing.assert_allclose(dbeta, 15.0)
     assert abs(dgamma[2]) == 0.0
+
+
+def test_plan_exports_the_backward_each_spec_has():
+    """bn_backward for batch statistics, bn_backward_frozen for mode-0 inference, none in
+    mode 1; arguments only for what the spec uses; no C for features it turned off."""
+    from bngen.plan import make_plan
+    from bngen.render import render_source
+
+    def names(spec):
+        entry = make_plan(spec).backward
+        return entry and (entry.name, [a.name for a in entry.args if a.is_array])
+
+    assert names(S((None, 4))) == ("bn_backward", ["dy", "x", "gamma", "mean", "variance", "dx", "dgamma", "dbeta"])
+    assert names(S((None, 4), mode=2, activation="relu", scale=False)) == (
+        "bn_backward", ["dy", "x", "beta", "mean", "variance", "dx", "dbeta"])
+    assert names(S((None, 4), training=False, scale=False)) == (
+        "bn_backward_frozen", ["dy", "moving_variance", "dx", "dbeta"])
+    assert names(S((None, 4), mode=1)) is None
+    assert make_plan(S((None, 4)), backward=False).backward is None
+    plain = render_source(make_plan(S((None, 3, None), axis=1, center=False, scale=False)))
+    assert "dbeta" not in plain and "dgamma" not in plain and "<= 0 ?" not in plain
+    assert "<= 0 ?" in render_source(make_plan(S((None, 3, None), axis=1, activation="relu")))

@@ -6,8 +6,8 @@ see the same three training calls and one inference call: outputs and moving sta
 must agree; gradients (Keras through torch autograd) against the bngen layer's
 backward; and kernels built by `Spec.from_keras` from the layer and from its config
 match it.  Configurations: 4 (NHWC, NCHW, 2-D float64, 3-D; center and scale on and
-off).  Specs compiled: 8 (training and inference per configuration).  Examples: 4 calls
-per configuration.
+off).  Specs compiled: 10 (training and inference per configuration, and 2 from_keras
+inference specs).  Examples: 5 calls per configuration.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 backward, lazy per-shape kernels, weights (Keras order, Keras 1 list, initialisers,
 get/set with validation), the training flag, the frozen backward, and bad input.
 
-Specs compiled: 13 (one per layer configuration and input shape used here).  Examples:
-fixed inputs; the SGD test runs 40 training steps.
+Specs compiled: 12 (one per layer configuration, input shape and training flag used
+here).  Examples: fixed inputs; the SGD test runs 40 training steps.
 """
 
 from __future__ import annotations
