@@ -25,6 +25,13 @@ def _f64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
 
 
+def reduce_axes(spec: Spec) -> tuple:
+    """The axes statistics are taken over: all but the feature axes (mode 1: the feature axes)."""
+    if spec.mode == 1:
+        return tuple(spec.axis)
+    return tuple(a for a in range(spec.ndim) if a not in spec.axis)
+
+
 def statistics(spec: Spec, x: np.ndarray):
     """Mean and biased variance, per feature (mode 1: per sample), in float64.
 
@@ -39,7 +46,8 @@ def statistics(spec: Spec, x: np.ndarray):
         groups = np.moveaxis(x, spec.axis, range(len(spec.axis))).reshape(spec.channels, -1)
     groups = np.ascontiguousarray(groups)
     n = groups.shape[1]
-    mean = groups.sum(axis=1) / n
+    first = groups[:, :1]  # shifting by a member keeps a constant group's mean exact
+    mean = first[:, 0] + (groups - first).sum(axis=1) / n
     d = groups - mean[:, None]
     var = ((d * d).sum(axis=1) - d.sum(axis=1) ** 2 / n) / n
     return mean, np.maximum(var, 0.0)
@@ -109,11 +117,9 @@ def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=No
     b = _f64(beta).reshape(bshape) if spec.center and spec.activation == "relu" else 0.0
     axes = reduce_axes(spec)
     if spec.uses_batch_stats:
-        # Shifted by the minimum so that a constant feature's mean is exactly its value (and a
-        # fused ReLU sees exactly the output 0 or beta the kernels give it).
-        low = x.min(axis=axes, keepdims=True)
-        m = low + (x - low).mean(axis=axes, keepdims=True) if mean is None else _f64(mean).reshape(bshape)
-        v = ((x - m) ** 2).mean(axis=axes, keepdims=True) if variance is None else _f64(variance).reshape(bshape)
+        exact_mean, exact_variance = statistics(spec, x)
+        m = _f64(exact_mean if mean is None else mean).reshape(bshape)
+        v = _f64(exact_variance if variance is None else variance).reshape(bshape)
     else:
         if mean is None or variance is None:
             raise TypeError("backward: a frozen (mode-0 inference) layer needs the moving mean and variance")

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import bngen
 from bngen import oracle
+from bngen.kernel import numpy_dtype
 
 S = bngen.Spec
 F64_SPECS = [
@@ -65,7 +66,8 @@ def problems(draw, spec):
         moving_mean=(centers.reshape(-1) + rng.standard_normal(c)).astype(pd),
         moving_variance=(spread**2 * (0.5 + rng.random(c))).astype(pd),
     )
-    return x.astype(spec.dtype), dy.astype(spec.dtype), p
+    dtype = numpy_dtype(spec.dtype)
+    return x.astype(dtype), dy.astype(dtype), p
 
 
 def run_backward(kernel, x, dy, p, threads=None):

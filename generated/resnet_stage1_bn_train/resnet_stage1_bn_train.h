@@ -51,6 +51,29 @@ void resnet_stage1_bn_train_forward(const float *x,
                                     float *variance,
                                     ptrdiff_t outer);
 
+/* resnet_stage1_bn_train_backward:
+ * The backward pass of the layer.
+ *
+ *   dy              [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  data in
+ *   x               [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  input
+ *   gamma           [RESNET_STAGE1_BN_TRAIN_CHANNELS]  scale per feature
+ *   mean            [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: batch mean per feature
+ *   variance        [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: biased batch variance per feature
+ *   dx              [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  data out
+ *   dgamma          [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: gradient dgamma
+ *   dbeta           [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: gradient dbeta
+ *   outer           product of the sizes before the feature axes (>= 1)
+ */
+void resnet_stage1_bn_train_backward(const float *dy,
+                                     const float *x,
+                                     const float *gamma,
+                                     const float *mean,
+                                     const float *variance,
+                                     float *dx,
+                                     float *dgamma,
+                                     float *dbeta,
+                                     ptrdiff_t outer);
+
 #ifdef __cplusplus
 }
 #endif
