@@ -15,8 +15,10 @@ Exhaustive conversions: every one of the 65536 bit patterns through a baked kern
 scales are 1 (identity), 0.7 (rounding), 3 (overflow), tiny (subnormal results) and
 negative, compared exactly with NumPy's float32 arithmetic rounded by NumPy /
 ml_dtypes, on 7 builds (host bits, aarch64 native, Cortex-M4 native and bits; bfloat16
-on the host, aarch64 and Cortex-M4).  Then: which conversion each build uses, the
-files, the harness on the host and both emulators, and Cortex-M4 objects with nm.
+on the host, aarch64 and Cortex-M4).  The backward entry points of the same files (host,
+through ctypes): 2 specs x 30 examples, to test_half.py's backward bound.  Then: which
+conversion each build uses, the files, the harness on the host and both emulators, and
+Cortex-M4 objects with nm.
 """
 
 from __future__ import annotations
@@ -171,6 +173,75 @@ def test_aarch64_half_kernel_within_one_ulp(aarch64_programs, case_id, data):
 @given(data=st.data())
 def test_cortex_m4_half_kernel_within_one_ulp(cortex_m_programs, case_id, data):
     _check_batch(*cortex_m_programs(case_id), data, cases_per_run=3, max_values=4_000)
+
+
+# -- the backward pass in the same files ------------------------------------------------------
+class SharedObject:
+    """An emitted file compiled strictly into a shared object; entries called by name with
+    NumPy arrays (ctypes), in the order of the plan's signature."""
+
+    def __init__(self, directory, spec, name="k"):
+        import ctypes
+
+        HOST.require()
+        emit(spec, directory, name)
+        self.plan = export_plan(spec, name, get_target("host"))
+        path = HOST.compile([directory / f"{name}.c"], directory / f"{name}.so", extra=("-fPIC", "-shared"), link=True)
+        self.lib = ctypes.CDLL(str(path))
+        self.ctypes = ctypes
+
+    def call(self, entry_name, outer, inner, **arrays):
+        entry = self.plan.entry(entry_name)
+        args = []
+        for arg in entry.args:
+            if arg.role == "size":
+                args.append(self.ctypes.c_ssize_t(outer if arg.name == "outer" else inner))
+            else:
+                array = arrays.get(arg.name)
+                args.append(None if array is None else self.ctypes.c_void_p(array.ctypes.data))
+        getattr(self.lib, self.plan.symbol(entry))(*args)
+
+
+@pytest.mark.parametrize("dtype,training,relu", [("float16", True, False), ("bfloat16", False, True)],
+                         ids=["f16-train", "bf16-frozen-relu"])
+def test_exported_backward_within_one_ulp(tmp_path, dtype, training, relu):
+    """NAME_backward / NAME_backward_frozen of a half-precision export (host, strict C99),
+    held to tests/test_half.py's backward bound: dx within one ulp of the rounded oracle
+    plus the float32 arithmetic bound; dgamma and dbeta float32.  2 specs x 30 examples."""
+    from test_backward import problems, reference
+
+    spec = bngen.Spec((None, 6, None), axis=1, dtype=dtype, training=training, activation="relu" if relu else None)
+    so = SharedObject(tmp_path, spec)
+
+    @settings(max_examples=30)
+    @given(problems(spec))
+    def check(problem):
+        x, dy, p = problem
+        outer, inner = x.shape[0], x.shape[2]
+        c = spec.channels
+        dx, dgamma, dbeta = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
+        if training:  # the statistics forward returns, as a user would pass them
+            mean, var = np.empty(c, np.float32), np.empty(c, np.float32)
+            so.call("bn_forward", outer, inner, x=x, y=np.empty_like(x), gamma=p["gamma"], beta=p["beta"], mean=mean, variance=var)
+            so.call("bn_backward", outer, inner, dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=var, dx=dx, dgamma=dgamma, dbeta=dbeta)
+        else:
+            so.call("bn_backward_frozen", outer, inner, dy=dy, x=x, dx=dx, dgamma=dgamma, dbeta=dbeta, **p)
+        ref = reference(spec, x, dy, p)
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        n = x.size // c
+        if training:
+            mean64, var64 = x64.mean(axis=(0, 2), keepdims=True), x64.var(axis=(0, 2), keepdims=True)
+        else:
+            mean64, var64 = _per_feature(spec, p["moving_mean"], 3), _per_feature(spec, p["moving_variance"], 3)
+        r = 1 / np.sqrt(var64 + spec.epsilon)
+        dy_scale = np.abs(dy64).max()
+        xhat_scale = np.abs((x64 - mean64) * r).max() + 1
+        rtol = 2e-5  # float32 arithmetic, as in test_backward.py and test_half.py
+        assert_within_one_ulp(dx, ref.dx, dtype, rtol * np.abs(p["gamma"]).max() * np.max(r) * dy_scale * (1 + 2 * xhat_scale**2))
+        np.testing.assert_array_less(np.abs(dgamma - ref.dgamma), rtol * n * dy_scale * xhat_scale + 1e-45)
+        np.testing.assert_array_less(np.abs(dbeta - ref.dbeta), rtol * n * dy_scale + 1e-45)
+
+    check()
 
 
 # -- every bit pattern, exactly ----------------------------------------------------------------
