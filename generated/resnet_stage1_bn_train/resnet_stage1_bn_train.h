@@ -52,14 +52,18 @@ void resnet_stage1_bn_train_forward(const float *x,
                                     ptrdiff_t outer);
 
 /* resnet_stage1_bn_train_backward:
- * The backward pass of the layer.
+ * Gradients of resnet_stage1_bn_train_forward: with r = 1 / sqrt(variance + epsilon), x_hat = (x - mean) * r
+ * and n = outer * inner values per feature,
+ * dx = gamma * r / n * (n * dy - sum(dy) - x_hat * sum(dy * x_hat)),
+ * dgamma = sum(dy * x_hat), dbeta = sum(dy), sums per feature.  One sweep sums, a
+ * second writes dx.
  *
- *   dy              [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  data in
+ *   dy              [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  in: gradient of the loss with respect to y
  *   x               [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  input
  *   gamma           [RESNET_STAGE1_BN_TRAIN_CHANNELS]  scale per feature
- *   mean            [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: batch mean per feature
- *   variance        [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: biased batch variance per feature
- *   dx              [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  data out
+ *   mean            [RESNET_STAGE1_BN_TRAIN_CHANNELS]  batch mean per feature, as resnet_stage1_bn_train_forward returned it
+ *   variance        [RESNET_STAGE1_BN_TRAIN_CHANNELS]  biased batch variance per feature, as resnet_stage1_bn_train_forward returned it
+ *   dx              [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  out: gradient with respect to x; must not overlap any other argument
  *   dgamma          [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: gradient dgamma
  *   dbeta           [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: gradient dbeta
  *   outer           product of the sizes before the feature axes (>= 1)
