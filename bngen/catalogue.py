@@ -64,6 +64,15 @@ ITEMS: List[Item] = [
         harness=True,
     ),
     Item(
+        "sensor_bn_f16",
+        Spec((1, 64, 16), axis=-1, dtype="float16", training=False, activation="relu"),
+        "cortex-m",
+        "The sensor model's batch norm + ReLU with float16 activations (uint16_t bit patterns, float "
+        "arithmetic; VCVTB conversions with -mfp16-format=ieee), parameters baked; with the on-board self-test",
+        seed=16,
+        harness=True,
+    ),
+    Item(
         "resnet_stage1_bn_train",
         Spec((None, 64, 56, 56), axis=1, training=True, momentum=0.9, epsilon=1e-5),
         "host",

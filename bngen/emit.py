@@ -6,6 +6,8 @@ forward_<schedule>.c.j2, macros.j2) with an export variant of the `Plan`: no thr
 `name`, and the arithmetic type of the target.  With `params`, a mode-0 inference spec
 gets its per-feature scale and shift folded at generation time and baked in as
 constants (templates/baked.c.j2): one multiply-add per element and no libm.
+float16/bfloat16 data are uint16_t bit patterns, with float parameters and arithmetic;
+the `Target` chooses how float16 is converted (the FPU's __fp16 on Arm, bits elsewhere).
 
 With ``harness=True`` it also writes a test program and reference vectors from the
 float64 oracle, so that the kernel can be checked on the board it will run on.
@@ -21,6 +23,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 import numpy as np
 
 from . import oracle
+from .kernel import numpy_dtype
 from .plan import CHANNEL_TILE, Arg, Entry, Plan, make_plan
 from .render import render_template
 from .spec import Spec
@@ -38,6 +41,11 @@ class Target:
     pragmas: bool  # emit `omp simd` (guarded): worth it where there are SIMD units
     channel_tile: int  # channels per tile in the channels-last schedule (bounds stack use)
     single_precision: bool  # float only: no double arithmetic, float64 specs refused
+    # float16 conversions: "bits" (portable integer arithmetic) or "native" (the compiler's
+    # __fp16, one FPU instruction each way, where it has an IEEE one; bits otherwise).
+    # bfloat16 is always bits: exact, a shift to load, a rounding add and shift to store.
+    half_conversion: str = "bits"
+    half_flags: str = ""  # flags that give the compiler its IEEE __fp16 (banner only)
 
 
 TARGETS: Dict[str, Target] = {
@@ -45,17 +53,20 @@ TARGETS: Dict[str, Target] = {
         "host", "the machine's own C compiler", "cc", "-std=c99 -O3 -march=native",
         stat="double", pragmas=True, channel_tile=CHANNEL_TILE, single_precision=False,
     ),
+    # AArch64 always has __fp16 and FCVT between half and single precision.
     "aarch64": Target(
         "aarch64", "64-bit Arm (Cortex-A, Neoverse) running Linux", "aarch64-linux-gnu-gcc", "-std=c99 -O3",
-        stat="double", pragmas=True, channel_tile=CHANNEL_TILE, single_precision=False,
+        stat="double", pragmas=True, channel_tile=CHANNEL_TILE, single_precision=False, half_conversion="native",
     ),
     # Cortex-M4F/M7: a single-precision FPU and a few KiB of stack.  Double arithmetic
     # would be emulated in software, so statistics are merged in float (blocks keep the
-    # two-pass accuracy) and the channel tile is small.
+    # two-pass accuracy) and the channel tile is small.  Their FPUs (FPv4-SP, FPv5)
+    # convert half <-> single with VCVTB; GCC's __fp16 needs -mfp16-format=ieee.
     "cortex-m": Target(
         "cortex-m", "Arm Cortex-M4F/M7 microcontrollers (single-precision FPU)", "arm-none-eabi-gcc",
         "-std=c99 -mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -Os",
-        stat="float", pragmas=False, channel_tile=16, single_precision=True,
+        stat="float", pragmas=False, channel_tile=16, single_precision=True, half_conversion="native",
+        half_flags="-mfp16-format=ieee",
     ),
 }
 
@@ -81,7 +92,8 @@ def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None
     `params`: a mapping (dict or loaded ``.npz``) with ``moving_mean``,
     ``moving_variance`` and, as the spec uses them, ``gamma`` and ``beta``.  It bakes the
     folded per-feature scale and shift into a mode-0 inference kernel; with a fully
-    static shape the entry point is exactly ``void name(const T *x, T *y);``.
+    static shape the entry point is exactly ``void name(const T *x, T *y);`` (T is
+    float, double, or uint16_t holding float16/bfloat16 bit patterns).
     `target`: "host", "aarch64" or "cortex-m" (single precision throughout).
     `harness`: also write `name`_test.c and `name`_test_vectors.h, a self-check against
     the float64 oracle that runs on the host or on a board.
@@ -158,8 +170,6 @@ def get_target(target) -> Target:
 
 def check_exportable(spec: Spec, target: Target) -> None:
     """Raises if `spec` cannot be exported for `target`."""
-    if spec.dtype in ("float16", "bfloat16"):
-        raise ValueError(f"dtype: {spec.dtype} export is not supported yet; export a float32 spec")
     if target.single_precision and spec.dtype == "float64":
         raise ValueError(
             f"dtype: float64 on target {target.name!r}, which is single precision throughout "
@@ -218,7 +228,8 @@ def check_params(spec: Spec, params: Mapping) -> Dict[str, np.ndarray]:
 def export_plan(spec: Spec, name: str, target: Target, baked: bool = False) -> Plan:
     """The JIT plan of `spec` turned into an export plan for `target`."""
     plan = make_plan(spec, threaded=False, pragmas=target.pragmas)
-    precision = dataclasses.replace(plan.precision, stat=target.stat)
+    conversion = target.half_conversion if plan.precision.half == "float16" else "bits"
+    precision = dataclasses.replace(plan.precision, stat=target.stat, half_conversion=conversion)
     entries = plan.entries
     if baked:
         sizes = [a for a in plan.entries[0].args if a.role == "size"]
@@ -271,7 +282,7 @@ def harness_case(plan: Plan, params: Optional[Mapping] = None, seed: int = HARNE
     shape = tuple(HARNESS_DYNAMIC_SIZE if d is None else d for d in spec.shape)
     rng = np.random.default_rng(seed)
     c = spec.channels
-    dtype = np.dtype(spec.dtype)
+    dtype = numpy_dtype(spec.dtype)
     pdtype = np.dtype(spec.param_dtype)
     # Per-feature offsets and spreads, so statistics differ between features.
     bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
@@ -318,9 +329,11 @@ def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray]) -> Ca
 
 
 def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
-    """Absolute tolerances: TOLERANCE_ULPS units of the data type's precision times the
+    """Absolute tolerances: TOLERANCE_ULPS units of the arithmetic's precision times the
     magnitude of the terms each output is made of (so cancellation is allowed for, and
-    a formula that loses precision, like a one-pass variance, is not)."""
+    a formula that loses precision, like a one-pass variance, is not).  Half-precision
+    y adds one unit of its storage type: half for the kernel's rounding, half for the
+    expected value's."""
     eps = float(np.finfo(np.dtype(spec.param_dtype)).eps) * TOLERANCE_ULPS
     x = np.asarray(x, np.float64)
     mag_x = float(np.max(np.abs(x)))
@@ -338,6 +351,9 @@ def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
         mag_y = mag_x * float(np.max(a)) + float(np.max(b)) + float(np.max(np.abs(ref.y)))
         var, std = None, 0.0
     tol = {"y": eps * mag_y}
+    if spec.dtype in ("float16", "bfloat16"):
+        storage = ml_finfo(spec.dtype)
+        tol["y"] += float(storage.eps) * mag_y + float(storage.smallest_subnormal)
     if var is not None:
         tol["mean"] = eps * mag_x
         tol["variance"] = eps * (float(np.max(var)) + std * mag_x)
@@ -347,15 +363,24 @@ def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
     return tol
 
 
+def ml_finfo(dtype: str):
+    """`finfo` of a half-precision storage dtype (bfloat16 from ml_dtypes)."""
+    import ml_dtypes
+
+    return ml_dtypes.finfo(numpy_dtype(dtype))
+
+
 def render_harness(plan: Plan, target: Target, params: Optional[Mapping] = None) -> Dict[str, str]:
     """{file name: text} of the test program and its reference vectors."""
     case = harness_case(plan, params)
     name = plan.prefix
-    extra = dict(
-        name=name, target=target, case=case, entry=plan.entries[0],
-        inputs={k: [float(v) for v in np.asarray(a).reshape(-1)] for k, a in case.inputs.items()},
-        expected={k: [float(v) for v in np.asarray(a).reshape(-1)] for k, a in case.expected.items()},
-    )
+    half = plan.precision.half
+    inputs = {k: [float(v) for v in np.asarray(a).reshape(-1)] for k, a in case.inputs.items()}
+    expected = {k: [float(v) for v in np.asarray(a).reshape(-1)] for k, a in case.expected.items()}
+    if half:  # x as bit patterns; y rounded to the storage type (then exact in float)
+        inputs["x"] = [int(v) for v in case.inputs["x"].view(np.uint16).reshape(-1)]
+        expected["y"] = [float(v) for v in case.expected["y"].astype(numpy_dtype(half)).reshape(-1)]
+    extra = dict(name=name, target=target, case=case, entry=plan.entries[0], inputs=inputs, expected=expected)
     return {
         f"{name}_test.c": render_template("harness.c.j2", plan, **extra),
         f"{name}_test_vectors.h": render_template("harness_vectors.h.j2", plan, **extra),

@@ -45,7 +45,8 @@ class Kernel:
     """A compiled batch-normalization kernel for one `Spec`.
 
     ``kernel(x, gamma, beta, moving_mean, moving_variance, out=None)`` returns y;
-    ``kernel.forward(...)`` also returns the batch statistics.  ``kernel.source`` is the
+    ``kernel.forward(...)`` also returns the batch statistics; ``kernel.backward(dy, x,
+    gamma, mean, variance)`` returns ``(dx, dgamma, dbeta)``.  ``kernel.source`` is the
     C that was compiled.  ``threads=`` (default ``$OMP_NUM_THREADS`` or all CPUs) sets
     the thread count of a call; results are identical run to run for a given count.
     """
@@ -63,6 +64,8 @@ class Kernel:
         self._param_ct = _CTYPES[spec.param_dtype] + "[]"
         self._forward_entry: Entry = plan.entries[0]
         self._forward_fn = getattr(self._lib, self._forward_entry.name)
+        self._backward_entry: Optional[Entry] = plan.backward
+        self._backward_fn = self._backward_entry and getattr(self._lib, self._backward_entry.name)
         self._threads = default_threads()
         self._fast_call = _fast_path(self)
 
@@ -96,7 +99,88 @@ class Kernel:
                 return done
         return self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=True)
 
+    def backward(self, dy, x, gamma=None, mean=None, variance=None, out=None, *, beta=None,
+                 moving_mean=None, moving_variance=None, threads=None):
+        """Gradients of the forward with respect to x, gamma and beta: ``(dx, dgamma, dbeta)``.
+
+        `dy` is the gradient of the loss with respect to the forward's output y (the
+        output after the fused ReLU, if any); `x` is the forward's input.  dx is written
+        into `out` if given.  dgamma is None when ``scale=False``, dbeta None when
+        ``center=False``.
+
+        Specs that normalise with batch statistics (training, or mode 2): pass the
+        ``mean`` and ``variance`` that `forward` returned for this `x`.  The mean's
+        rounding to the parameter dtype is corrected from `x` in the same sweep, so float32
+        gradients stay accurate when ``|mean| >> std``.  With these,
+        ``dbeta = sum(dy)``, ``dgamma = sum(dy * x_hat)`` and
+        ``dx = gamma / sqrt(var + eps) / n * (n*dy - sum(dy) - x_hat * sum(dy * x_hat))``.
+
+        Mode-0 inference specs (a frozen layer, as PyTorch's eval mode): the statistics
+        are constants, so ``backward(dy, x, gamma, moving_mean, moving_variance)`` --
+        the moving statistics in the mean/variance slots, or by keyword -- gives
+        ``dx = dy * gamma / sqrt(moving_variance + eps)``,
+        ``dgamma = sum(dy * (x - moving_mean) / sqrt(moving_variance + eps))`` and
+        ``dbeta = sum(dy)``.
+
+        ``activation="relu"``: dy is first set to 0 where the forward output was not
+        positive.  That output depends on beta, so with ``center=True`` pass ``beta=``
+        (keyword); it is an error to pass it otherwise.
+
+        Mode 1 (sample-wise) has no backward: TypeError.
+        """
+        spec, entry = self.spec, self._backward_entry
+        if entry is None:
+            raise TypeError("backward: mode 1 (sample-wise) kernels have no backward in bngen; use mode 0 or 2")
+        x = self._check_x(x)
+        dy = self._check_like("dy", dy, x)
+        gamma = self._check_param("gamma", gamma, spec.scale, "scale=True" if spec.scale else "the spec has scale=False")
+        relu = spec.activation == "relu"
+        beta_why = (
+            "activation='relu' with center=True: the mask recomputes the forward output, which adds beta; "
+            "pass it as beta=" if relu and spec.center
+            else "backward needs beta only with activation='relu' and center=True"
+        )
+        beta = self._check_param("beta", beta, relu and spec.center, beta_why)
+        if spec.uses_batch_stats:
+            why = f"{'mode 2' if spec.mode == 2 else 'training'} gradients are taken at the statistics forward used"
+            self._check_param("moving_mean", moving_mean, False, why + "; pass the batch mean as mean=")
+            self._check_param("moving_variance", moving_variance, False, why + "; pass the batch variance as variance=")
+            why = "the batch statistics that forward returned"
+            mean = self._check_param("mean", mean, True, why)
+            variance = self._check_param("variance", variance, True, why)
+        else:
+            why = "a frozen layer's gradient uses the moving statistics"
+            moving_mean = self._check_param("moving_mean", _one_of("moving_mean", moving_mean, "mean", mean), True, why)
+            moving_variance = self._check_param(
+                "moving_variance", _one_of("moving_variance", moving_variance, "variance", variance), True, why)
+        nthreads = self._check_threads(threads)
+        dx = self._check_out(out, x.shape)
+        _check_no_overlap([("dy", dy), ("out", dx)])
+        _check_no_overlap([("x", x), ("out", dx)])
+
+        first, last = spec.axis[0], spec.axis[-1]
+        dgamma = np.empty(self.plan.channels, self._pdtype) if spec.scale else None
+        dbeta = np.empty(self.plan.channels, self._pdtype) if spec.center else None
+        values = {
+            "dy": dy, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "variance": variance,
+            "moving_mean": moving_mean, "moving_variance": moving_variance, "dx": dx, "dgamma": dgamma,
+            "dbeta": dbeta, "outer": int(np.prod(x.shape[:first], dtype=np.int64)),
+            "inner": int(np.prod(x.shape[last + 1 :], dtype=np.int64)), "nthreads": nthreads,
+        }
+        self._backward_fn(*self._bind(entry, values))
+        return dx, dgamma, dbeta
+
     # -- argument checking ---------------------------------------------------------------
+    def _check_like(self, name: str, value, x: np.ndarray) -> np.ndarray:
+        """An array that must have x's shape and the kernel's dtype (dy)."""
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy.ndarray, got {type(value).__name__}")
+        if value.dtype != self._dtype:
+            raise TypeError(f"{name}: dtype is {value.dtype}, but the kernel was built for {self.spec.dtype}")
+        if value.shape != x.shape:
+            raise ValueError(f"{name}: shape {value.shape} does not match the shape of x {x.shape}")
+        return value if value.flags.c_contiguous else np.ascontiguousarray(value)
+
     def _check_x(self, x) -> np.ndarray:
         spec = self.spec
         if not isinstance(x, np.ndarray):
@@ -344,6 +428,13 @@ def _written_params(x, mm, mv, from_buffer, ctype, pdtype, cshape, null):
         if a is not None and b is not None and np.may_share_memory(a, b):
             return None, None
     return out[0], out[1]
+
+
+def _one_of(name: str, value, alias: str, alias_value):
+    """The value given under `name` or, positionally, under `alias`; not both."""
+    if value is not None and alias_value is not None:
+        raise TypeError(f"{name}: given twice (as {name}= and in the {alias} slot); pass it once")
+    return alias_value if value is None else value
 
 
 def _shape_text(shape: Tuple[Optional[int], ...]) -> str:

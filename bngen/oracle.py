@@ -25,6 +25,13 @@ def _f64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
 
 
+def reduce_axes(spec: Spec) -> tuple:
+    """The axes statistics are taken over: all but the feature axes (mode 1: the feature axes)."""
+    if spec.mode == 1:
+        return tuple(spec.axis)
+    return tuple(a for a in range(spec.ndim) if a not in spec.axis)
+
+
 def statistics(spec: Spec, x: np.ndarray):
     """Mean and biased variance, per feature (mode 1: per sample), in float64.
 
@@ -39,7 +46,8 @@ def statistics(spec: Spec, x: np.ndarray):
         groups = np.moveaxis(x, spec.axis, range(len(spec.axis))).reshape(spec.channels, -1)
     groups = np.ascontiguousarray(groups)
     n = groups.shape[1]
-    mean = groups.sum(axis=1) / n
+    first = groups[:, :1]  # shifting by a member keeps a constant group's mean exact
+    mean = first[:, 0] + (groups - first).sum(axis=1) / n
     d = groups - mean[:, None]
     var = ((d * d).sum(axis=1) - d.sum(axis=1) ** 2 / n) / n
     return mean, np.maximum(var, 0.0)
@@ -84,3 +92,51 @@ def _activate(spec: Spec, y: np.ndarray) -> np.ndarray:
     if spec.activation == "relu":
         return np.where(y < 0, 0.0, y)
     return y
+
+
+class Backward(NamedTuple):
+    dx: np.ndarray
+    dgamma: Optional[np.ndarray]  # None when scale=False
+    dbeta: Optional[np.ndarray]  # None when center=False
+
+
+def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=None) -> Backward:
+    """The gradients `Kernel.backward` computes, in float64.
+
+    Batch-statistics specs (training, mode 2): `mean` and `variance` default to the
+    exact statistics of `x` (the true gradient of the forward); given, they are used as
+    they are.  Mode-0 inference (a frozen layer): `mean` and `variance` are the moving
+    statistics, and are required.  `beta` is needed only for a fused ReLU with
+    ``center=True`` (the mask depends on the forward's output).
+    """
+    if spec.mode == 1:
+        raise TypeError("backward: mode 1 (sample-wise) has no backward in bngen")
+    x, dy = _f64(x), _f64(dy)
+    bshape = _bshape(spec, x.ndim)
+    g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
+    b = _f64(beta).reshape(bshape) if spec.center and spec.activation == "relu" else 0.0
+    axes = reduce_axes(spec)
+    if spec.uses_batch_stats:
+        exact_mean, exact_variance = statistics(spec, x)
+        m = _f64(exact_mean if mean is None else mean).reshape(bshape)
+        v = _f64(exact_variance if variance is None else variance).reshape(bshape)
+    else:
+        if mean is None or variance is None:
+            raise TypeError("backward: a frozen (mode-0 inference) layer needs the moving mean and variance")
+        m, v = _f64(mean).reshape(bshape), _f64(variance).reshape(bshape)
+    r = 1.0 / np.sqrt(v + spec.epsilon)
+    x_hat = (x - m) * r
+    if spec.activation == "relu":
+        dy = np.where(g * x_hat + b <= 0, 0.0, dy)
+    sum_dy = dy.sum(axis=axes, keepdims=True)
+    sum_dy_xhat = (dy * x_hat).sum(axis=axes, keepdims=True)
+    if spec.uses_batch_stats:
+        n = x.size // spec.channels
+        dx = g * r / n * (n * dy - sum_dy - x_hat * sum_dy_xhat)
+    else:
+        dx = dy * g * r
+    return Backward(
+        dx,
+        sum_dy_xhat.reshape(-1) if spec.scale else None,
+        sum_dy.reshape(-1) if spec.center else None,
+    )

@@ -56,6 +56,9 @@ class Precision:
     compute: str  # C type the arithmetic is done in
     half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
     stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
+    # float16 conversions: "bits" (portable integer arithmetic) or "native" (the compiler's
+    # __fp16 where it has one, bits otherwise; exported Arm code, see emit.Target).
+    half_conversion: str = "bits"
 
     @property
     def suffix(self) -> str:
@@ -138,18 +141,31 @@ class Plan:
         return self.prefix + entry.name[len("bn"):]
 
     @property
+    def grad_lanes(self) -> int:
+        """Independent partial sums per reduction in the channels-first gradient loops: two
+        256-bit vectors of the compute type, so the sums vectorise without reassociation."""
+        return 16 if self.precision.compute == "float" else 8
+
+    @property
+    def backward(self) -> Optional[Entry]:
+        """The gradient entry point (``bn_backward`` or ``bn_backward_frozen``), if any."""
+        return self.entry("bn_backward") or self.entry("bn_backward_frozen")
+
+    @property
     def batch_stats(self) -> bool:
         """True when forward normalises with the input's own statistics."""
         return self.spec.uses_batch_stats
 
 
-def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, streaming: Optional[bool] = None) -> Plan:
+def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backward: bool = True,
+              streaming: Optional[bool] = None) -> Plan:
     """Decide how `spec` is computed.
 
     `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
-    understands the "omp simd" pragma (with -fopenmp or -fopenmp-simd).  `streaming`: large
-    outputs bypass the caches with x86 streaming stores (needs <emmintrin.h>, so only for
-    hosted builds; default: for the kinds in STREAMING_KINDS when `threaded`, which
+    understands the "omp simd" pragma (with -fopenmp or -fopenmp-simd).  `backward`: also
+    export the gradient entry point where the spec has one (modes 0 and 2).  `streaming`:
+    large outputs bypass the caches with x86 streaming stores (needs <emmintrin.h>, so only
+    for hosted builds; default: for the kinds in STREAMING_KINDS when `threaded`, which
     freestanding exports turn off).
     """
     outer, channels, inner = spec.view
@@ -172,7 +188,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, stream
         channel_tile=min(channels, CHANNEL_TILE),
         row_block=ROW_BLOCK,
         parallel_min=PARALLEL_MIN,
-        entries=_entries(spec, outer, inner, threaded),
+        entries=_entries(spec, outer, inner, threaded, backward),
         lanes=LANE_BYTES // _ITEMSIZE[PRECISIONS[spec.dtype].compute],
         streaming=(threaded and f"{schedule} {'training' if spec.uses_batch_stats else 'inference'}" in STREAMING_KINDS)
         if streaming is None else streaming,
@@ -181,7 +197,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, stream
     )
 
 
-def _entries(spec: Spec, outer, inner, threaded) -> Tuple[Entry, ...]:
+def _entries(spec: Spec, outer, inner, threaded, with_backward: bool) -> Tuple[Entry, ...]:
     sizes = []
     if outer is None:
         sizes.append(Arg("outer", "size"))
@@ -205,4 +221,33 @@ def _entries(spec: Spec, outer, inner, threaded) -> Tuple[Entry, ...]:
     else:
         moving = [Arg("moving_mean", "param_in"), Arg("moving_variance", "param_in")]
         forward = Entry("bn_inference", tuple(io + affine + moving + sizes))
-    return (forward,)
+    backward = _backward_entry(spec, sizes) if with_backward else None
+    return (forward,) if backward is None else (forward, backward)
+
+
+def _backward_entry(spec: Spec, sizes) -> Optional[Entry]:
+    """Gradients of the forward: ``bn_backward`` where it normalises with batch statistics
+    (modes 0 and 2), ``bn_backward_frozen`` for mode-0 inference (a frozen layer, whose
+    statistics are constants).  Mode 1 has none."""
+    if spec.mode == 1:
+        return None
+    relu = spec.activation == "relu"
+    # A frozen layer's dx = dy * a needs x (and the moving mean) only for dgamma or the mask.
+    reads_x = spec.uses_batch_stats or spec.scale or relu
+    args = [Arg("dy", "data_in")] + ([Arg("x", "data_in")] if reads_x else [])
+    if spec.scale:
+        args.append(Arg("gamma", "param_in"))
+    if relu and spec.center:
+        args.append(Arg("beta", "param_in"))  # the ReLU mask needs the forward's output
+    if spec.uses_batch_stats:
+        name, stats = "bn_backward", [Arg("mean", "param_in"), Arg("variance", "param_in")]
+    else:
+        name, stats = "bn_backward_frozen", [Arg("moving_variance", "param_in")]
+        if reads_x:
+            stats.insert(0, Arg("moving_mean", "param_in"))
+    args += stats + [Arg("dx", "data_out")]
+    if spec.scale:
+        args.append(Arg("dgamma", "grad_out"))
+    if spec.center:
+        args.append(Arg("dbeta", "grad_out"))
+    return Entry(name, tuple(args + list(sizes)))

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import strategies as st
 
 from bngen.emit import Case, emit, export_plan, get_target, make_case, render_driver
+from bngen.kernel import numpy_dtype
 from bngen.render import template_dir
 
 STRICT = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror")
@@ -97,7 +98,7 @@ class Program:
         spec = self.plan.spec
         masks = list(masks) if masks is not None else [0] * len(cases)
         nullable = [a.name for a in self.entry.args if a.nullable]
-        data_dt, param_dt = np.dtype(spec.dtype), np.dtype(spec.param_dtype)
+        data_dt, param_dt = numpy_dtype(spec.dtype), np.dtype(spec.param_dtype)
         chunks = []
         for case, mask in zip(cases, masks):
             chunks.append(np.array([case.outer, case.inner, mask], np.int64).tobytes())
@@ -188,7 +189,7 @@ def draw_case(data, plan, params=None):
     bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
     centre = offset * rng.uniform(-1, 1, c)
     spread = 10 ** rng.uniform(-2, 1, c)
-    x = (centre.reshape(bshape) + spread.reshape(bshape) * rng.standard_normal(shape)).astype(spec.dtype)
+    x = (centre.reshape(bshape) + spread.reshape(bshape) * rng.standard_normal(shape)).astype(numpy_dtype(spec.dtype))
     if params is None:  # runtime parameters, passed to the kernel in its parameter dtype
         params = {
             "gamma": rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c), "beta": rng.normal(0, 1, c),

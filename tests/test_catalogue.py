@@ -1,6 +1,6 @@
 """generated/: the catalogue of reference kernels is current and compiles.
 
-Regenerates the catalogue (3 kernels) into a temporary directory and compares every file
+Regenerates the catalogue (4 kernels) into a temporary directory and compares every file
 byte for byte with generated/; compiles each kernel strictly for its target (the host
 compiler, and arm-none-eabi-gcc for the Cortex-M one when installed) and runs the
 sensor kernel's self-test on the host.
@@ -50,6 +50,8 @@ def test_catalogue_kernels_compile_strictly(tmp_path, item):
     HOST.compile([source], tmp_path / "k.o", warnings=STRICT + extra)
     if item.target == "cortex-m" and not CORTEX_M_OBJECTS.missing():
         CORTEX_M_OBJECTS.compile([source], tmp_path / "k_m4.o", warnings=STRICT + extra)
+        if item.spec.dtype == "float16":  # and with the FPU's half conversions
+            CORTEX_M_OBJECTS.compile([source], tmp_path / "k_m4_fp16.o", warnings=STRICT + extra, extra=("-mfp16-format=ieee",))
     if item.harness:
         exe = HOST.compile([source, GENERATED / item.name / f"{item.name}_test.c"], tmp_path / "selftest", link=True)
         run = subprocess.run([str(exe)], capture_output=True, text=True)

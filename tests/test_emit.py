@@ -259,10 +259,6 @@ def test_float64_on_cortex_m_is_refused(tmp_path):
     _refused(tmp_path, ValueError, "dtype: float64.*cortex-m", bngen.Spec((None, 4), dtype="float64"), "bn", target="cortex-m")
 
 
-def test_half_precision_is_refused(tmp_path):
-    _refused(tmp_path, ValueError, "dtype: float16", bngen.Spec((None, 4), dtype="float16"), "bn")
-
-
 def test_params_for_a_spec_that_cannot_bake(tmp_path):
     p = params_for(4)
     for spec in (bngen.Spec((None, 4)), bngen.Spec((None, 4), mode=2, training=False), bngen.Spec((None, 4), mode=1, training=False)):

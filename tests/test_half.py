@@ -9,8 +9,9 @@ happens the result is the correctly rounded one or its neighbour; where the term
 cancel (|y| much smaller than |beta|) float32 itself cannot do better.  Returned
 statistics are float32 and are held to the float32 tolerance.
 
-Specs: 8 kernels (4 per dtype: NCHW training, channels-last inference with ReLU,
-mode 1, mode 2).  Examples: 300 per dtype (600 in all).  Plus special values (NaN,
+Specs: 8 forward kernels (4 per dtype: NCHW training, channels-last inference with
+ReLU, mode 1, mode 2), 300 examples per dtype (600 in all); 4 backward kernels
+(training and frozen per dtype), 60 examples each.  Plus special values (NaN,
 overflow to infinity, subnormals) and, when torch is installed, parity with PyTorch's
 half and bfloat16 batch norm with float32 parameters.
 """
@@ -182,3 +183,40 @@ def test_parity_with_torch(build, dtype, training):
     assert np.all(diff <= ulp(want.float().numpy().astype(np.float64), dtype))
     if training:  # PyTorch feeds the unbiased variance; compare the means only
         np.testing.assert_allclose(kmm, tmm.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+def test_backward_within_one_ulp(build, dtype, training):
+    """dx within one ulp of the rounded oracle plus the float32 arithmetic bound that
+    test_backward.py uses; dgamma and dbeta are float32 and held to float32 tolerances.
+    4 specs x 60 examples."""
+    from test_backward import problems, reference, run_backward
+
+    spec = bngen.Spec((None, 6, None), axis=1, dtype=dtype, training=training)
+    kernel = build(spec)
+
+    @settings(max_examples=60)
+    @given(problems(spec))
+    def check(problem):
+        x, dy, p = problem
+        dx, dgamma, dbeta = run_backward(kernel, x, dy, p)
+        ref = reference(spec, x, dy, p)
+        assert dx.dtype == x.dtype and dgamma.dtype == dbeta.dtype == np.float32
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        n = x.size // spec.channels
+        axes = oracle.reduce_axes(spec)
+        if training:
+            mean, var = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
+        else:
+            mean, var = _per_feature(spec, p["moving_mean"], x.ndim), _per_feature(spec, p["moving_variance"], x.ndim)
+        r = 1 / np.sqrt(var + spec.epsilon)
+        dy_scale = np.abs(dy64).max()
+        xhat_scale = np.abs((x64 - mean) * r).max() + 1
+        rtol = 2e-5  # float32 arithmetic, as in test_backward.py
+        arithmetic = rtol * np.abs(p["gamma"]).max() * np.max(r) * dy_scale * (1 + 2 * xhat_scale**2)
+        assert_within_one_ulp(dx, ref.dx, dtype, arithmetic)
+        assert_close("dgamma", dgamma, ref.dgamma, rtol * n * dy_scale * xhat_scale)
+        assert_close("dbeta", dbeta, ref.dbeta, rtol * n * dy_scale)
+
+    check()

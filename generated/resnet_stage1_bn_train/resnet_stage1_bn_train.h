@@ -51,6 +51,33 @@ void resnet_stage1_bn_train_forward(const float *x,
                                     float *variance,
                                     ptrdiff_t outer);
 
+/* resnet_stage1_bn_train_backward:
+ * Gradients of resnet_stage1_bn_train_forward: with r = 1 / sqrt(variance + epsilon), x_hat = (x - mean) * r
+ * and n = outer * inner values per feature,
+ * dx = gamma * r / n * (n * dy - sum(dy) - x_hat * sum(dy * x_hat)),
+ * dgamma = sum(dy * x_hat), dbeta = sum(dy), sums per feature.  One sweep sums, a
+ * second writes dx.
+ *
+ *   dy              [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  in: gradient of the loss with respect to y
+ *   x               [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  input
+ *   gamma           [RESNET_STAGE1_BN_TRAIN_CHANNELS]  scale per feature
+ *   mean            [RESNET_STAGE1_BN_TRAIN_CHANNELS]  batch mean per feature, as resnet_stage1_bn_train_forward returned it
+ *   variance        [RESNET_STAGE1_BN_TRAIN_CHANNELS]  biased batch variance per feature, as resnet_stage1_bn_train_forward returned it
+ *   dx              [outer * RESNET_STAGE1_BN_TRAIN_CHANNELS * RESNET_STAGE1_BN_TRAIN_INNER]  out: gradient with respect to x; must not overlap any other argument
+ *   dgamma          [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: gradient dgamma
+ *   dbeta           [RESNET_STAGE1_BN_TRAIN_CHANNELS]  out: gradient dbeta
+ *   outer           product of the sizes before the feature axes (>= 1)
+ */
+void resnet_stage1_bn_train_backward(const float *dy,
+                                     const float *x,
+                                     const float *gamma,
+                                     const float *mean,
+                                     const float *variance,
+                                     float *dx,
+                                     float *dgamma,
+                                     float *dbeta,
+                                     ptrdiff_t outer);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,306 @@
+"""A Keras-style batch-normalization layer whose arithmetic is bngen kernels.
+
+The layer owns its weights (gamma, beta, moving mean and variance, in Keras order),
+builds a kernel for every input shape it sees (lazily, through the cache), remembers
+what its last call needs for `backward`, and follows Keras semantics: momentum is the
+weight of the old moving value, ``training=True`` normalises with batch statistics and
+updates the moving ones, ``training=False`` uses the moving ones.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .build import build
+from .frameworks import cumulative_update
+from .kernel import Kernel, numpy_dtype
+from .spec import Spec, SpecError
+
+# Keras initialiser names (and the Keras 1 spellings) for the 1-D weights of this layer.
+_INITIALIZERS: Dict[str, Callable[[tuple, np.dtype, np.random.Generator], np.ndarray]] = {
+    "zeros": lambda shape, dtype, rng: np.zeros(shape, dtype),
+    "ones": lambda shape, dtype, rng: np.ones(shape, dtype),
+    "random_normal": lambda shape, dtype, rng: rng.normal(0.0, 0.05, shape).astype(dtype),
+    "random_uniform": lambda shape, dtype, rng: rng.uniform(-0.05, 0.05, shape).astype(dtype),
+    "truncated_normal": lambda shape, dtype, rng: np.clip(rng.normal(0.0, 0.05, shape), -0.1, 0.1).astype(dtype),
+}
+_ALIASES = {"zero": "zeros", "one": "ones", "normal": "random_normal", "uniform": "random_uniform"}
+
+
+def _initializer(value: Any, name: str):
+    """An initialiser from a Keras name, a number (a constant) or a callable(shape, dtype)."""
+    if isinstance(value, str):
+        key = _ALIASES.get(value.lower(), value.lower())
+        if key not in _INITIALIZERS:
+            raise ValueError(f"{name}: unknown initializer {value!r}; use one of {', '.join(_INITIALIZERS)}, "
+                             "a number, or a callable(shape, dtype)")
+        return _INITIALIZERS[key]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return lambda shape, dtype, rng: np.full(shape, value, dtype)
+    if callable(value):
+        return lambda shape, dtype, rng: np.asarray(value(shape, dtype=dtype), dtype=dtype)
+    raise TypeError(f"{name}: {value!r} is not an initializer name, a number or a callable")
+
+
+class BatchNormalization:
+    """Batch normalization over the feature `axis`, computed by compiled bngen kernels.
+
+    ``layer(x, training=False)`` returns y.  ``training=True`` normalises with the
+    batch statistics and (mode 0) updates the moving statistics in place; afterwards
+    ``layer.backward(dy)`` returns dx and sets ``layer.dgamma`` / ``layer.dbeta``.
+    After a ``training=False`` call, `backward` gives the gradients of the frozen layer
+    (``dx = dy * gamma / sqrt(moving_variance + eps)``).  `backward` reuses the x of
+    the last call: do not modify it in between.
+
+    Arguments follow Keras (momentum = weight of the OLD value); ``mode``, ``unbiased``
+    and ``activation`` are those of `bngen.Spec`.  ``momentum=None`` is PyTorch's
+    cumulative moving average (the moving statistics average every training batch so
+    far; `num_batches_tracked` counts them).  Initialisers are Keras names ("zeros",
+    "ones", "random_normal", "random_uniform", "truncated_normal"; Keras 1's "zero" and
+    "one"), numbers, or callables ``f(shape, dtype=...)``; ``seed`` seeds the random ones.
+
+    Weights are created at the first call (or `build`), one value per feature (shape
+    ``(C,)``, C the product of the feature-axis sizes), float32 for half dtypes.
+    `get_weights` returns them in Keras order ``[gamma, beta, moving_mean,
+    moving_variance]`` without gamma when ``scale=False`` and without beta when
+    ``center=False``; `set_weights` and ``weights=`` take the same list.  That is also
+    Keras 1's ``[gamma, beta, running_mean, running_std]``, whose running_std holds the
+    variance.  Every mode keeps the moving statistics as weights, as Keras 1 did, though
+    only mode 0 uses them.
+
+    ``cache_dir``, ``compiler`` and ``threads`` are passed to `bngen.build` and the kernels.
+    """
+
+    def __init__(self, axis: Any = -1, momentum: Optional[float] = 0.99, epsilon: float = 1e-3, center: bool = True,
+                 scale: bool = True, mode: int = 0, unbiased: bool = False, activation: Optional[str] = None,
+                 dtype: Any = "float32", weights: Optional[Sequence] = None, *,
+                 gamma_initializer: Any = "ones", beta_initializer: Any = "zeros",
+                 moving_mean_initializer: Any = "zeros", moving_variance_initializer: Any = "ones",
+                 seed: Optional[int] = None, threads: Optional[int] = None, cache_dir: Any = None,
+                 compiler: Any = None):
+        if not (isinstance(axis, numbers.Integral) and not isinstance(axis, bool)) and not (
+            isinstance(axis, (tuple, list)) and axis and all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis)
+        ):
+            raise SpecError(f"axis: {axis!r} is not an int or a tuple of ints")
+        # Every field but the shape is checked now, on a stand-in shape, with the Spec's messages.
+        probe = Spec(shape=(2, 2), axis=-1, dtype=dtype, mode=mode, epsilon=epsilon,
+                     momentum=0.0 if momentum is None else momentum, center=center, scale=scale,
+                     unbiased=unbiased, activation=activation)
+        self.axis = tuple(axis) if isinstance(axis, (tuple, list)) else int(axis)
+        self.momentum = None if momentum is None else probe.momentum
+        self.epsilon, self.center, self.scale, self.mode = probe.epsilon, center, scale, probe.mode
+        self.unbiased, self.activation, self.dtype = unbiased, activation, probe.dtype
+        self.threads, self.cache_dir, self.compiler = threads, cache_dir, compiler
+        self._initializers = {
+            "gamma": _initializer(gamma_initializer, "gamma_initializer"),
+            "beta": _initializer(beta_initializer, "beta_initializer"),
+            "moving_mean": _initializer(moving_mean_initializer, "moving_mean_initializer"),
+            "moving_variance": _initializer(moving_variance_initializer, "moving_variance_initializer"),
+        }
+        self._init_args = dict(gamma_initializer=gamma_initializer, beta_initializer=beta_initializer,
+                               moving_mean_initializer=moving_mean_initializer,
+                               moving_variance_initializer=moving_variance_initializer, seed=seed)
+        self._rng = np.random.default_rng(seed)
+        self._np_dtype = numpy_dtype(self.dtype)
+        self._param_dtype = np.dtype(probe.param_dtype)
+        self._kernels: Dict[Tuple[tuple, bool], Kernel] = {}
+        self._weights: Dict[str, np.ndarray] = {}
+        self._pending: Optional[List[np.ndarray]] = None
+        self._tape: Optional[dict] = None  # what the last call leaves for backward
+        self._axes: Optional[Tuple[int, ...]] = None  # canonical feature axes, once built
+        self.built = False
+        self.num_batches_tracked = 0
+        self.dgamma: Optional[np.ndarray] = None
+        self.dbeta: Optional[np.ndarray] = None
+        if weights is not None:
+            self.set_weights(weights, _argument="weights")
+
+    def __repr__(self) -> str:
+        return (f"<bngen.BatchNormalization axis={self.axis!r} mode={self.mode} momentum={self.momentum} "
+                f"epsilon={self.epsilon} dtype={self.dtype}{' built' if self.built else ''}>")
+
+    # -- weights ---------------------------------------------------------------------------
+    @property
+    def weight_names(self) -> List[str]:
+        """The names of `get_weights`' entries, in order."""
+        return (["gamma"] if self.scale else []) + (["beta"] if self.center else []) + ["moving_mean", "moving_variance"]
+
+    @property
+    def gamma(self) -> Optional[np.ndarray]:
+        return self._weights.get("gamma")
+
+    @property
+    def beta(self) -> Optional[np.ndarray]:
+        return self._weights.get("beta")
+
+    @property
+    def moving_mean(self) -> Optional[np.ndarray]:
+        return self._weights.get("moving_mean")
+
+    @property
+    def moving_variance(self) -> Optional[np.ndarray]:
+        return self._weights.get("moving_variance")
+
+    def get_weights(self) -> List[np.ndarray]:
+        """Copies of the weights in Keras order (an empty list before the layer is built)."""
+        if not self.built:
+            return []
+        return [self._weights[name].copy() for name in self.weight_names]
+
+    def set_weights(self, weights: Sequence, *, _argument: str = "weights") -> None:
+        """Sets the weights from a list in `get_weights` order (checked before any is changed).
+
+        Each array has C values, as shape ``(C,)`` or the shape of the feature axes.  On
+        a layer not built yet, the list is kept and checked against C at the build.
+        """
+        names = self.weight_names
+        if isinstance(weights, (str, bytes, np.ndarray)) or not hasattr(weights, "__len__"):
+            raise TypeError(f"{_argument}: expected a list of arrays [{', '.join(names)}], got {type(weights).__name__}")
+        weights = list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{_argument}: got {len(weights)} array(s); this layer's weights are [{', '.join(names)}]")
+        arrays = []
+        for name, value in zip(names, weights):
+            try:
+                arr = np.array(value, dtype=self._param_dtype)  # a copy: the caller's array is never aliased
+            except (TypeError, ValueError):
+                raise TypeError(f"{_argument}: {name} is not an array of numbers ({type(value).__name__})") from None
+            arrays.append(arr)
+        if not self.built:
+            self._pending = arrays
+            return
+        checked = [self._check_weight(_argument, name, arr) for name, arr in zip(names, arrays)]
+        for name, arr in zip(names, checked):
+            self._weights[name][...] = arr
+
+    def _check_weight(self, argument: str, name: str, arr: np.ndarray) -> np.ndarray:
+        if arr.shape not in ((self._channels,), self._feature_shape):
+            raise ValueError(f"{argument}: {name} has shape {arr.shape}; expected ({self._channels},) "
+                             f"(or the feature shape {self._feature_shape})")
+        return arr.reshape(self._channels)
+
+    # -- building ----------------------------------------------------------------------------
+    def build(self, input_shape: Sequence[Optional[int]]) -> None:
+        """Creates the weights for inputs of `input_shape` (the batch size may be None)."""
+        shape = tuple(input_shape)
+        spec = self._spec(tuple(1 if d is None else d for d in shape), training=False)  # checks axis
+        self._ndim = len(shape)
+        self._axes = spec.axis
+        self._feature_shape = tuple(shape[a] for a in spec.axis)
+        self._channels = spec.channels
+        names = self.weight_names
+        pending = self._pending
+        if pending is not None:
+            checked = [self._check_weight("weights", n, a) for n, a in zip(names, pending)]
+        c = (self._channels,)
+        self._weights = {n: np.ascontiguousarray(self._initializers[n](c, self._param_dtype, self._rng), self._param_dtype)
+                         for n in names}
+        for n in names:
+            if self._weights[n].shape != c:
+                raise ValueError(f"{n}_initializer: returned shape {self._weights[n].shape}; expected {c}")
+        if pending is not None:
+            for n, a in zip(names, checked):
+                self._weights[n][...] = a
+            self._pending = None
+        self.built = True
+
+    def _spec(self, shape: tuple, training: bool) -> Spec:
+        keep = 0.0 if self.momentum is None else self.momentum  # momentum=None: updated here, not in C
+        if training and self.mode == 0 and self.unbiased:
+            n = int(np.prod([d for a, d in enumerate(shape) if a not in self._axes]))
+            if n == 1:
+                raise ValueError(f"x: shape {shape} gives one value per feature, so the unbiased variance "
+                                 "n/(n-1) is undefined (the layer has unbiased=True)")
+        return Spec(shape=shape, axis=self._axes or self.axis, dtype=self.dtype,
+                    training=training, mode=self.mode, epsilon=self.epsilon, momentum=keep, center=self.center,
+                    scale=self.scale, unbiased=self.unbiased, activation=self.activation)
+
+    def kernel(self, shape: Sequence[int], training: bool) -> Kernel:
+        """The kernel for inputs of `shape` (built on first use, then remembered)."""
+        key = (tuple(shape), bool(training) or self.mode != 0)  # modes 1 and 2 use batch statistics either way
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = build(self._spec(key[0], key[1]), self.cache_dir, compiler=self.compiler)
+        return kernel
+
+    # -- calls -------------------------------------------------------------------------------
+    def _as_array(self, name: str, value: Any) -> np.ndarray:
+        arr = value if isinstance(value, np.ndarray) else None
+        if arr is None:
+            try:
+                arr = np.asarray(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name}: expected an array of numbers, got {type(value).__name__}") from None
+        if arr.dtype != self._np_dtype:
+            if arr.dtype.kind not in "fiu" and arr.dtype.name != "bfloat16":
+                raise TypeError(f"{name}: dtype {arr.dtype} is not a number type")
+            arr = arr.astype(self._np_dtype)  # as Keras casts inputs to the layer's dtype
+        return arr
+
+    def __call__(self, x: Any, training: bool = False) -> np.ndarray:
+        """Normalises `x`; with ``training=True`` from its own statistics, updating the moving ones."""
+        if not isinstance(training, (bool, np.bool_)):
+            raise TypeError(f"training: {training!r} is not a bool")
+        training = bool(training)
+        x = self._as_array("x", x)
+        if not self.built:
+            self.build((None,) + x.shape[1:] if x.ndim > 1 else x.shape)
+        if x.ndim != self._ndim or tuple(x.shape[a] for a in self._axes) != self._feature_shape:
+            raise ValueError(f"x: shape {x.shape} does not fit this layer, built for {self._ndim}-D inputs with "
+                             f"feature shape {self._feature_shape} on axis {self._axes}")
+        kernel = self.kernel(x.shape, training)
+        w = self._weights
+        gamma, beta = w.get("gamma"), w.get("beta")
+        self._tape = None
+        tape = dict(kernel=kernel, x=x, gamma=None if gamma is None else gamma.copy(),
+                    beta=None if beta is None else beta.copy())
+        if self.mode == 1:
+            y = kernel(x, gamma, beta, threads=self.threads)
+        elif self.mode == 2:
+            y, tape["mean"], tape["variance"] = kernel.forward(x, gamma, beta, threads=self.threads)
+        elif not training:
+            y = kernel(x, gamma, beta, w["moving_mean"], w["moving_variance"], threads=self.threads)
+            tape["mean"], tape["variance"] = w["moving_mean"].copy(), w["moving_variance"].copy()
+        elif self.momentum is None:
+            y, tape["mean"], tape["variance"] = kernel.forward(x, gamma, beta, threads=self.threads)
+            self.num_batches_tracked += 1
+            n = x.size // self._channels
+            cumulative_update(w["moving_mean"], w["moving_variance"], tape["mean"], tape["variance"],
+                              self.num_batches_tracked, n, self.unbiased)
+        else:
+            y, tape["mean"], tape["variance"] = kernel.forward(
+                x, gamma, beta, w["moving_mean"], w["moving_variance"], threads=self.threads)
+            self.num_batches_tracked += 1
+        self._tape = tape
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """Gradient with respect to the last call's input; sets ``dgamma`` and ``dbeta``.
+
+        After a training call (or any call in mode 2) these are the gradients through
+        the batch statistics; after an inference call in mode 0, those of the frozen
+        layer.  Mode 1 has no backward.
+        """
+        tape = self._tape
+        if self.mode == 1:
+            raise TypeError("backward: mode 1 (sample-wise) layers have no backward in bngen")
+        if tape is None:
+            raise RuntimeError("backward: call the layer first; backward differentiates its last call")
+        dy = self._as_array("dy", dy)
+        x = tape["x"]
+        if dy.shape != x.shape:
+            raise ValueError(f"dy: shape {dy.shape} does not match the last call's output shape {x.shape}")
+        relu_beta = tape["beta"] if self.activation == "relu" else None
+        dx, self.dgamma, self.dbeta = tape["kernel"].backward(
+            dy, x, tape["gamma"], tape["mean"], tape["variance"], beta=relu_beta, threads=self.threads)
+        return dx
+
+    # -- configuration -------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """The constructor arguments (Keras style); ``BatchNormalization(**config)`` rebuilds it."""
+        return dict(axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, center=self.center,
+                    scale=self.scale, mode=self.mode, unbiased=self.unbiased, activation=self.activation,
+                    dtype=self.dtype, **self._init_args)
