@@ -68,6 +68,7 @@ class Kernel:
         self._backward_fn = self._backward_entry and getattr(self._lib, self._backward_entry.name)
         self._threads = default_threads()
         self._fast_call = _fast_path(self)
+        self._fast_backward = _fast_backward_path(self)
 
     def __repr__(self) -> str:
         return f"<bngen.Kernel {self.spec.describe()}>"
@@ -128,6 +129,10 @@ class Kernel:
 
         Mode 1 (sample-wise) has no backward: TypeError.
         """
+        if out is None and self._fast_backward is not None:
+            done = self._fast_backward(dy, x, gamma, mean, variance, beta, moving_mean, moving_variance, threads)
+            if done is not None:
+                return done
         spec, entry = self.spec, self._backward_entry
         if entry is None:
             raise TypeError("backward: mode 1 (sample-wise) kernels have no backward in bngen; use mode 0 or 2")
@@ -409,6 +414,80 @@ def _fast_path(kernel: "Kernel"):
             cmean = cvar = null
         run(*pick((cx, from_buffer(data_ct, y, True), held[4], held[5], cmm, cmv, cmean, cvar, outer, inner, threads)))
         return (y, mean, variance) if want_stats else y
+
+    return fast
+
+
+def _fast_backward_path(kernel: "Kernel"):
+    """The fast path of `Kernel.backward` for specs that normalise with batch statistics
+    (the training gradient), on the terms of `_fast_path`: ``(dy, x, gamma, mean,
+    variance, beta, moving_mean, moving_variance, threads)`` -> ``(dx, dgamma, dbeta)``
+    after running the kernel, or None, having run nothing.  None for other specs."""
+    spec, plan, entry = kernel.spec, kernel.plan, kernel._backward_entry
+    if entry is None or entry.name != "bn_backward":
+        return None
+    first, last = spec.axis[0], spec.axis[-1]
+    dyn = [i for i, d in enumerate(spec.shape) if d is None]
+    lead = len(dyn)
+    if dyn != list(range(lead)) or lead > first:
+        return None
+    ndim, tail = spec.ndim, spec.shape[lead:]
+    static_outer = int(np.prod(spec.shape[lead:first], dtype=np.int64))
+    inner = int(np.prod(spec.shape[last + 1:], dtype=np.int64))
+    dtype, pdtype, cshape = kernel._dtype, kernel._pdtype, (plan.channels,)
+    data_ct, param_ct = kernel._data_ct, kernel._param_ct
+    from_buffer, null, empty, ndarray = kernel._ffi.from_buffer, kernel._ffi.NULL, np.empty, np.ndarray
+    scale, center = spec.scale, spec.center
+    wants_beta = spec.activation == "relu" and center
+    default_threads = kernel._threads
+    order = ("dy", "x", "gamma", "beta", "mean", "variance", "dx", "dgamma", "dbeta", "outer", "inner", "nthreads")
+    pick = operator.itemgetter(*(order.index(a.name) for a in entry.args))
+    run = kernel._backward_fn
+
+    def param(value):
+        """The pointer to a read-only (C,) parameter, None if it is not one (or None)."""
+        if value is None or not isinstance(value, ndarray) or value.dtype != pdtype or value.shape != cshape:
+            return None
+        return from_buffer(param_ct, value)
+
+    def fast(dy, x, gamma, mean, variance, beta, moving_mean, moving_variance, threads):
+        if moving_mean is not None or moving_variance is not None:
+            return None
+        if not isinstance(x, ndarray) or not isinstance(dy, ndarray):
+            return None
+        shape = x.shape
+        if x.dtype != dtype or dy.dtype != dtype or dy.shape != shape:
+            return None
+        if (shape != tail) if lead == 0 else (len(shape) != ndim or shape[lead:] != tail):
+            return None
+        outer = static_outer
+        if lead:
+            for i in range(lead):
+                outer *= shape[i]
+        if outer <= 0:
+            return None
+        if threads is None:
+            threads = default_threads
+        elif threads.__class__ is not int or threads < 1:
+            return None
+        if (gamma is None) == scale or (beta is None) == wants_beta:
+            return None
+        try:
+            cdy, cx = from_buffer(data_ct, dy), from_buffer(data_ct, x)
+            cg = param(gamma) if scale else null
+            cb = param(beta) if wants_beta else null
+            cmean, cvar = param(mean), param(variance)
+        except ValueError:  # not C-contiguous
+            return None
+        if cg is None or cb is None or cmean is None or cvar is None:
+            return None
+        dx = empty(shape, dtype)
+        dgamma = empty(cshape, pdtype) if scale else None
+        dbeta = empty(cshape, pdtype) if center else None
+        run(*pick((cdy, cx, cg, cb, cmean, cvar, from_buffer(data_ct, dx, True),
+                   null if dgamma is None else from_buffer(param_ct, dgamma, True),
+                   null if dbeta is None else from_buffer(param_ct, dbeta, True), outer, inner, threads)))
+        return dx, dgamma, dbeta
 
     return fast
 

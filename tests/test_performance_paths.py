@@ -6,13 +6,13 @@ STAT_BLOCK, static and runtime sizes, run tails), the channels-last register gro
 than a statistics block, streaming stores (forced on for small tensors, every alignment
 of the output, an unaligned output, and one tensor above the real threshold), threads 1
 to 3 and run-to-run determinism, the large-offset and constant-feature cases on every
-schedule, the fast Python call path (cached parameter pointers, in-place changes of a
+schedule, the fast Python call paths of forward and backward (cached parameter pointers, in-place changes of a
 cached array, every fallback), the memory probes and `bngen bench` itself (a smoke run,
 never a timed assertion).
 
-Specs: 16 kernels (9 general, 4 with streaming forced on, 1 real-size streaming,
-2 memory probes and bench's own).  Examples: about 330 drawn calls in all (40 per
-hypothesis test) plus ~60 fixed calls.
+Specs: 21 kernels (9 general, 4 with streaming forced on, 1 real-size streaming, 4 backward,
+2 memory probes, bench's own).  Examples: about 330 drawn calls in all (40 per
+hypothesis test) plus ~100 fixed calls.
 """
 
 from __future__ import annotations
@@ -383,3 +383,52 @@ def test_bench_smoke(session_cache, strict_compiler):
     table = bench.markdown(report)
     assert table.startswith("| case | kind | threads | bngen ms")
     assert table.count("| tiny |") == len(report["rows"])
+
+
+# -- the fast path of backward ----------------------------------------------------------------------
+BACKWARD = [
+    S((None, 5, 7), axis=1),
+    S((None, 12), activation="relu"),  # the ReLU mask needs beta
+    S((None, 3, None), axis=1, scale=False, mode=2),
+    S((4, 6, 5), axis=-1, center=False, dtype="float64"),
+]
+
+
+@pytest.mark.parametrize("spec", BACKWARD, ids=lambda s: f"{s.shape}-{s.activation}-{s.mode}")
+def test_backward_fast_path_matches_the_checked_path(build, rng, spec):
+    kernel = build(spec)
+    shape = tuple(6 if d is None else d for d in spec.shape)
+    x = _data(shape, spec.dtype, "normal", rng)
+    dy = _data(shape, spec.dtype, "normal", rng)
+    gamma, beta, _, _ = _params(spec, rng)
+    _, mean, var = kernel.forward(x, gamma, beta)
+    relu_beta = beta if spec.activation == "relu" and spec.center else None
+    for threads in (None, 1, 3):
+        fast = kernel.backward(dy, x, gamma, mean, var, beta=relu_beta, threads=threads)
+        checked = kernel.backward(dy, x, gamma, mean, var, beta=relu_beta, threads=threads, out=np.empty_like(x))
+        for a, b in zip(fast, checked):
+            if a is None:
+                assert b is None
+            else:
+                np.testing.assert_array_equal(a, b)
+    # arrays the fast path refuses still give the same answer through the checked path
+    strided = np.repeat(dy, 2, axis=-1)[..., ::2]
+    np.testing.assert_array_equal(kernel.backward(strided, x, gamma, mean, var, beta=relu_beta)[0], fast[0])
+
+
+def test_backward_fast_path_refusals_raise_the_checked_errors(build, rng):
+    spec = S((None, 12), activation="relu")
+    kernel = build(spec)
+    x = _data((5, 12), np.float32, "normal", rng)
+    gamma, beta, mm, mv = _params(spec, rng)
+    _, mean, var = kernel.forward(x, gamma, beta)
+    with pytest.raises(TypeError, match="beta"):
+        kernel.backward(x, x, gamma, mean, var)
+    with pytest.raises(TypeError, match="moving_mean"):
+        kernel.backward(x, x, gamma, mean, var, beta=beta, moving_mean=mm)
+    with pytest.raises(TypeError, match="mean"):
+        kernel.backward(x, x, gamma, mean.astype(np.float64), var, beta=beta)
+    with pytest.raises(ValueError, match="dy"):
+        kernel.backward(x[:4], x, gamma, mean, var, beta=beta)
+    with pytest.raises(ValueError, match="threads"):
+        kernel.backward(x, x, gamma, mean, var, beta=beta, threads=0)
