@@ -218,7 +218,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("bench", help="time kernels beside NumPy/PyTorch and the memory floor", description=cmd_bench.__doc__)
-    p.add_argument("--spec", help="JSON spec file to benchmark instead of the preset cases")
+    p.add_argument("--spec", help="JSON spec file to benchmark instead of the preset cases (its shape, axis and "
+                   "dtype; the kernels are the mode-0 training and inference ones, like NumPy's and PyTorch's)")
     p.add_argument("--batch", type=int, default=32, help="size for the spec's dynamic (None) dimensions (default 32)")
     p.add_argument("--threads", help="comma-separated thread counts (default: 1 and all CPUs)")
     p.add_argument("--repeat", type=int, default=21, help="timed samples per implementation (default 21)")

@@ -432,3 +432,19 @@ def test_backward_fast_path_refusals_raise_the_checked_errors(build, rng):
         kernel.backward(x[:4], x, gamma, mean, var, beta=beta)
     with pytest.raises(ValueError, match="threads"):
         kernel.backward(x, x, gamma, mean, var, beta=beta, threads=0)
+
+
+def test_bench_command_line(tmp_path, capsys):
+    from bngen import cli
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(S((None, 4, 3, 3), axis=1).to_json())
+    assert cli.main(["bench", "--spec", str(spec), "--batch", "2", "--repeat", "2", "--threads", "1",
+                     "--kinds", "inference,backward", "--quiet", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| (2, 4, 3, 3) axis=1 (spec file) | inference | 1 |" in out
+    assert (tmp_path / "r.json").read_text().startswith("{")
+    spec.write_text(S((None, 4, 3, 3), axis=(1, 2)).to_json())
+    assert cli.main(["bench", "--spec", str(spec)]) == 2
+    assert "one feature axis" in capsys.readouterr().err
+    assert cli.main(["bench", "--threads", "0,x"]) == 2
