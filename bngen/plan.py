@@ -13,11 +13,11 @@ from typing import Optional, Tuple
 
 from .spec import Spec
 
-# Bytes per statistics block: small enough that a block's second pass reads L1 and each
-# of its LANES partial sums adds at most 128 float values (their rounding error grows with
-# the count), large enough that the first pass streams from memory in long runs and the
-# per-block float64 merge costs little next to the element work.
-STAT_BLOCK_BYTES = 16384
+# Values each of a statistics block's LANES partial sums adds (their rounding error grows
+# with the count): a block is LANE_VALUES * LANES values, 16 KiB of float or double, small
+# enough that its second pass reads L1, large enough that the first pass streams from
+# memory in long runs and the per-block float64 merge costs little.
+LANE_VALUES = 128
 # Channels per tile in the channels-last schedule: the tile's per-channel work arrays
 # (tens of KiB) stay on the stack however many channels the layer has.
 CHANNEL_TILE = 1024
@@ -71,7 +71,7 @@ class Precision:
         return "sqrtf" if self.stat == "float" else "sqrt"
 
 
-_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float": 4, "double": 8}
+_ITEMSIZE = {"float": 4, "double": 8}  # bytes of a C compute type
 
 PRECISIONS = {
     "float32": Precision("float32", "float", "float", "float"),
@@ -184,7 +184,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backwa
         inner=inner,
         threaded=threaded,
         pragmas=pragmas,
-        stat_block=STAT_BLOCK_BYTES // _ITEMSIZE[spec.dtype],
+        stat_block=LANE_VALUES * (LANE_BYTES // _ITEMSIZE[PRECISIONS[spec.dtype].compute]),
         channel_tile=min(channels, CHANNEL_TILE),
         row_block=ROW_BLOCK,
         parallel_min=PARALLEL_MIN,
