@@ -331,15 +331,16 @@ def _fast_path(kernel: "Kernel"):
     unbiased_check = spec.updates_moving_stats and spec.unbiased
     per_sample = spec.mode == 1
     default_threads = kernel._threads
-    share = np.may_share_memory
     order = ("x", "y", "gamma", "beta", "moving_mean", "moving_variance", "mean", "variance", "outer", "inner", "nthreads")
     pick = operator.itemgetter(*(order.index(a.name) for a in kernel._forward_entry.args))
     run = kernel._forward_fn
 
     # Read-only parameter arrays are usually the same objects call after call: the last
     # ones seen are kept (a strong reference, so their memory cannot go away) with their
-    # cffi pointers.  Only their dtype, shape and contiguity, which can change in place,
-    # are checked again; an array's data pointer cannot change while we hold it.
+    # cffi pointers.  Their dtype, shape and contiguity, which can change in place, are
+    # checked again on every call; an array's data pointer cannot change while we hold it
+    # (NumPy refuses to resize an array referenced elsewhere, unless told refcheck=False,
+    # which it documents as unsafe for exactly this reason).
     last = [(None, None, None, None, null, null, null, null)]
     readonly_moving = moving == "in"
 
@@ -379,28 +380,23 @@ def _fast_path(kernel: "Kernel"):
             return None
         try:
             cx = from_buffer(data_ct, x)
-            held = last[0]
-            if written:
-                if (gamma is not held[0] or beta is not held[1]) and params(gamma, beta, None, None) is None:
+            held = last[0]  # one read: a consistent entry even if another thread replaces it
+            if gamma is not held[0] or beta is not held[1] or (not written and (mm is not held[2] or mv is not held[3])):
+                held = params(gamma, beta, None, None) if written else params(gamma, beta, mm, mv)
+                if held is None:
                     return None
-                held = last[0]
-                if gamma is not held[0] or beta is not held[1]:
-                    return None  # another thread replaced the entry meanwhile
+            elif not (
+                (gamma is None or gamma.dtype is pdtype and gamma.shape == cshape and gamma.flags.c_contiguous)
+                and (beta is None or beta.dtype is pdtype and beta.shape == cshape and beta.flags.c_contiguous)
+                and (written or mm is None or mm.dtype is pdtype and mm.shape == cshape and mm.flags.c_contiguous)
+                and (written or mv is None or mv.dtype is pdtype and mv.shape == cshape and mv.flags.c_contiguous)
+            ):
+                return None
+            if written:  # updated in place: checked afresh every call (writable, no overlap)
                 cmm, cmv = _written_params(x, mm, mv, from_buffer, param_ct, pdtype, cshape, null)
                 if cmm is None:
                     return None
             else:
-                if mm is not held[2] or mv is not held[3] or gamma is not held[0] or beta is not held[1]:
-                    held = params(gamma, beta, mm, mv)
-                    if held is None:
-                        return None
-                elif not (
-                    (gamma is None or gamma.dtype is pdtype and gamma.shape == cshape and gamma.flags.c_contiguous)
-                    and (beta is None or beta.dtype is pdtype and beta.shape == cshape and beta.flags.c_contiguous)
-                    and (mm is None or mm.dtype is pdtype and mm.shape == cshape and mm.flags.c_contiguous)
-                    and (mv is None or mv.dtype is pdtype and mv.shape == cshape and mv.flags.c_contiguous)
-                ):
-                    return None
                 cmm, cmv = held[6], held[7]
         except ValueError:  # not C-contiguous, or read-only where written
             return None

@@ -448,3 +448,17 @@ def test_bench_command_line(tmp_path, capsys):
     assert cli.main(["bench", "--spec", str(spec)]) == 2
     assert "one feature axis" in capsys.readouterr().err
     assert cli.main(["bench", "--threads", "0,x"]) == 2
+
+
+def test_training_call_checks_cached_gamma_again(build, rng):
+    spec = S((None, 8), momentum=0.9)
+    kernel = build(spec)
+    x = _data((5, 8), np.float32, "normal", rng)
+    gamma, beta, mm, mv = _params(spec, rng)
+    check(kernel, x, (gamma, beta, mm, mv), 1)
+    gamma.dtype = np.int32
+    with pytest.raises(TypeError, match="gamma"):
+        kernel(x, gamma, beta, mm, mv)
+    gamma.dtype = np.float32
+    gamma[:] = 3
+    check(kernel, x, (gamma, beta, mm, mv), 2)
