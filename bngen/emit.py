@@ -24,7 +24,12 @@ import numpy as np
 
 from . import oracle
 from .kernel import numpy_dtype
-from .plan import CHANNEL_TILE, Arg, Entry, Plan, make_plan
+from .plan import Arg, Entry, Plan, make_plan
+
+# Channels per tile in exported channels-last kernels.  The JIT tile (plan.CHANNEL_TILE)
+# is sized for a desktop thread's stack; exported code runs on threads and boards with
+# a few KiB of stack, and 128 channels keep the tile's work arrays near 5 KiB.
+EXPORT_CHANNEL_TILE = 128
 from .render import render_template
 from .spec import Spec
 
@@ -51,12 +56,12 @@ class Target:
 TARGETS: Dict[str, Target] = {
     "host": Target(
         "host", "the machine's own C compiler", "cc", "-std=c99 -O3 -march=native",
-        stat="double", pragmas=True, channel_tile=CHANNEL_TILE, single_precision=False,
+        stat="double", pragmas=True, channel_tile=EXPORT_CHANNEL_TILE, single_precision=False,
     ),
     # AArch64 always has __fp16 and FCVT between half and single precision.
     "aarch64": Target(
         "aarch64", "64-bit Arm (Cortex-A, Neoverse) running Linux", "aarch64-linux-gnu-gcc", "-std=c99 -O3",
-        stat="double", pragmas=True, channel_tile=CHANNEL_TILE, single_precision=False, half_conversion="native",
+        stat="double", pragmas=True, channel_tile=EXPORT_CHANNEL_TILE, single_precision=False, half_conversion="native",
     ),
     # Cortex-M4F/M7: a single-precision FPU and a few KiB of stack.  Double arithmetic
     # would be emulated in software, so statistics are merged in float (blocks keep the
