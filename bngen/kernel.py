@@ -271,8 +271,11 @@ class Kernel:
                 "is undefined (the spec has unbiased=True)"
             )
         y = self._check_out(out, x.shape)
-        arrays = [("x", x), ("out", y), ("moving_mean", moving_mean), ("moving_variance", moving_variance)]
-        _check_no_overlap(arrays)
+        _check_no_overlap(
+            [("x", x), ("gamma", gamma), ("beta", beta), ("out", y), ("moving_mean", moving_mean),
+             ("moving_variance", moving_variance)],
+            written={"out", "moving_mean", "moving_variance"} if spec.updates_moving_stats else {"out"},
+        )
 
         mean = variance = None
         if want_stats:
@@ -393,7 +396,7 @@ def _fast_path(kernel: "Kernel"):
             ):
                 return None
             if written:  # updated in place: checked afresh every call (writable, no overlap)
-                cmm, cmv = _written_params(x, mm, mv, from_buffer, param_ct, pdtype, cshape, null)
+                cmm, cmv = _written_params(x, gamma, beta, mm, mv, from_buffer, param_ct, pdtype, cshape, null)
                 if cmm is None:
                     return None
             else:
@@ -488,7 +491,7 @@ def _fast_backward_path(kernel: "Kernel"):
     return fast
 
 
-def _written_params(x, mm, mv, from_buffer, ctype, pdtype, cshape, null):
+def _written_params(x, gamma, beta, mm, mv, from_buffer, ctype, pdtype, cshape, null):
     """Pointers to the moving statistics a training call updates in place (writable,
     sharing memory with nothing else it touches), or (None, None)."""
     out = []
@@ -499,7 +502,7 @@ def _written_params(x, mm, mv, from_buffer, ctype, pdtype, cshape, null):
             return None, None
         else:
             out.append(from_buffer(ctype, value, True))  # ValueError if read-only / not contiguous
-    for a, b in ((x, mm), (x, mv), (mm, mv)):
+    for a, b in ((x, mm), (x, mv), (mm, mv), (gamma, mm), (gamma, mv), (beta, mm), (beta, mv)):
         if a is not None and b is not None and np.may_share_memory(a, b):
             return None, None
     return out[0], out[1]
@@ -516,10 +519,16 @@ def _shape_text(shape: Tuple[Optional[int], ...]) -> str:
     return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _check_no_overlap(arrays) -> None:
-    """Raises if two arrays the kernel reads and writes share memory."""
+def _check_no_overlap(arrays, written=None) -> None:
+    """Raises if an array the kernel writes shares memory with another argument.
+
+    `arrays` is a list of (name, array or None); `written` names the ones written (all of
+    them when None).  Arrays that are only read may share memory with each other.
+    """
     present = [(n, a) for n, a in arrays if a is not None]
     for i, (name_a, a) in enumerate(present):
         for name_b, b in present[i + 1 :]:
+            if written is not None and name_a not in written and name_b not in written:
+                continue
             if np.may_share_memory(a, b):
                 raise ValueError(f"{name_b}: shares memory with {name_a}; pass separate arrays")

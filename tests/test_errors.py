@@ -8,7 +8,7 @@ Classes covered (each a case below):
           wrong dtype; not an ndarray
   moving_mean/moving_variance: missing at mode-0 inference; given to mode 1 or 2;
           read-only or non-contiguous when training must update them; one array passed
-          as both
+          as both; sharing memory with gamma or beta
   out:    not an ndarray; wrong shape; wrong dtype; non-contiguous; read-only; sharing
           memory with x
   other:  a batch of one value per feature with unbiased=True; a bad thread count;
@@ -77,6 +77,8 @@ CASES = [
     case(TRAIN, ValueError, "moving_mean: is read-only", moving_mean="readonly"),
     case(TRAIN, ValueError, "moving_variance: must be C-contiguous", moving_variance="strided"),
     case(TRAIN, ValueError, "moving_variance: shares memory with moving_mean", moving_variance="same"),
+    case(TRAIN, ValueError, "moving_mean: shares memory with gamma", moving_mean="gamma"),
+    case(TRAIN, ValueError, "moving_variance: shares memory with beta", moving_variance="beta"),
     case(TRAIN, TypeError, "out: expected a numpy.ndarray", out=[0.0]),
     case(TRAIN, ValueError, r"out: shape is \(2, 4, 4\)", out=np.zeros((2, 4, 4), np.float32)),
     case(TRAIN, TypeError, "out: dtype is float64", out=np.zeros((2, 4, 3))),
@@ -109,6 +111,8 @@ def test_bad_call_raises_and_touches_nothing(build, spec, exc, match, method, ch
                 "strided": lambda: np.repeat(args[name], 2)[::2],
                 "same": lambda: args["moving_mean"],
                 "x": lambda: args["x"],
+                "gamma": lambda: args["gamma"],
+                "beta": lambda: args["beta"],
                 "array": lambda: full[name],  # a well-formed array the spec does not use
             }.get(value, lambda: value)()
         args[name] = value
