@@ -14,7 +14,7 @@ from . import __version__
 from .build import build
 from .cache import Cache, resolve_root
 from .compiler import CompileError
-from .spec import Spec, SpecError
+from .spec import DTYPES, Spec, SpecError
 
 DEMO_SHAPE = (None, 64, 56, 56)  # a ResNet stage-1 activation, NCHW
 DEMO_BATCH = 16
@@ -110,7 +110,11 @@ def cmd_bench(args) -> int:
     if args.spec:
         cases = [bench.case_from_spec(_load_spec(args.spec), args.batch)]
     else:
-        cases = list(bench.PRESETS)
+        dtypes = [d.strip() for d in args.dtypes.split(",")]
+        bad = [d for d in dtypes if d not in DTYPES]
+        if bad:
+            raise SpecError(f"--dtypes: {', '.join(bad)} not among {', '.join(DTYPES)}")
+        cases = bench.with_dtype(bench.PRESETS, dtypes)
     if args.threads:
         try:
             threads = [int(t) for t in args.threads.split(",")]
@@ -224,6 +228,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", help="comma-separated thread counts (default: 1 and all CPUs)")
     p.add_argument("--repeat", type=int, default=21, help="timed samples per implementation (default 21)")
     p.add_argument("--kinds", help="comma-separated subset of: inference,training forward,backward")
+    p.add_argument("--dtypes", default="float32",
+                   help="comma-separated storage dtypes for the preset cases (default float32; e.g. float32,float16,bfloat16)")
     p.add_argument("--json", metavar="FILE", help="also write the full report (all statistics) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_bench)
