@@ -182,7 +182,7 @@ static inline void channel_normalize(const data_t *restrict x, data_t *restrict 
 
 /* Channel c from start to finish: statistics, coefficients, output. */
 static inline void forward_channel(ptrdiff_t c, const data_t *restrict x, data_t *restrict y, ptrdiff_t outer,
-                                   ptrdiff_t inner, const param_t *restrict gamma, const param_t *restrict beta, param_t *restrict moving_mean, param_t *restrict moving_variance, param_t *restrict mean, param_t *restrict variance, int stream)
+                                   ptrdiff_t inner, const param_t *restrict gamma, const param_t *restrict beta, param_t *restrict moving_mean, param_t *restrict moving_variance, param_t *restrict mean, param_t *restrict variance)
 {
     const data_t *xc = x + c * inner;
     acc_t center, scale, shift;
@@ -190,7 +190,6 @@ static inline void forward_channel(ptrdiff_t c, const data_t *restrict x, data_t
     channel_moments(&acc, xc, outer, inner);
     finish_channel(c, acc.count, acc.mean, acc.m2, gamma, beta, moving_mean, moving_variance, mean, variance, &center, &scale, &shift);
     channel_normalize(xc, y + c * inner, outer, inner, center, scale, shift);
-    (void)stream;
 }
 
 void resnet_stage1_bn_train_forward(const data_t *restrict x,
@@ -204,9 +203,8 @@ void resnet_stage1_bn_train_forward(const data_t *restrict x,
                                     ptrdiff_t outer)
 {
     const ptrdiff_t inner = INNER;
-    const int stream = 0;
     for (ptrdiff_t c = 0; c < CHANNELS; c++)
-        forward_channel(c, x, y, outer, inner, gamma, beta, moving_mean, moving_variance, mean, variance, stream);
+        forward_channel(c, x, y, outer, inner, gamma, beta, moving_mean, moving_variance, mean, variance);
 }
 
 #define GRAD_BLOCK 4096  /* values per block of the gradient sums: acc_t inside, stat_t across */
