@@ -317,14 +317,12 @@ def _fast_path(kernel: "Kernel"):
     want_stats) after running the kernel, or None, having run nothing, when the call
     needs the checked path."""
     spec, plan = kernel.spec, kernel.plan
-    first, last = spec.axis[0], spec.axis[-1]
-    dyn = [i for i, d in enumerate(spec.shape) if d is None]
-    lead = len(dyn)
-    if dyn != list(range(lead)) or lead > first:
-        return lambda *args: None  # a dynamic size after a static one: always checked
-    ndim, tail = spec.ndim, spec.shape[lead:]
-    static_outer = int(np.prod(spec.shape[lead:first], dtype=np.int64))
-    inner = int(np.prod(spec.shape[last + 1:], dtype=np.int64))
+    layout = _fast_layout(spec)
+    if layout is None:
+        return lambda *args: None
+    first = spec.axis[0]
+    ndim = spec.ndim
+    lead, tail, static_outer, inner = layout
     dtype, pdtype, cshape = kernel._dtype, kernel._pdtype, (plan.channels,)
     data_ct, param_ct = kernel._data_ct, kernel._param_ct
     from_buffer, null, empty, ndarray = kernel._ffi.from_buffer, kernel._ffi.NULL, np.empty, np.ndarray
@@ -425,14 +423,11 @@ def _fast_backward_path(kernel: "Kernel"):
     spec, plan, entry = kernel.spec, kernel.plan, kernel._backward_entry
     if entry is None or entry.name != "bn_backward":
         return None
-    first, last = spec.axis[0], spec.axis[-1]
-    dyn = [i for i, d in enumerate(spec.shape) if d is None]
-    lead = len(dyn)
-    if dyn != list(range(lead)) or lead > first:
+    layout = _fast_layout(spec)
+    if layout is None:
         return None
-    ndim, tail = spec.ndim, spec.shape[lead:]
-    static_outer = int(np.prod(spec.shape[lead:first], dtype=np.int64))
-    inner = int(np.prod(spec.shape[last + 1:], dtype=np.int64))
+    ndim = spec.ndim
+    lead, tail, static_outer, inner = layout
     dtype, pdtype, cshape = kernel._dtype, kernel._pdtype, (plan.channels,)
     data_ct, param_ct = kernel._data_ct, kernel._param_ct
     from_buffer, null, empty, ndarray = kernel._ffi.from_buffer, kernel._ffi.NULL, np.empty, np.ndarray
@@ -489,6 +484,21 @@ def _fast_backward_path(kernel: "Kernel"):
         return dx, dgamma, dbeta
 
     return fast
+
+
+def _fast_layout(spec: Spec):
+    """``(lead, tail, static_outer, inner)`` for the fast paths, which need the spec's
+    dynamic sizes to be its leading ones, before the feature axes (x.shape[lead:] must
+    equal `tail`, and outer is static_outer times the leading sizes); None for other
+    specs, whose calls always take the checked path."""
+    first, last = spec.axis[0], spec.axis[-1]
+    dynamic = [i for i, d in enumerate(spec.shape) if d is None]
+    lead = len(dynamic)
+    if dynamic != list(range(lead)) or lead > first:
+        return None
+    static_outer = int(np.prod(spec.shape[lead:first], dtype=np.int64))
+    inner = int(np.prod(spec.shape[last + 1:], dtype=np.int64))
+    return lead, spec.shape[lead:], static_outer, inner
 
 
 def _written_params(x, gamma, beta, mm, mv, from_buffer, ctype, pdtype, cshape, null):
