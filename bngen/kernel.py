@@ -76,10 +76,9 @@ class Kernel:
     # -- public calls ------------------------------------------------------------------
     def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None, threads=None):
         """Normalise `x`; returns y (written into `out` if given)."""
-        if out is None:
-            done = self._fast_call(x, gamma, beta, moving_mean, moving_variance, threads, False)
-            if done is not None:
-                return done
+        done = self._fast_call(x, gamma, beta, moving_mean, moving_variance, out, threads, False)
+        if done is not None:
+            return done
         y, _, _ = self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=False)
         return y
 
@@ -94,10 +93,9 @@ class Kernel:
                 "forward: this is a mode-0 inference kernel, which normalises with moving statistics "
                 "and computes none; call kernel(x, gamma, beta, moving_mean, moving_variance) instead"
             )
-        if out is None:
-            done = self._fast_call(x, gamma, beta, moving_mean, moving_variance, threads, True)
-            if done is not None:
-                return done
+        done = self._fast_call(x, gamma, beta, moving_mean, moving_variance, out, threads, True)
+        if done is not None:
+            return done
         return self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=True)
 
     def backward(self, dy, x, gamma=None, mean=None, variance=None, out=None, *, beta=None,
@@ -313,7 +311,7 @@ class Kernel:
 # any C runs; the fast path only orders them for speed.
 def _fast_path(kernel: "Kernel"):
     """The fast-path function of `kernel`: ``(x, gamma, beta, moving_mean,
-    moving_variance, threads, want_stats)`` -> y (or ``(y, mean, variance)`` with
+    moving_variance, out, threads, want_stats)`` -> y (or ``(y, mean, variance)`` with
     want_stats) after running the kernel, or None, having run nothing, when the call
     needs the checked path."""
     spec, plan = kernel.spec, kernel.plan
@@ -361,7 +359,9 @@ def _fast_path(kernel: "Kernel"):
         last[0] = held  # one store: concurrent callers see an old or a new entry, never a mix
         return held
 
-    def fast(x, gamma, beta, mm, mv, threads, want_stats):
+    share = np.may_share_memory
+
+    def fast(x, gamma, beta, mm, mv, out, threads, want_stats):
         if x.__class__ is not ndarray and not isinstance(x, ndarray):
             return None
         shape = x.shape
@@ -399,9 +399,18 @@ def _fast_path(kernel: "Kernel"):
                     return None
             else:
                 cmm, cmv = held[6], held[7]
+            if out is None:
+                y = empty(shape, dtype)
+            elif out.__class__ is not ndarray or out.dtype != dtype or out.shape != shape:
+                return None
+            else:  # written: shares memory with no other argument
+                y = out
+                for other in (x, gamma, beta, mm, mv):
+                    if other is not None and share(y, other):
+                        return None
+            cy = from_buffer(data_ct, y, True)
         except ValueError:  # not C-contiguous, or read-only where written
             return None
-        y = empty(shape, dtype)
         if want_stats:
             stat_shape = shape[:first] if per_sample else cshape
             mean, variance = empty(stat_shape, pdtype), empty(stat_shape, pdtype)
@@ -409,7 +418,7 @@ def _fast_path(kernel: "Kernel"):
         else:
             mean = variance = None
             cmean = cvar = null
-        run(*pick((cx, from_buffer(data_ct, y, True), held[4], held[5], cmm, cmv, cmean, cvar, outer, inner, threads)))
+        run(*pick((cx, cy, held[4], held[5], cmm, cmv, cmean, cvar, outer, inner, threads)))
         return (y, mean, variance) if want_stats else y
 
     return fast
