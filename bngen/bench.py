@@ -254,8 +254,8 @@ def build_memory_probe(dtype: str, cache_dir=None, *, compiler: Optional[Compile
 
 def _memory_fns(probes, data: _Inputs, threads: int) -> Dict[str, Callable]:
     fns = {}
-    for (plan, module), suffix in zip(probes, ("", " streamed")):
-        for name, fn in _probe_fns(plan, module, data, threads).items():
+    for probe, suffix in zip(probes, ("", " streamed")):
+        for name, fn in _probe_fns(*probe, data, threads).items():
             if suffix and name == "read":
                 continue
             fns[name + suffix] = fn
