@@ -197,3 +197,26 @@ def draw_case(data, plan, params=None):
         }
         params = {k: v.astype(spec.param_dtype) for k, v in params.items()}
     return make_case(plan, x, params)  # baked: the float64 values its constants were folded from
+
+
+def lazy_programs(tmp_path_factory, toolchain: "Toolchain", cases, target):
+    """A function case_id -> (program, params), building each case's program on first use.
+
+    A case is ``(id, spec, baked)``, ``(id, spec, baked, extra_flags)`` or
+    ``(id, spec, target, baked, extra_flags)`` (a target of its own)."""
+    built = {}
+
+    def get(case_id):
+        if case_id not in built:
+            toolchain.require()
+            case = next(c for c in cases if c[0] == case_id)
+            spec = case[1]
+            baked, extra = (case[2], ()) if len(case) == 3 else (case[-2], case[-1])
+            case_target = case[2] if len(case) == 5 else target
+            params = params_for(spec.channels, scale=spec.scale, center=spec.center) if baked else None
+            directory = tmp_path_factory.mktemp(f"{toolchain.name}-{case_id}")
+            program = build_program(directory, spec, toolchain, params=params, target=case_target, extra=extra)
+            built[case_id] = (program, params)
+        return built[case_id]
+
+    return get

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import bngen
 from bngen.emit import emit
-from _emit_support import (AARCH64, CORTEX_M, CORTEX_M4, CORTEX_M_OBJECTS, STRICT, assert_matches, build_program,
+from _emit_support import (AARCH64, CORTEX_M, CORTEX_M4, CORTEX_M_OBJECTS, STRICT, assert_matches, lazy_programs,
                            draw_case, params_for, undefined_symbols)
 
 EXAMPLES = 8
@@ -36,29 +36,14 @@ CORTEX_M_CASES = [
 ]
 
 
-def _programs(tmp_path_factory, toolchain, cases, target):
-    built = {}
-
-    def get(case_id):
-        if case_id not in built:
-            toolchain.require()
-            _, spec, baked = next(c for c in cases if c[0] == case_id)
-            params = params_for(spec.channels, scale=spec.scale, center=spec.center) if baked else None
-            directory = tmp_path_factory.mktemp(f"{toolchain.name}-{case_id}")
-            built[case_id] = (build_program(directory, spec, toolchain, params=params, target=target), params)
-        return built[case_id]
-
-    return get
-
-
 @pytest.fixture(scope="module")
 def aarch64_programs(tmp_path_factory):
-    return _programs(tmp_path_factory, AARCH64, AARCH64_CASES, "aarch64")
+    return lazy_programs(tmp_path_factory, AARCH64, AARCH64_CASES, "aarch64")
 
 
 @pytest.fixture(scope="module")
 def cortex_m_programs(tmp_path_factory):
-    return _programs(tmp_path_factory, CORTEX_M, CORTEX_M_CASES, "cortex-m")
+    return lazy_programs(tmp_path_factory, CORTEX_M, CORTEX_M_CASES, "cortex-m")
 
 
 def _check_batch(program, params, data):

@@ -35,7 +35,7 @@ import bngen
 from bngen import oracle
 from bngen.emit import Case, emit, export_plan, fold_parameters, get_target, make_case
 from bngen.kernel import numpy_dtype
-from _emit_support import (AARCH64, CORTEX_M, CORTEX_M_OBJECTS, HOST, STRICT, build_program, params_for,
+from _emit_support import (AARCH64, CORTEX_M, CORTEX_M_OBJECTS, HOST, STRICT, build_program, lazy_programs, params_for,
                            undefined_symbols)
 from strategies import K
 from test_half import _per_feature, assert_within_one_ulp, half_inputs
@@ -70,36 +70,19 @@ def _params(spec):
     return params_for(spec.channels, scale=spec.scale, center=spec.center)
 
 
-def _programs(tmp_path_factory, toolchain, cases, target):
-    built = {}
-
-    def get(case_id):
-        if case_id not in built:
-            toolchain.require()
-            case = next(c for c in cases if c[0] == case_id)
-            spec, baked, extra = case[1], case[-2], case[-1]
-            tgt = case[2] if len(case) == 5 else target
-            params = _params(spec) if baked else None
-            directory = tmp_path_factory.mktemp(f"{toolchain.name}-{case_id}")
-            built[case_id] = (build_program(directory, spec, toolchain, params=params, target=tgt, extra=extra), params)
-        return built[case_id]
-
-    return get
-
-
 @pytest.fixture(scope="module")
 def host_programs(tmp_path_factory):
-    return _programs(tmp_path_factory, HOST, HOST_CASES, "host")
+    return lazy_programs(tmp_path_factory, HOST, HOST_CASES, "host")
 
 
 @pytest.fixture(scope="module")
 def aarch64_programs(tmp_path_factory):
-    return _programs(tmp_path_factory, AARCH64, AARCH64_CASES, "aarch64")
+    return lazy_programs(tmp_path_factory, AARCH64, AARCH64_CASES, "aarch64")
 
 
 @pytest.fixture(scope="module")
 def cortex_m_programs(tmp_path_factory):
-    return _programs(tmp_path_factory, CORTEX_M, CORTEX_M_CASES, "cortex-m")
+    return lazy_programs(tmp_path_factory, CORTEX_M, CORTEX_M_CASES, "cortex-m")
 
 
 # -- against the oracle, to one ulp ------------------------------------------------------------
