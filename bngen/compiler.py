@@ -68,14 +68,23 @@ class Compiler:
         that a new process loading a cached kernel compiles nothing at all."""
         identity = self.identity()
         record = None
-        if store is not None:
-            record = store / f"compiler-{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
+        if store is not None:  # keyed by flags too: -march decides what the target has
+            key = "\n".join([identity, *self.flags, machine_tag()])
+            record = store / f"compiler-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
             try:
                 return Features(**json.loads(record.read_text()))
             except (OSError, ValueError, TypeError):
                 pass
-        openmp = _probe(self.argv0, identity, "-fopenmp")
-        found = Features(openmp=openmp, simd=openmp or _probe(self.argv0, identity, "-fopenmp-simd"))
+
+        def accepts(*args: str) -> bool:
+            return _probe(self.argv0, identity, args)
+
+        openmp = "-fopenmp" if accepts("-fopenmp") else None
+        found = Features(
+            openmp=openmp,
+            simd=openmp or ("-fopenmp-simd" if accepts("-fopenmp-simd") else None),
+            f16c=accepts(*self.flags, "-DBNGEN_PROBE_F16C", "-fsyntax-only"),
+        )
         if record is not None:
             try:
                 record.parent.mkdir(parents=True, exist_ok=True)
@@ -130,10 +139,12 @@ class Compiler:
 
 @dataclasses.dataclass(frozen=True)
 class Features:
-    """What a compiler accepts: the flag for OpenMP threads and for ``omp simd``."""
+    """What a compiler accepts: the flag for OpenMP threads and for ``omp simd``; and
+    whether, with its flags, the target converts float16 in hardware (x86 F16C)."""
 
     openmp: Optional[str]
     simd: Optional[str]
+    f16c: bool = False
 
 
 def load_module(module_name: str, path: Path):
@@ -172,10 +183,10 @@ def _identity(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(path: str, identity: str, flag: str) -> Optional[str]:
-    """`flag` if the compiler builds a trivial program with it, else None."""
+def _probe(path: str, identity: str, args: Tuple[str, ...]) -> bool:
+    """Whether the compiler builds templates/probe.c with `args`."""
     with tempfile.TemporaryDirectory(prefix="bngen-probe-") as tmp:
         result = subprocess.run(
-            [path, flag, str(template_dir() / "probe.c"), "-o", str(Path(tmp, "probe"))], capture_output=True
+            [path, *args, str(template_dir() / "probe.c"), "-o", str(Path(tmp, "probe"))], capture_output=True
         )
-    return flag if result.returncode == 0 else None
+    return result.returncode == 0

@@ -38,6 +38,10 @@ STREAM_MIN_BYTES = 16 << 20
 STREAMING_KINDS = frozenset({"channels_first training"})
 # Values per L1 buffer that the normalisation fills before it is streamed out.
 STREAM_CHUNK = 1024
+# Values per span that staged (F16C) plans widen into a float buffer before a loop, and
+# narrow back after it: a few KiB of L1, and a multiple of every lane count and of a
+# cache line of float16, so that spans split no lane pattern and no streamed line.
+STAGE_VALUES = 512
 # Channels up to which channels-first inference computes every channel's coefficients
 # first (two stack arrays of this many values) and then sweeps memory in order, run after
 # run, instead of channel after channel.
@@ -56,8 +60,9 @@ class Precision:
     compute: str  # C type the arithmetic is done in
     half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
     stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
-    # float16 conversions: "bits" (portable integer arithmetic) or "native" (the compiler's
-    # __fp16 where it has one, bits otherwise; exported Arm code, see emit.Target).
+    # float16 conversions: "bits" (portable integer arithmetic), "native" (the compiler's
+    # __fp16 where it has one, bits otherwise; exported Arm code, see emit.Target) or
+    # "f16c" (x86 vcvtph2ps/vcvtps2ph, eight values at a time, see Plan.staged).
     half_conversion: str = "bits"
 
     @property
@@ -132,6 +137,7 @@ class Plan:
     stream_min: int = STREAM_MIN_BYTES
     stream_chunk: int = STREAM_CHUNK
     coef_table: bool = False  # channels-first inference: coefficients first, then runs in memory order
+    stage: int = STAGE_VALUES  # values per staged span (Plan.staged)
 
     def entry(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
@@ -152,13 +158,22 @@ class Plan:
         return self.entry("bn_backward") or self.entry("bn_backward_frozen")
 
     @property
+    def staged(self) -> bool:
+        """True when the loops read and write float buffers that whole spans of stored
+        values are widened into and narrowed from, eight at a time in hardware (F16C),
+        instead of converting value by value: GCC does not vectorise a loop of scalar
+        F16C conversions, and the portable bit arithmetic costs about 20 vector
+        operations per value each way."""
+        return self.precision.half_conversion == "f16c"
+
+    @property
     def batch_stats(self) -> bool:
         """True when forward normalises with the input's own statistics."""
         return self.spec.uses_batch_stats
 
 
 def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backward: bool = True,
-              streaming: Optional[bool] = None) -> Plan:
+              streaming: Optional[bool] = None, f16c: bool = False) -> Plan:
     """Decide how `spec` is computed.
 
     `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
@@ -166,7 +181,8 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backwa
     export the gradient entry point where the spec has one (modes 0 and 2).  `streaming`:
     large outputs bypass the caches with x86 streaming stores (needs <emmintrin.h>, so only
     for hosted builds; default: for the kinds in STREAMING_KINDS when `threaded`, which
-    freestanding exports turn off).
+    freestanding exports turn off).  `f16c`: the target converts float16 in hardware,
+    so float16 plans stage their values through float buffers (`Plan.staged`).
     """
     outer, channels, inner = spec.view
     if spec.mode == 1:
@@ -175,9 +191,12 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backwa
         schedule = "channels_last"
     else:
         schedule = "channels_first"
+    precision = PRECISIONS[spec.dtype]
+    if f16c and precision.half == "float16":
+        precision = dataclasses.replace(precision, half_conversion="f16c")
     return Plan(
         spec=spec,
-        precision=PRECISIONS[spec.dtype],
+        precision=precision,
         schedule=schedule,
         outer=outer,
         channels=channels,
