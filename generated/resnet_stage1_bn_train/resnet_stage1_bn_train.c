@@ -40,6 +40,18 @@ typedef double stat_t;   /* merged statistics and per-channel coefficients */
 
 static inline ptrdiff_t min_size(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
 
+/* PREFETCH(p) asks for the cache line at p ahead of its reads (a hint: it never faults).
+ * NOINLINE keeps the lane loops out of line: inlined into a block loop, GCC keeps their
+ * partial sums in memory, and every group of LANES values then waits on a store and a
+ * reload; out of line, with restrict pointers, the sums stay in registers. */
+#if defined(__GNUC__)
+#define PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#define NOINLINE __attribute__((noinline))
+#else
+#define PREFETCH(p) ((void)(p))
+#define NOINLINE
+#endif
+
 /* Count, mean and sum of squared deviations of a set of values. */
 typedef struct {
     stat_t count, mean, m2;
@@ -60,7 +72,7 @@ static inline void moments_merge(moments_t *acc, stat_t count, stat_t mean, stat
 /* Sums x[i] - shift over a run of `len` values into LANES partial sums, one per lane, so
  * the loop vectorises without reordering any one sum; the values past the last whole
  * group of LANES go one to a lane too.  The caller adds the lanes up in a fixed order. */
-static inline void lanes_add_sum(acc_t *restrict s, const data_t *restrict x, ptrdiff_t len, acc_t shift)
+NOINLINE static void lanes_add_sum(acc_t *restrict s, const data_t *restrict x, ptrdiff_t len, acc_t shift)
 {
     const ptrdiff_t whole = len / LANES * LANES;
     for (ptrdiff_t i = 0; i < whole; i += LANES) {
@@ -72,12 +84,18 @@ static inline void lanes_add_sum(acc_t *restrict s, const data_t *restrict x, pt
         s[k] += LOAD(x[whole + k]) - shift;
 }
 
-/* Sums d = x[i] - center and d * d over a run, lane by lane as in lanes_add_sum. */
-static inline void lanes_add_dev(acc_t *restrict s1, acc_t *restrict s2, const data_t *restrict x, ptrdiff_t len,
-                                 acc_t center)
+/* Sums d = x[i] - center and d * d over a run, lane by lane as in lanes_add_sum.  Reading
+ * from L1, it asks meanwhile for the next run to sum, `ahead` (NULL: none; as long as
+ * this one): without that, memory would sit idle while this pass computes. */
+NOINLINE static void lanes_add_dev(acc_t *restrict s1, acc_t *restrict s2, const data_t *restrict x, ptrdiff_t len,
+                                   acc_t center, const data_t *ahead)
 {
     const ptrdiff_t whole = len / LANES * LANES;
     for (ptrdiff_t i = 0; i < whole; i += LANES) {
+        if (ahead) {  /* the lines of LANES values of data_t */
+            PREFETCH(ahead + i);
+            PREFETCH(ahead + i + LANES / 2);
+        }
         OMP(omp simd)
         for (int k = 0; k < LANES; k++) {
             const acc_t d = LOAD(x[i + k]) - center;
@@ -108,9 +126,11 @@ static inline stat_t lanes_total(const acc_t *s)
 /* Adds the moments of `rows` runs of `len` contiguous values, `stride` apart.  Two
  * passes in acc_t: the first finds the block's centre (shifted by its first value, so a
  * constant block is centred exactly), the second sums deviations from it while the
- * block is still in L1.  The sum of deviations corrects the centre's rounding. */
+ * block is still in L1, and prefetches the block to come, `ahead` (NULL: none), whose
+ * runs are at least as many and as long, `stride` apart too.  The sum of deviations
+ * corrects the centre's rounding. */
 static inline void moments_add_block(moments_t *acc, const data_t *x, ptrdiff_t rows, ptrdiff_t len,
-                                     ptrdiff_t stride)
+                                     ptrdiff_t stride, const data_t *ahead)
 {
     const acc_t shift = LOAD(x[0]);
     const stat_t count = (stat_t)(rows * len);
@@ -120,7 +140,7 @@ static inline void moments_add_block(moments_t *acc, const data_t *x, ptrdiff_t 
     const acc_t center = shift + (acc_t)(lanes_total(s) / count);
     acc_t s1[LANES] = {0}, s2[LANES] = {0};
     for (ptrdiff_t r = 0; r < rows; r++)
-        lanes_add_dev(s1, s2, x + r * stride, len, center);
+        lanes_add_dev(s1, s2, x + r * stride, len, center, ahead ? ahead + r * stride : NULL);
     const stat_t dev = lanes_total(s1);
     moments_merge(acc, count, center + dev / count, lanes_total(s2) - dev * dev / count);
 }
@@ -153,13 +173,19 @@ static inline void finish_channel(ptrdiff_t c, stat_t count, stat_t mean_c, stat
     *shift = (acc_t)(beta[c] - (mean_c - (stat_t)*center) * a);
 }
 
-/* Moments of one channel: `outer` runs of `inner` values, CHANNELS * inner apart. */
-static inline void channel_moments(moments_t *acc, const data_t *x, ptrdiff_t outer, ptrdiff_t inner)
+/* Moments of one channel: `outer` runs of `inner` values, CHANNELS * inner apart.  Each
+ * block prefetches the next one of the same shape while it sums, and the last one the
+ * start of the channel that follows, `next` (NULL: none). */
+static inline void channel_moments(moments_t *acc, const data_t *x, ptrdiff_t outer, ptrdiff_t inner,
+                                   const data_t *next)
 {
     const ptrdiff_t stride = (ptrdiff_t)CHANNELS * inner;
     enum { ROWS = STAT_BLOCK / INNER };  /* whole runs per block */
-    for (ptrdiff_t r = 0; r < outer; r += ROWS)
-        moments_add_block(acc, x + r * stride, min_size(ROWS, outer - r), inner, stride);
+    for (ptrdiff_t r = 0; r < outer; r += ROWS) {
+        const ptrdiff_t n = min_size(ROWS, outer - r);
+        const data_t *ahead = r + n == outer ? next : r + ROWS + n <= outer ? x + (r + ROWS) * stride : NULL;
+        moments_add_block(acc, x + r * stride, n, inner, stride, ahead);
+    }
 }
 
 /* Writes one channel: y = (x - center) * scale + shift.
@@ -187,7 +213,7 @@ static inline void forward_channel(ptrdiff_t c, const data_t *restrict x, data_t
     const data_t *xc = x + c * inner;
     acc_t center, scale, shift;
     moments_t acc = {0, 0, 0};
-    channel_moments(&acc, xc, outer, inner);
+    channel_moments(&acc, xc, outer, inner, c + 1 < CHANNELS ? xc + inner : NULL);
     finish_channel(c, acc.count, acc.mean, acc.m2, gamma, beta, moving_mean, moving_variance, mean, variance, &center, &scale, &shift);
     channel_normalize(xc, y + c * inner, outer, inner, center, scale, shift);
 }
