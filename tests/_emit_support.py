@@ -25,6 +25,9 @@ from bngen.kernel import numpy_dtype
 from bngen.render import template_dir
 
 STRICT = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror")
+# Symbols a freestanding Cortex-M object must not reference: no allocator, stdio, exit or libm.
+FORBIDDEN = {"malloc", "calloc", "realloc", "free", "printf", "fprintf", "puts", "putchar", "fwrite", "fputs",
+             "sprintf", "snprintf", "abort", "exit", "sqrt", "pow", "exp", "log"}
 CORTEX_M4 = ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16")
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
 

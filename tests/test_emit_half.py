@@ -35,7 +35,7 @@ import bngen
 from bngen import oracle
 from bngen.emit import Case, emit, export_plan, fold_parameters, get_target, make_case
 from bngen.kernel import numpy_dtype
-from _emit_support import (AARCH64, CORTEX_M, CORTEX_M_OBJECTS, HOST, STRICT, build_program, lazy_programs, params_for,
+from _emit_support import (FORBIDDEN, AARCH64, CORTEX_M, CORTEX_M_OBJECTS, HOST, STRICT, build_program, lazy_programs, params_for,
                            undefined_symbols)
 from strategies import K
 from test_half import _per_feature, assert_within_one_ulp, half_inputs
@@ -362,10 +362,6 @@ def test_harness_passes_on_the_emulated_board(tmp_path, toolchain, target, extra
 
 
 # -- Cortex-M4 objects -------------------------------------------------------------------------------
-FORBIDDEN = {"malloc", "calloc", "realloc", "free", "printf", "fprintf", "puts", "putchar", "fwrite", "fputs",
-             "sprintf", "snprintf", "abort", "exit", "sqrt", "pow", "exp", "log"}
-
-
 @pytest.mark.parametrize("kind,spec", [
     ("baked", bngen.Spec((1, 32, 32, 16), dtype="float16", training=False, activation="relu")),
     ("baked", bngen.Spec((None, 16, 64), axis=1, dtype="bfloat16", training=False)),
