@@ -7,7 +7,7 @@ caller array untouched.
 
 from __future__ import annotations
 
-import operator
+import math
 import os
 from typing import Any, Optional, Tuple
 
@@ -67,8 +67,15 @@ class Kernel:
         self._backward_entry: Optional[Entry] = plan.backward
         self._backward_fn = self._backward_entry and getattr(self._lib, self._backward_entry.name)
         self._threads = default_threads()
-        self._fast_call = _fast_path(self)
-        self._fast_backward = _fast_backward_path(self)
+        self._fast_forward = _fast_path(self, want_stats=True) if spec.uses_batch_stats else None
+        # The fast paths of __call__ and backward become methods of a class of this kernel's own
+        # (Python looks __call__ up on the type): one Python frame per call instead of two, about
+        # 0.1 us.  The calls they refuse take the checked path, as before.
+        fast = {"__call__": _fast_path(self, want_stats=False), "backward": _fast_backward_path(self)}
+        fast = {name: method for name, method in fast.items() if method is not None}
+        if fast:
+            self.__class__ = type("Kernel", (Kernel,), dict(
+                fast, __doc__=Kernel.__doc__, __module__=Kernel.__module__, __qualname__=Kernel.__qualname__))
 
     def __repr__(self) -> str:
         return f"<bngen.Kernel {self.spec.describe()}>"
@@ -76,9 +83,7 @@ class Kernel:
     # -- public calls ------------------------------------------------------------------
     def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None, threads=None):
         """Normalise `x`; returns y (written into `out` if given)."""
-        done = self._fast_call(x, gamma, beta, moving_mean, moving_variance, out, threads, False)
-        if done is not None:
-            return done
+        # The checked path; a kernel with a fast path calls that instead (see __init__).
         y, _, _ = self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=False)
         return y
 
@@ -88,14 +93,13 @@ class Kernel:
         mean and variance are the batch mean and biased batch variance per feature
         (per sample in mode 1, with shape ``x.shape[:axis]``).
         """
+        if self._fast_forward is not None:  # it takes the checked path itself when needed
+            return self._fast_forward(self, x, gamma, beta, moving_mean, moving_variance, out=out, threads=threads)
         if not self.spec.uses_batch_stats:
             raise TypeError(
                 "forward: this is a mode-0 inference kernel, which normalises with moving statistics "
                 "and computes none; call kernel(x, gamma, beta, moving_mean, moving_variance) instead"
             )
-        done = self._fast_call(x, gamma, beta, moving_mean, moving_variance, out, threads, True)
-        if done is not None:
-            return done
         return self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats=True)
 
     def backward(self, dy, x, gamma=None, mean=None, variance=None, out=None, *, beta=None,
@@ -127,10 +131,7 @@ class Kernel:
 
         Mode 1 (sample-wise) has no backward: TypeError.
         """
-        if out is None and self._fast_backward is not None:
-            done = self._fast_backward(dy, x, gamma, mean, variance, beta, moving_mean, moving_variance, threads)
-            if done is not None:
-                return done
+        # The checked path; a kernel with a fast path calls that instead (see __init__).
         spec, entry = self.spec, self._backward_entry
         if entry is None:
             raise TypeError("backward: mode 1 (sample-wise) kernels have no backward in bngen; use mode 0 or 2")
@@ -305,194 +306,307 @@ class Kernel:
 # -- the fast path ------------------------------------------------------------------------
 # A call whose arrays are all exactly what the kernel needs (arrays of the right dtype and
 # shape, C-contiguous, writable where written, no overlap) costs a few identity and tuple
-# comparisons plus one ffi.from_buffer per array; from_buffer itself refuses arrays that
-# are not C-contiguous and, for written arrays, read-only ones.  Any other call, valid or
-# not, takes Kernel._run, whose checks explain what is wrong.  Both run every check before
-# any C runs; the fast path only orders them for speed.
-def _fast_path(kernel: "Kernel"):
-    """The fast-path function of `kernel`: ``(x, gamma, beta, moving_mean,
-    moving_variance, out, threads, want_stats)`` -> y (or ``(y, mean, variance)`` with
-    want_stats) after running the kernel, or None, having run nothing, when the call
-    needs the checked path."""
-    spec, plan = kernel.spec, kernel.plan
+# comparisons plus one ffi.from_buffer per new array; from_buffer itself refuses arrays
+# that are not C-contiguous and, for written arrays, read-only ones.  Any other call, valid
+# or not, is refused, having run nothing, and takes the checked path (`Kernel._run`, or
+# the body of `Kernel.backward`), whose checks explain what is wrong.  Both run every check before any C runs; the fast
+# path only orders them for speed.
+#
+# Parameter arrays are usually the same objects call after call (and one kernel serves every
+# layer of its spec, so a few sets take turns): the last KEPT_SETS sets seen are kept, each
+# with its C pointers and what its full check established, as a tuple
+#     (gamma, beta, moving_mean, moving_variance, pointers, tail, written_spans)
+# (strong references, so their memory cannot go away; see _param_memory for the rest).  On
+# a later call with the same objects, only what can change in place is checked again:
+# * dtype and strides.  An array's dtype, shape and strides have setters, but none of them
+#   changes its byte length: the shape and strides setters keep the size and dtype, and the
+#   dtype setter rescales the last axis to keep its bytes.  So an array that had shape (C,)
+#   and the parameter dtype when checked in full, and still has that dtype and strides
+#   (itemsize,), is still one-dimensional (one stride) with C values (the same bytes at the
+#   same itemsize), C-contiguous: shape and contiguity need no check of their own.
+# * writability of the arrays updated in place (flags.writeable has a setter).
+# * overlap with x and out, which are new arrays on every call.  Overlap among the kept
+#   arrays cannot change: their data pointers are fixed while we hold them (NumPy refuses to
+#   resize an array referenced elsewhere; resize(refcheck=False) and __setstate__, pickle's
+#   hook, are the documented exceptions, which leave NumPy's own views dangling too) and,
+#   by the above, so are their byte lengths.
+# The overlap checks compare C pointers to the arrays' first and one-past-last values (cffi
+# orders pointers by address): for C-contiguous arrays that is exactly the bounds check
+# np.may_share_memory makes, at a fraction of its cost.
+# A set seen for the first time (a training step's new batch statistics, say) is checked in
+# full about as cheaply as before any of this was kept.
+
+KEPT_SETS = 4  # a few layers sharing one kernel take turns without a full check each
+
+
+class _Refused(Exception):
+    """Raised inside a fast path for a call that needs the checked path."""
+
+
+def _param_memory(kernel: "Kernel", slots, suffix=(), lasting=True):
+    """``(last, recall)`` for a fast path whose four parameter positions are `slots`,
+    ``(used, required, written)`` each.  ``last[0]`` is the tuple of the sets kept, newest
+    first, which the fast path looks at itself; ``recall(a, b, c, d)`` finds the set among
+    the older ones and checks what can have changed in place, or checks a new set in full
+    and keeps it, and returns its ``(pointers, tail, written_spans)``; it raises `_Refused`
+    when the call needs the checked path.  `pointers`: the C arguments of the entry's
+    parameters, in entry order (NULL for an optional one not given); `tail`: `pointers`
+    followed by `suffix`; `written_spans`: ``(first, one-past-last)`` pointers of the arrays
+    the kernel updates.  `lasting`: the sets are expected to be used again (weights, moving
+    statistics), so their pointers are made plain ``param_t *``, which cost ~0.13 us each to
+    make and save ~10 ns each in every call that passes them (cffi converts them faster)."""
+    pdtype, channels = kernel._pdtype, kernel.plan.channels
+    cshape, cstrides = (channels,), (pdtype.itemsize,)
+    ffi = kernel._ffi
+    from_buffer, null, ndarray, param_ct = ffi.from_buffer, ffi.NULL, np.ndarray, ffi.typeof(kernel._param_ct)
+    cast, param_ptr = ffi.cast, ffi.typeof(_CTYPES[kernel.spec.param_dtype] + " *")
+    any_written = any(writes for _, _, writes in slots)
+    last = [((object(),) * 4 + ((), (), ()),)]  # a set that no call passes
+
+    def recall(*given):
+        for entry in last[0][1:]:
+            if entry[0] is given[0] and entry[1] is given[1] and entry[2] is given[2] and entry[3] is given[3]:
+                for value, (_, _, writes) in zip(given, slots):  # what can change in place (see above)
+                    if value is not None and (value.dtype is not pdtype or value.strides != cstrides
+                                              or writes and not value.flags.writeable):
+                        raise _Refused
+                return entry[4:]
+        return remember(given)
+
+    def remember(given):
+        pointers, written_spans = [], []
+        for value, (used, required, writes) in zip(given, slots):
+            if value is None:
+                if required:
+                    raise _Refused
+                if used:
+                    pointers.append(null)
+            elif not used or not isinstance(value, ndarray) or value.dtype is not pdtype or value.shape != cshape:
+                raise _Refused
+            else:
+                try:
+                    pointer = from_buffer(param_ct, value, writes)
+                except ValueError:  # not C-contiguous, or read-only where written
+                    raise _Refused from None
+                if lasting:  # (the kept set holds the array, so its memory stays)
+                    pointer = cast(param_ptr, pointer)
+                pointers.append(pointer)
+                if writes:
+                    written_spans.append((pointer, pointer + channels))
+        if any_written:  # an array written shares memory with no other one
+            for start, end in written_spans:
+                for other in pointers:
+                    if other is not start and other is not null and other < end and start < other + channels:
+                        raise _Refused
+        pointers = tuple(pointers)
+        entry = given + (pointers, pointers + suffix, tuple(written_spans))
+        last[0] = (entry,) + last[0][: KEPT_SETS - 1]  # one store: readers see an old or a new tuple
+        return entry[4:]
+
+    return last, recall
+
+
+def _fast_path(kernel: "Kernel", want_stats: bool):
+    """The fast `__call__` of `kernel` (with `want_stats`, the body of its `forward`), with
+    the signature of `Kernel.__call__`; None for specs whose calls always take the checked
+    path.  It runs the checked path itself for the calls it refuses."""
+    spec, plan, entry = kernel.spec, kernel.plan, kernel._forward_entry
     layout = _fast_layout(spec)
     if layout is None:
-        return lambda *args: None
-    first = spec.axis[0]
-    ndim = spec.ndim
+        return None
     lead, tail, static_outer, inner = layout
-    dtype, pdtype, cshape = kernel._dtype, kernel._pdtype, (plan.channels,)
-    data_ct, param_ct = kernel._data_ct, kernel._param_ct
-    from_buffer, null, empty, ndarray = kernel._ffi.from_buffer, kernel._ffi.NULL, np.empty, np.ndarray
-    scale, center = spec.scale, spec.center
     moving = "inout" if spec.updates_moving_stats else "in" if spec.mode == 0 else None
     written = moving == "inout"
+    # (used, required, written) of gamma, beta, moving_mean, moving_variance
+    moving_slot = (moving is not None, moving == "in", written)
+    slots = ((spec.scale, spec.scale, False), (spec.center, spec.center, False), moving_slot, moving_slot)
+    names = [a.name for a in entry.args]
+    has_stats, threaded = "mean" in names, "nthreads" in names
+    # The C arguments are passed by position: x, y, the parameters, the statistics, the sizes.
+    expected = ["x", "y"] + [n for n, (used, _, _) in zip(("gamma", "beta", "moving_mean", "moving_variance"), slots) if used]
+    expected += ["mean", "variance"] * has_stats + ["outer"] * (lead > 0) + ["nthreads"] * threaded
+    if names != expected:
+        return None
+    ffi = kernel._ffi
+    null, default_threads = ffi.NULL, kernel._threads
+    no_stats = (null, null) if has_stats else ()  # the statistics are optional outputs of training kernels
+    # What follows x and y in a call without statistics, of a spec without dynamic sizes, with
+    # the default thread count: kept with each parameter set, so that such a call builds one tuple.
+    suffix = no_stats + (default_threads,) * threaded
+    last, recall = _param_memory(kernel, slots, suffix)
+    first, per_sample = spec.axis[0], spec.mode == 1
     unbiased_check = spec.updates_moving_stats and spec.unbiased
-    per_sample = spec.mode == 1
-    default_threads = kernel._threads
-    order = ("x", "y", "gamma", "beta", "moving_mean", "moving_variance", "mean", "variance", "outer", "inner", "nthreads")
-    pick = operator.itemgetter(*(order.index(a.name) for a in kernel._forward_entry.args))
-    run = kernel._forward_fn
+    dtype, pdtype, channels = kernel._dtype, kernel._pdtype, plan.channels
+    cshape, cstrides = (channels,), (pdtype.itemsize,)
+    data_ct, param_ct = ffi.typeof(kernel._data_ct), ffi.typeof(kernel._param_ct)
+    from_buffer, empty, ndarray, run = ffi.from_buffer, np.empty, np.ndarray, kernel._forward_fn
+    plain = not want_stats and not lead  # with the default thread count, the C arguments are x, y, tail_args
 
-    # Read-only parameter arrays are usually the same objects call after call: the last
-    # ones seen are kept (a strong reference, so their memory cannot go away) with their
-    # cffi pointers.  Their dtype, shape and contiguity, which can change in place, are
-    # checked again on every call; an array's data pointer cannot change while we hold it
-    # (NumPy refuses to resize an array referenced elsewhere, unless told refcheck=False,
-    # which it documents as unsafe for exactly this reason).
-    last = [(None, None, None, None, null, null, null, null)]
-    readonly_moving = moving == "in"
-
-    def params(gamma, beta, mm, mv):
-        """The cffi pointers of the read-only parameters, or None."""
-        for value, used in ((gamma, scale), (beta, center), (mm, readonly_moving), (mv, readonly_moving)):
-            if value is None:
-                if used:
-                    return None
-            elif not used or not isinstance(value, ndarray) or value.dtype != pdtype or value.shape != cshape:
-                return None
-        held = (gamma, beta, mm, mv,
-                null if gamma is None else from_buffer(param_ct, gamma),
-                null if beta is None else from_buffer(param_ct, beta),
-                null if mm is None else from_buffer(param_ct, mm),
-                null if mv is None else from_buffer(param_ct, mv))
-        last[0] = held  # one store: concurrent callers see an old or a new entry, never a mix
-        return held
-
-    share = np.may_share_memory
-
-    def fast(x, gamma, beta, mm, mv, out, threads, want_stats):
-        if x.__class__ is not ndarray and not isinstance(x, ndarray):
-            return None
-        shape = x.shape
-        if x.dtype is not dtype and x.dtype != dtype:
-            return None
-        if (shape != tail) if lead == 0 else (len(shape) != ndim or shape[lead:] != tail):
-            return None
-        outer = static_outer
-        if lead:
-            for i in range(lead):
-                outer *= shape[i]
-        if outer <= 0 or (unbiased_check and outer * inner == 1):
-            return None
-        if threads is None:
-            threads = default_threads
-        elif threads.__class__ is not int or threads < 1:
-            return None
+    def call(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None, threads=None):
         try:
-            cx = from_buffer(data_ct, x)
-            held = last[0]  # one read: a consistent entry even if another thread replaces it
-            if gamma is not held[0] or beta is not held[1] or (not written and (mm is not held[2] or mv is not held[3])):
-                held = params(gamma, beta, None, None) if written else params(gamma, beta, mm, mv)
-                if held is None:
-                    return None
-            elif not (
-                (gamma is None or gamma.dtype is pdtype and gamma.shape == cshape and gamma.flags.c_contiguous)
-                and (beta is None or beta.dtype is pdtype and beta.shape == cshape and beta.flags.c_contiguous)
-                and (written or mm is None or mm.dtype is pdtype and mm.shape == cshape and mm.flags.c_contiguous)
-                and (written or mv is None or mv.dtype is pdtype and mv.shape == cshape and mv.flags.c_contiguous)
-            ):
-                return None
-            if written:  # updated in place: checked afresh every call (writable, no overlap)
-                cmm, cmv = _written_params(x, gamma, beta, mm, mv, from_buffer, param_ct, pdtype, cshape, null)
-                if cmm is None:
-                    return None
-            else:
-                cmm, cmv = held[6], held[7]
+            if x.__class__ is not ndarray and not isinstance(x, ndarray):
+                raise _Refused
+            shape = x.shape
+            if x.dtype is not dtype and x.dtype != dtype:
+                raise _Refused
+            if lead:
+                if shape[lead:] != tail:  # (also when x has another number of dimensions)
+                    raise _Refused
+                outer = static_outer * shape[0] if lead == 1 else static_outer * math.prod(shape[:lead])
+                if outer <= 0 or (unbiased_check and outer * inner == 1):
+                    raise _Refused
+            elif shape != tail:
+                raise _Refused
+            if threads is not None and (threads.__class__ is not int or threads < 1):
+                raise _Refused
+            # the newest kept set (last[0] is read once: a consistent tuple even if another thread replaces it)
+            kept_gamma, kept_beta, kept_mm, kept_mv, pointers, tail_args, written_spans = last[0][0]
+            if gamma is not kept_gamma or beta is not kept_beta or moving_mean is not kept_mm \
+                    or moving_variance is not kept_mv:
+                pointers, tail_args, written_spans = recall(gamma, beta, moving_mean, moving_variance)
+            elif not (  # what can change in place (see above), as recall checks it, unrolled for speed
+                (gamma is None or gamma.dtype is pdtype and gamma.strides == cstrides)
+                and (beta is None or beta.dtype is pdtype and beta.strides == cstrides)
+                and (moving_mean is None or moving_mean.dtype is pdtype and moving_mean.strides == cstrides)
+                and (moving_variance is None or moving_variance.dtype is pdtype and moving_variance.strides == cstrides)
+            ) or written and not ((moving_mean is None or moving_mean.flags.writeable)
+                                  and (moving_variance is None or moving_variance.flags.writeable)):
+                raise _Refused
+            cx = from_buffer(data_ct, x)  # ValueError if not C-contiguous
             if out is None:
                 y = empty(shape, dtype)
-            elif out.__class__ is not ndarray or out.dtype != dtype or out.shape != shape:
-                return None
-            else:  # written: shares memory with no other argument
+                cy = from_buffer(data_ct, y)  # writable: it is new
+            elif out.__class__ is not ndarray or (out.dtype is not dtype and out.dtype != dtype) or out.shape != shape:
+                raise _Refused
+            else:
                 y = out
-                for other in (x, gamma, beta, mm, mv):
-                    if other is not None and share(y, other):
-                        return None
-            cy = from_buffer(data_ct, y, True)
-        except ValueError:  # not C-contiguous, or read-only where written
-            return None
-        if want_stats:
-            stat_shape = shape[:first] if per_sample else cshape
-            mean, variance = empty(stat_shape, pdtype), empty(stat_shape, pdtype)
-            cmean, cvar = from_buffer(param_ct, mean, True), from_buffer(param_ct, variance, True)
+                cy = from_buffer(data_ct, y, True)  # ValueError if read-only or not C-contiguous
+            if written_spans or out is not None:  # an array written shares memory with no other argument
+                size = x.size
+                x_end = cx + size
+                for start, end in written_spans:
+                    if start < x_end and cx < end:
+                        raise _Refused
+                if out is not None:
+                    y_end = cy + size
+                    if cy < x_end and cx < y_end:
+                        raise _Refused
+                    for start in pointers:
+                        if start is not null and start < y_end and cy < start + channels:
+                            raise _Refused
+        except (_Refused, ValueError):  # ValueError: from_buffer's refusals
+            pass  # the checked path runs below, outside this handler, so its errors chain to nothing
         else:
-            mean = variance = None
-            cmean = cvar = null
-        run(*pick((cx, cy, held[4], held[5], cmm, cmv, cmean, cvar, outer, inner, threads)))
+            if plain and threads is None:
+                run(*((cx, cy) + tail_args))
+                return y
+            if threads is None:
+                threads = default_threads
+            if threaded:
+                sizes = (outer, threads) if lead else (threads,)
+            else:
+                sizes = (outer,) if lead else ()
+            if not want_stats:
+                run(*((cx, cy) + pointers + no_stats + sizes))
+                return y
+            stat_shape = shape[:first] if per_sample else cshape
+            mean, variance = empty(stat_shape, pdtype), empty(stat_shape, pdtype)  # new, so writable
+            run(*((cx, cy) + pointers + (from_buffer(param_ct, mean), from_buffer(param_ct, variance)) + sizes))
+            return y, mean, variance
+        y, mean, variance = self._run(x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats)
         return (y, mean, variance) if want_stats else y
 
-    return fast
+    public = Kernel.forward if want_stats else Kernel.__call__
+    call.__name__, call.__qualname__, call.__doc__ = public.__name__, public.__qualname__, public.__doc__
+    return call
 
 
 def _fast_backward_path(kernel: "Kernel"):
-    """The fast path of `Kernel.backward` for specs that normalise with batch statistics
-    (the training gradient), on the terms of `_fast_path`: ``(dy, x, gamma, mean,
-    variance, beta, moving_mean, moving_variance, threads)`` -> ``(dx, dgamma, dbeta)``
-    after running the kernel, or None, having run nothing.  None for other specs."""
+    """The fast `backward` of `kernel`, for specs that normalise with batch statistics (the
+    training gradient), on the terms of `_fast_path`, with the signature of
+    `Kernel.backward`; None for other specs.  It runs the checked path (`Kernel.backward`)
+    itself for the calls it refuses, which include every call with ``out=``."""
     spec, plan, entry = kernel.spec, kernel.plan, kernel._backward_entry
     if entry is None or entry.name != "bn_backward":
         return None
     layout = _fast_layout(spec)
     if layout is None:
         return None
-    ndim = spec.ndim
-    lead, tail, static_outer, inner = layout
-    dtype, pdtype, cshape = kernel._dtype, kernel._pdtype, (plan.channels,)
-    data_ct, param_ct = kernel._data_ct, kernel._param_ct
-    from_buffer, null, empty, ndarray = kernel._ffi.from_buffer, kernel._ffi.NULL, np.empty, np.ndarray
+    lead, tail, static_outer, _ = layout
     scale, center = spec.scale, spec.center
     wants_beta = spec.activation == "relu" and center
-    default_threads = kernel._threads
-    order = ("dy", "x", "gamma", "beta", "mean", "variance", "dx", "dgamma", "dbeta", "outer", "inner", "nthreads")
-    pick = operator.itemgetter(*(order.index(a.name) for a in entry.args))
-    run = kernel._backward_fn
+    # (used, required, written) of gamma, beta, mean, variance
+    slots = ((scale, scale, False), (wants_beta, wants_beta, False), (True, True, False), (True, True, False))
+    names = [a.name for a in entry.args]
+    threaded = "nthreads" in names
+    # The C arguments are passed by position: dy, x, the parameters, the gradients, the sizes.
+    expected = ["dy", "x"] + ["gamma"] * scale + ["beta"] * wants_beta + ["mean", "variance", "dx"]
+    expected += ["dgamma"] * scale + ["dbeta"] * center + ["outer"] * (lead > 0) + ["nthreads"] * threaded
+    if names != expected:
+        return None
+    # a training step passes the statistics of its own forward: new arrays at every step
+    last, recall = _param_memory(kernel, slots, lasting=False)
+    dtype, pdtype, channels = kernel._dtype, kernel._pdtype, plan.channels
+    cshape, cstrides = (channels,), (pdtype.itemsize,)
+    ffi = kernel._ffi
+    data_ct, param_ct = ffi.typeof(kernel._data_ct), ffi.typeof(kernel._param_ct)
+    from_buffer, empty, ndarray = ffi.from_buffer, np.empty, np.ndarray
+    default_threads, run, checked = kernel._threads, kernel._backward_fn, Kernel.backward
 
-    def param(value):
-        """The pointer to a read-only (C,) parameter, None if it is not one (or None)."""
-        if value is None or not isinstance(value, ndarray) or value.dtype != pdtype or value.shape != cshape:
-            return None
-        return from_buffer(param_ct, value)
-
-    def fast(dy, x, gamma, mean, variance, beta, moving_mean, moving_variance, threads):
-        if moving_mean is not None or moving_variance is not None:
-            return None
-        if not isinstance(x, ndarray) or not isinstance(dy, ndarray):
-            return None
-        shape = x.shape
-        if x.dtype != dtype or dy.dtype != dtype or dy.shape != shape:
-            return None
-        if (shape != tail) if lead == 0 else (len(shape) != ndim or shape[lead:] != tail):
-            return None
-        outer = static_outer
-        if lead:
-            for i in range(lead):
-                outer *= shape[i]
-        if outer <= 0:
-            return None
-        if threads is None:
-            threads = default_threads
-        elif threads.__class__ is not int or threads < 1:
-            return None
-        if (gamma is None) == scale or (beta is None) == wants_beta:
-            return None
+    def backward(self, dy, x, gamma=None, mean=None, variance=None, out=None, *, beta=None,
+                 moving_mean=None, moving_variance=None, threads=None):
         try:
-            cdy, cx = from_buffer(data_ct, dy), from_buffer(data_ct, x)
-            cg = param(gamma) if scale else null
-            cb = param(beta) if wants_beta else null
-            cmean, cvar = param(mean), param(variance)
-        except ValueError:  # not C-contiguous
-            return None
-        if cg is None or cb is None or cmean is None or cvar is None:
-            return None
-        dx = empty(shape, dtype)
-        dgamma = empty(cshape, pdtype) if scale else None
-        dbeta = empty(cshape, pdtype) if center else None
-        run(*pick((cdy, cx, cg, cb, cmean, cvar, from_buffer(data_ct, dx, True),
-                   null if dgamma is None else from_buffer(param_ct, dgamma, True),
-                   null if dbeta is None else from_buffer(param_ct, dbeta, True), outer, inner, threads)))
-        return dx, dgamma, dbeta
+            if out is not None or moving_mean is not None or moving_variance is not None:
+                raise _Refused
+            if (x.__class__ is not ndarray and not isinstance(x, ndarray)) or (
+                    dy.__class__ is not ndarray and not isinstance(dy, ndarray)):
+                raise _Refused
+            shape = x.shape
+            if (x.dtype is not dtype and x.dtype != dtype) or (dy.dtype is not dtype and dy.dtype != dtype) \
+                    or dy.shape != shape:
+                raise _Refused
+            if lead:
+                if shape[lead:] != tail:  # (also when x has another number of dimensions)
+                    raise _Refused
+                outer = static_outer * shape[0] if lead == 1 else static_outer * math.prod(shape[:lead])
+                if outer <= 0:
+                    raise _Refused
+            elif shape != tail:
+                raise _Refused
+            if threads is not None and (threads.__class__ is not int or threads < 1):
+                raise _Refused
+            kept_gamma, kept_beta, kept_mean, kept_variance, pointers, _, _ = last[0][0]  # as in _fast_path
+            if gamma is not kept_gamma or beta is not kept_beta or mean is not kept_mean \
+                    or variance is not kept_variance:
+                pointers, _, _ = recall(gamma, beta, mean, variance)
+            elif not (  # what can change in place, as in _fast_path
+                (gamma is None or gamma.dtype is pdtype and gamma.strides == cstrides)
+                and (beta is None or beta.dtype is pdtype and beta.strides == cstrides)
+                and mean.dtype is pdtype and mean.strides == cstrides
+                and variance.dtype is pdtype and variance.strides == cstrides
+            ):
+                raise _Refused
+            cdy, cx = from_buffer(data_ct, dy), from_buffer(data_ct, x)  # ValueError if not C-contiguous
+        except (_Refused, ValueError):
+            pass  # the checked path runs below, outside this handler, so its errors chain to nothing
+        else:
+            dx = empty(shape, dtype)  # new arrays, so from_buffer need not ask for writable ones
+            dgamma = empty(cshape, pdtype) if scale else None
+            dbeta = empty(cshape, pdtype) if center else None
+            grads = ((from_buffer(param_ct, dgamma),) if scale else ()) + ((from_buffer(param_ct, dbeta),) if center else ())
+            if threads is None:
+                threads = default_threads
+            if threaded:
+                sizes = (outer, threads) if lead else (threads,)
+            else:
+                sizes = (outer,) if lead else ()
+            run(*((cdy, cx) + pointers + (from_buffer(data_ct, dx),) + grads + sizes))
+            return dx, dgamma, dbeta
+        return checked(self, dy, x, gamma, mean, variance, out, beta=beta, moving_mean=moving_mean,
+                       moving_variance=moving_variance, threads=threads)
 
-    return fast
+    backward.__qualname__, backward.__doc__ = checked.__qualname__, checked.__doc__
+    return backward
 
 
 def _fast_layout(spec: Spec):
@@ -508,23 +622,6 @@ def _fast_layout(spec: Spec):
     static_outer = int(np.prod(spec.shape[lead:first], dtype=np.int64))
     inner = int(np.prod(spec.shape[last + 1:], dtype=np.int64))
     return lead, spec.shape[lead:], static_outer, inner
-
-
-def _written_params(x, gamma, beta, mm, mv, from_buffer, ctype, pdtype, cshape, null):
-    """Pointers to the moving statistics a training call updates in place (writable,
-    sharing memory with nothing else it touches), or (None, None)."""
-    out = []
-    for value in (mm, mv):
-        if value is None:
-            out.append(null)
-        elif not isinstance(value, np.ndarray) or value.dtype != pdtype or value.shape != cshape:
-            return None, None
-        else:
-            out.append(from_buffer(ctype, value, True))  # ValueError if read-only / not contiguous
-    for a, b in ((x, mm), (x, mv), (mm, mv), (gamma, mm), (gamma, mv), (beta, mm), (beta, mv)):
-        if a is not None and b is not None and np.may_share_memory(a, b):
-            return None, None
-    return out[0], out[1]
 
 
 def _one_of(name: str, value, alias: str, alias_value):

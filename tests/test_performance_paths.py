@@ -6,13 +6,14 @@ STAT_BLOCK, static and runtime sizes, run tails), the channels-last register gro
 than a statistics block, streaming stores (forced on for small tensors, every alignment
 of the output, an unaligned output, and one tensor above the real threshold), threads 1
 to 3 and run-to-run determinism, the large-offset and constant-feature cases on every
-schedule, the fast Python call paths of forward and backward (cached parameter pointers, in-place changes of a
-cached array, every fallback), the memory probes and `bngen bench` itself (a smoke run,
-never a timed assertion).
+schedule, the fast Python call paths of forward and backward (kept parameter sets and their
+pointers, sets taking turns, every in-place change of a kept array, kept moving statistics,
+overlap with x and out, unchained errors, two threads, every fallback), the memory probes and
+`bngen bench` itself (a smoke run, never a timed assertion).
 
-Specs: 21 kernels (9 general, 4 with streaming forced on, 1 real-size streaming, 4 backward,
+Specs: 22 kernels (10 general, 4 with streaming forced on, 1 real-size streaming, 4 backward,
 2 memory probes, bench's own).  Examples: about 330 drawn calls in all (40 per
-hypothesis test) plus ~100 fixed calls.
+hypothesis test) plus ~800 fixed calls (600 of them from two threads).
 """
 
 from __future__ import annotations
@@ -289,17 +290,28 @@ def test_cached_parameters_follow_their_contents(infer, rng):
 
 
 def test_cached_parameter_changed_in_place_is_checked_again(infer, rng):
+    # A kept parameter is checked again by dtype and strides only (kernel.py explains why that
+    # is complete): every in-place change NumPy allows must still give the checked error.
     x = _data((3, 8, 5), np.float32, "normal", rng)
     gamma, beta, mm, mv = _params(infer.spec, rng)
+    before = [a.copy() for a in (x, gamma, beta, mm, mv)]
     infer(x, gamma, beta, mm, mv)
-    gamma.shape = (2, 4)
-    with pytest.raises(ValueError, match="gamma"):
-        infer(x, gamma, beta, mm, mv)
+    for shape in ((2, 4), (8, 1), (1, 8)):  # shape setter: other strides
+        gamma.shape = shape
+        with pytest.raises(ValueError, match="gamma"):
+            infer(x, gamma, beta, mm, mv)
     gamma.shape = (8,)
-    gamma.dtype = np.int32  # same bytes, another dtype
+    gamma.dtype = np.int32  # same bytes, another dtype of the same size: same strides
     with pytest.raises(TypeError, match="gamma"):
         infer(x, gamma, beta, mm, mv)
+    mv.dtype = np.float16  # another size: 16 values
+    with pytest.raises(TypeError, match="moving_variance"):
+        infer(x, gamma.view(np.float32), beta, mm, mv)
+    mv.dtype = np.float32
     gamma.dtype = np.float32
+    for a, b in zip((x, gamma, beta, mm, mv), before):
+        np.testing.assert_array_equal(a, b)
+    check(infer, x, (gamma, beta, mm, mv), 1)  # back as they were: the fast path again
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -349,6 +361,162 @@ def test_fast_path_refusals_raise_the_checked_errors(build, rng):
         kernel(x.astype(np.float64), gamma, beta)
     with pytest.raises(ValueError, match="x"):
         kernel(np.ones((0, 8), np.float32), gamma, beta)
+
+
+def test_kept_moving_statistics_are_checked_again(build, rng):
+    # Training keeps the moving statistics it updates like the other parameters: their
+    # writability and their overlap with each new x are checked on every call.
+    spec = S((None, 8), momentum=0.9)
+    kernel = build(spec)
+    x = _data((5, 8), np.float32, "normal", rng)
+    gamma, beta, mm, mv = _params(spec, rng)
+    kernel(x, gamma, beta, mm, mv)
+    mm.flags.writeable = False
+    before = mm.copy(), mv.copy()
+    with pytest.raises(ValueError, match="moving_mean"):
+        kernel(x, gamma, beta, mm, mv)
+    mm.flags.writeable = True
+    mv.dtype = np.int32
+    with pytest.raises(TypeError, match="moving_variance"):
+        kernel(x, gamma, beta, mm, mv)
+    mv.dtype = np.float32
+    np.testing.assert_array_equal(mm, before[0])
+    np.testing.assert_array_equal(mv, before[1])
+    # x over the memory of a kept moving mean
+    buf = _data((48,), np.float32, "normal", rng)
+    shared = buf[32:40]
+    kernel(x, gamma, beta, shared, mv)
+    buf_before, mv_before = buf.copy(), mv.copy()
+    with pytest.raises(ValueError, match="moving_mean"):
+        kernel(buf[:40].reshape(5, 8), gamma, beta, shared, mv)
+    np.testing.assert_array_equal(buf, buf_before)
+    np.testing.assert_array_equal(mv, mv_before)
+    # and the kept arrays are still updated right
+    ref = oracle.forward(spec, x, gamma, beta, mm, mv)
+    kernel(x, gamma, beta, mm, mv)
+    u = unit_roundoff(spec)
+    assert_close("moving_mean", mm, ref.moving_mean, K * u * (np.abs(ref.moving_mean) + np.abs(ref.mean)))
+
+
+def test_parameter_sets_taking_turns(build, infer, rng):
+    # Layers of one spec share a kernel, so a few parameter sets take turns: older kept sets
+    # are found again, and what can change in place is checked on them too.
+    from bngen.kernel import KEPT_SETS
+
+    x = _data((3, 8, 5), np.float32, "normal", rng)
+    sets = [_params(infer.spec, rng) for _ in range(KEPT_SETS + 1)]
+    expected = [check(infer, x, p, 1) for p in sets]
+    for turn in range(3):  # more sets than are kept, then as many as are kept
+        for k, p in enumerate(sets[: KEPT_SETS + (turn == 0)]):
+            np.testing.assert_array_equal(infer(x, *p), expected[k])
+    older = sets[0]  # kept, but not the newest
+    older[3].dtype = np.int32
+    with pytest.raises(TypeError, match="moving_variance"):
+        infer(x, *older)
+    older[3].dtype = np.float32
+    older[1].shape = (2, 4)
+    with pytest.raises(ValueError, match="beta"):
+        infer(x, *older)
+    older[1].shape = (8,)
+    np.testing.assert_array_equal(infer(x, *older), expected[0])
+    # training: an older kept set's moving statistics are checked for writability again
+    spec = S((None, 8), momentum=0.9)
+    kernel = build(spec)
+    xt = _data((5, 8), np.float32, "normal", rng)
+    train_sets = [_params(spec, rng) for _ in range(2)]
+    for p in train_sets:
+        kernel(xt, *p)
+    train_sets[0][2].flags.writeable = False
+    before = train_sets[0][2].copy(), train_sets[0][3].copy()
+    with pytest.raises(ValueError, match="moving_mean"):
+        kernel(xt, *train_sets[0])
+    np.testing.assert_array_equal(train_sets[0][2], before[0])
+    np.testing.assert_array_equal(train_sets[0][3], before[1])
+
+
+def test_out_over_a_kept_parameter_is_refused(infer, rng):
+    x = _data((5, 8, 5), np.float32, "normal", rng)
+    buf = _data((240,), np.float32, "normal", rng)
+    gamma = buf[200:208]
+    _, beta, mm, mv = _params(infer.spec, rng)
+    infer(x, gamma, beta, mm, mv)  # kept
+    buf_before = buf.copy()
+    with pytest.raises(ValueError, match="out"):
+        infer(x, gamma, beta, mm, mv, out=buf[5:205].reshape(5, 8, 5))  # its end is gamma's start
+    with pytest.raises(ValueError, match="out"):
+        infer(x, gamma, beta, mm, mv, out=x)
+    np.testing.assert_array_equal(buf, buf_before)
+    out = buf[:200].reshape(5, 8, 5)  # beside gamma, not over it
+    check(infer, x, (gamma, beta, mm, mv), 1, out=out)
+    np.testing.assert_array_equal(buf[200:], buf_before[200:])
+
+
+def test_refused_calls_raise_unchained_errors(build, infer, rng):
+    # the checked path runs outside the fast path's exception handler: no internal context
+    x = _data((3, 8, 5), np.float32, "normal", rng)
+    params = _params(infer.spec, rng)
+    with pytest.raises(TypeError, match="x") as info:
+        infer(x.astype(np.float64), *params)
+    assert info.value.__context__ is None
+    train = build(S((None, 8), momentum=0.9))
+    gamma, beta, _, _ = _params(train.spec, rng)
+    xt = _data((4, 8), np.float32, "normal", rng)
+    with pytest.raises(ValueError, match="threads") as info:
+        train.forward(xt, gamma, beta, threads=0)
+    assert info.value.__context__ is None
+    _, mean, var = train.forward(xt, gamma, beta)
+    with pytest.raises(ValueError, match="dy") as info:
+        train.backward(xt[:3], xt, gamma, mean, var)
+    assert info.value.__context__ is None
+
+
+def test_kernel_keeps_its_public_face(build, infer):
+    import inspect
+
+    # the fast paths are methods of a class of the kernel's own (see Kernel.__init__)
+    train = build(S((None, 8), momentum=0.9))
+    for kernel, names in ((infer, ("__call__", "forward")), (train, ("__call__", "forward", "backward"))):
+        assert isinstance(kernel, bngen.Kernel) and type(kernel).__name__ == "Kernel"
+        for name in names:
+            fast, public = getattr(type(kernel), name), getattr(bngen.Kernel, name)
+            assert inspect.signature(fast) == inspect.signature(public)
+            assert fast.__doc__ == public.__doc__
+
+
+def test_single_feature_with_odd_strides(build, rng):
+    # a (1,) array is C-contiguous whatever its stride; the fast path keeps only stride ==
+    # itemsize, so this one takes the checked path, with the same result
+    spec = S((None, 1), training=False)
+    kernel = build(spec)
+    x = _data((4, 1), np.float32, "normal", rng)
+    gamma, beta, mm, mv = _params(spec, rng)
+    odd = np.repeat(gamma, 3)[::3]
+    assert odd.flags.c_contiguous and odd.strides != (4,)
+    np.testing.assert_array_equal(kernel(x, odd, beta, mm, mv), kernel(x, gamma, beta, mm, mv))
+
+
+def test_fast_path_from_two_threads(infer, rng):
+    # Each thread alternates between its own parameter sets, so the kept set changes under
+    # the other thread all the time; every result must be the one of its own arguments.
+    import threading
+
+    x = _data((3, 8, 5), np.float32, "normal", rng)
+    sets = [_params(infer.spec, rng) for _ in range(4)]
+    expected = [infer(x, *p) for p in sets]
+    failures = []
+
+    def work(mine):
+        for i in range(300):
+            k = mine[i % 2]
+            if not np.array_equal(infer(x, *sets[k]), expected[k]):
+                failures.append(k)
+
+    threads = [threading.Thread(target=work, args=(pair,)) for pair in ((0, 1), (2, 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
 
 
 # -- memory probes and bench ------------------------------------------------------------------------
@@ -432,6 +600,26 @@ def test_backward_fast_path_refusals_raise_the_checked_errors(build, rng):
         kernel.backward(x[:4], x, gamma, mean, var, beta=beta)
     with pytest.raises(ValueError, match="threads"):
         kernel.backward(x, x, gamma, mean, var, beta=beta, threads=0)
+
+
+def test_backward_kept_statistics_changed_in_place(build, rng):
+    spec = S((None, 12), activation="relu")
+    kernel = build(spec)
+    x = _data((5, 12), np.float32, "normal", rng)
+    dy = _data((5, 12), np.float32, "normal", rng)
+    gamma, beta, _, _ = _params(spec, rng)
+    _, mean, var = kernel.forward(x, gamma, beta)
+    first = kernel.backward(dy, x, gamma, mean, var, beta=beta)  # kept
+    mean.dtype = np.int32
+    with pytest.raises(TypeError, match="mean"):
+        kernel.backward(dy, x, gamma, mean, var, beta=beta)
+    mean.dtype = np.float32
+    var.shape = (3, 4)
+    with pytest.raises(ValueError, match="variance"):
+        kernel.backward(dy, x, gamma, mean, var, beta=beta)
+    var.shape = (12,)
+    for a, b in zip(kernel.backward(dy, x, gamma, mean, var, beta=beta), first):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bench_command_line(tmp_path, capsys):
