@@ -139,13 +139,20 @@ def test_backward_matches_oracle(build, spec):
     check()
 
 
+def var_shape(spec, x):
+    """The shape that broadcasts per-feature values against x."""
+    return [x.shape[a] if a in spec.axis else 1 for a in range(x.ndim)]
+
+
 def _loss(kernel, x, w, gamma, beta, p):
+    """sum(w * forward(x, gamma, beta)), and the sum of its terms' magnitudes (what its
+    rounding error scales with)."""
     spec = kernel.spec
     if spec.uses_batch_stats:
         y, _, _ = kernel.forward(x, gamma, beta)
     else:
         y = kernel(x, gamma, beta, p["moving_mean"], p["moving_variance"])
-    return float(np.sum(w * y))
+    return float(np.sum(w * y)), float(np.sum(np.abs(w * y)))
 
 
 @pytest.mark.parametrize("spec", F64_SPECS, ids=_ids)
@@ -174,13 +181,22 @@ def test_backward_matches_finite_differences(build, spec):
         if spec.activation == "relu":  # no output may cross the kink inside the difference
             masks = [forward_output_before_relu(spec, xs, dict(p, gamma=gs, beta=bs)) > 0 for xs, gs, bs in (at(-h), at(h))]
             assume(np.array_equal(*masks))
-        plus, minus = (_loss(kernel, xs, dy, gs, bs, p) for xs, gs, bs in (at(h), at(-h)))
+        (plus, magnitude), (minus, _) = (_loss(kernel, xs, dy, gs, bs, p) for xs, gs, bs in (at(h), at(-h)))
         fd = (plus - minus) / (2 * h)
         dx, dgamma, dbeta = run_backward(kernel, x, dy, p)
         terms = [dx * vx] + ([dgamma * vg] if spec.scale else []) + ([dbeta * vb] if spec.center else [])
         analytic = sum(float(np.sum(t)) for t in terms)
-        size = sum(float(np.sum(np.abs(t))) for t in terms) + abs(plus) / h * 1e-15
-        assert abs(fd - analytic) <= 1e-5 * size + 1e-9, (fd, analytic, size)
+        size = sum(float(np.sum(np.abs(t))) for t in terms)
+        # Rounding in the two losses, divided by 2h: each y carries a few ulps of its terms,
+        # the largest being (x - mean) / sqrt(var + eps) before cancellation, and the sum a few
+        # ulps of its terms' magnitudes (not of the sum, which can cancel: with two samples
+        # per feature, y = +-1 nearly whatever x is).
+        mean, var = (x.mean(axis=axes, keepdims=True), var) if spec.uses_batch_stats else (
+            p["moving_mean"].reshape(var_shape(spec, x)), p["moving_variance"].reshape(var_shape(spec, x)))
+        g = 1.0 if p["gamma"] is None else np.abs(p["gamma"]).reshape(var_shape(spec, x))
+        before = float(np.sum(np.abs(dy) * g * (np.abs(x) + np.abs(mean)) / np.sqrt(var + spec.epsilon)))
+        rounding = 8 * np.finfo(np.float64).eps * (before + magnitude) / (2 * h)
+        assert abs(fd - analytic) <= 1e-5 * size + rounding + 1e-9, (fd, analytic, size, rounding)
 
     check()
 
