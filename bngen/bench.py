@@ -163,24 +163,29 @@ def _numpy_fns(case: Case, data: _Inputs) -> Dict[str, Callable]:
     g, b = data.gamma.reshape(bshape), data.beta.reshape(bshape)
     mm, mv = data.moving_mean.reshape(bshape), data.moving_variance.reshape(bshape)
     n = x.size // case.shape[axis]
+    # Half-precision reductions in float32, as a NumPy user would write them (float16 sums
+    # overflow); every output in the storage dtype.
+    acc = np.float32 if x.dtype.itemsize < 4 else None
+    out = x.dtype
 
     def inference():
         a = g / np.sqrt(mv + eps)
-        return x * a + (b - mm * a)
+        return (x * a + (b - mm * a)).astype(out, copy=False)
 
     def training():
-        m = x.mean(axis=axes, keepdims=True)
-        v = x.var(axis=axes, keepdims=True)
-        return (x - m) * (g / np.sqrt(v + eps)) + b
+        m = x.mean(axis=axes, keepdims=True, dtype=acc)
+        v = x.var(axis=axes, keepdims=True, dtype=acc)
+        return ((x - m) * (g / np.sqrt(v + eps)) + b).astype(out, copy=False)
 
-    m = x.mean(axis=axes, keepdims=True)
-    r = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    m = x.mean(axis=axes, keepdims=True, dtype=acc)
+    r = 1 / np.sqrt(x.var(axis=axes, keepdims=True, dtype=acc) + eps)
 
     def backward():
         xhat = (x - m) * r
-        sdy = dy.sum(axis=axes, keepdims=True)
-        sdyx = (dy * xhat).sum(axis=axes, keepdims=True)
-        return g * r / n * (n * dy - sdy - xhat * sdyx), sdyx.ravel(), sdy.ravel()
+        sdy = dy.sum(axis=axes, keepdims=True, dtype=acc)
+        sdyx = (dy * xhat).sum(axis=axes, keepdims=True, dtype=acc)
+        dx = (g * r / n * (n * dy - sdy - xhat * sdyx)).astype(out, copy=False)
+        return dx, sdyx.ravel(), sdy.ravel()
 
     return {"inference": inference, "training forward": training, "backward": backward}
 
