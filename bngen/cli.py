@@ -105,7 +105,7 @@ def cmd_bench(args) -> int:
     """Time bngen's kernels beside NumPy and PyTorch (when installed) and against the
     memory-traffic floor, on the preset cases or on a spec file; print a markdown table."""
     from . import bench
-    from .kernel import default_threads
+    from .kernel import MAX_THREADS, default_threads
 
     if args.spec:
         cases = [bench.case_from_spec(_load_spec(args.spec), args.batch)]
@@ -120,8 +120,8 @@ def cmd_bench(args) -> int:
             threads = [int(t) for t in args.threads.split(",")]
         except ValueError:
             threads = []
-        if not threads or min(threads) < 1:
-            raise SpecError(f"--threads: {args.threads!r} is not a comma-separated list of counts >= 1")
+        if not threads or min(threads) < 1 or max(threads) > MAX_THREADS:
+            raise SpecError(f"--threads: {args.threads!r} is not a comma-separated list of counts from 1 to {MAX_THREADS}")
     else:
         threads = sorted({1, default_threads()})
     kinds = [k for k in bench.KINDS if k in args.kinds.split(",")] if args.kinds else list(bench.KINDS)
