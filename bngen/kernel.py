@@ -52,8 +52,9 @@ class Kernel:
     ``kernel(x, gamma, beta, moving_mean, moving_variance, out=None)`` returns y;
     ``kernel.forward(...)`` also returns the batch statistics; ``kernel.backward(dy, x,
     gamma, mean, variance)`` returns ``(dx, dgamma, dbeta)``.  ``kernel.source`` is the
-    C that was compiled.  ``threads=`` (default ``$OMP_NUM_THREADS`` or all CPUs) sets
-    the thread count of a call; results are identical run to run for a given count.
+    C that was compiled.  ``threads=`` (default ``$OMP_NUM_THREADS`` or all CPUs; at most
+    `MAX_THREADS`) sets the thread count of a call; results are identical run to run for
+    a given count.
     """
 
     def __init__(self, spec: Spec, plan: Plan, source: str, module: Any):
