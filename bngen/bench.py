@@ -224,7 +224,8 @@ def _torch_fns(case: Case, data: _Inputs, threads: int) -> Optional[Dict[str, Ca
         for kind, fn in list(fns.items()):
             try:
                 fn()
-            except RuntimeError:  # this torch build lacks the kernel for the dtype: no column
+            except (RuntimeError, ValueError):  # this torch build lacks the kernel for the dtype, or
+                # refuses the case (training on one value per channel): no column
                 del fns[kind]
     return fns
 
@@ -329,7 +330,7 @@ def run(cases: Sequence[Case], threads: Sequence[int], repeat: int = 21, kinds: 
                     continue
                 progress(f"{case.name} | {kind} | {nthreads} thread(s)")
                 fns = {"bngen": bngen_fns[kind], "numpy": numpy_fns[kind], **memory}
-                if torch_fns is not None:
+                if torch_fns is not None and kind in torch_fns:  # (a kind torch refused has no column)
                     fns["torch"] = torch_fns[kind]
                 if torch_fns is not None:
                     import torch
@@ -371,8 +372,10 @@ def markdown(report: dict) -> str:
         spread = (b["q3_ms"] - b["q1_ms"]) / b["median_ms"]
         cells = [row["case"], row["kind"], str(row["threads"]), _ms(b["median_ms"]), f"{spread:.0%}",
                  _ms(t["numpy"]["median_ms"])]
-        if has_torch:
+        if has_torch and "torch" in t:
             cells += [_ms(t["torch"]["median_ms"]), f"{row['torch_over_bngen']:.2f}x"]
+        elif has_torch:  # a case torch refuses (training on one value per channel)
+            cells += ["-", "-"]
         cells += [_ms(row["floor_ms"]), f"{row['bngen_over_floor']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [

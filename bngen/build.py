@@ -6,6 +6,7 @@ an equal spec cost a dictionary lookup.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -29,6 +30,8 @@ def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None) ->
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"spec: expected a bngen.Spec, got {type(spec).__name__}")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"cache_dir: expected a path (str or os.PathLike) or None, got {type(cache_dir).__name__}")
     compiler = compiler or Compiler()
     root = resolve_root(cache_dir)
     memo_key = (spec, str(root), compiler)

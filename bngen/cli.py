@@ -28,6 +28,17 @@ def _load_spec(path: str) -> Spec:
     return Spec.from_json(text)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts and sizes: an int >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def _median_ms(fn, repeat: int) -> float:
     fn()  # warm caches and threads
     times = []
@@ -105,7 +116,7 @@ def cmd_bench(args) -> int:
     """Time bngen's kernels beside NumPy and PyTorch (when installed) and against the
     memory-traffic floor, on the preset cases or on a spec file; print a markdown table."""
     from . import bench
-    from .kernel import default_threads
+    from .kernel import MAX_THREADS, default_threads
 
     if args.spec:
         cases = [bench.case_from_spec(_load_spec(args.spec), args.batch)]
@@ -120,11 +131,14 @@ def cmd_bench(args) -> int:
             threads = [int(t) for t in args.threads.split(",")]
         except ValueError:
             threads = []
-        if not threads or min(threads) < 1:
-            raise SpecError(f"--threads: {args.threads!r} is not a comma-separated list of counts >= 1")
+        if not threads or min(threads) < 1 or max(threads) > MAX_THREADS:
+            raise SpecError(f"--threads: {args.threads!r} is not a comma-separated list of counts from 1 to {MAX_THREADS}")
     else:
         threads = sorted({1, default_threads()})
     kinds = [k for k in bench.KINDS if k in args.kinds.split(",")] if args.kinds else list(bench.KINDS)
+    unknown = [k for k in args.kinds.split(",") if k not in bench.KINDS] if args.kinds else []
+    if unknown:
+        raise SpecError(f"--kinds: {', '.join(map(repr, unknown))} not among {', '.join(bench.KINDS)}")
     progress = (lambda s: print(f"  {s}", file=sys.stderr)) if not args.quiet else (lambda s: None)
     report = bench.run(cases, threads, repeat=args.repeat, kinds=kinds, cache_dir=args.cache_dir, progress=progress)
     if args.json:
@@ -212,8 +226,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("demo", help="build, run and check a ResNet-style layer end to end", description=cmd_demo.__doc__)
-    p.add_argument("--batch", type=int, default=DEMO_BATCH, help=f"batch size (default {DEMO_BATCH})")
-    p.add_argument("--repeat", type=int, default=20, help="timed repetitions (default 20)")
+    p.add_argument("--batch", type=_positive_int, default=DEMO_BATCH, help=f"batch size (default {DEMO_BATCH})")
+    p.add_argument("--repeat", type=_positive_int, default=20, help="timed repetitions (default 20)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("build", help="build the kernel of a spec file into the cache", description=cmd_build.__doc__)
@@ -224,9 +238,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time kernels beside NumPy/PyTorch and the memory floor", description=cmd_bench.__doc__)
     p.add_argument("--spec", help="JSON spec file to benchmark instead of the preset cases (its shape, axis and "
                    "dtype; the kernels are the mode-0 training and inference ones, like NumPy's and PyTorch's)")
-    p.add_argument("--batch", type=int, default=32, help="size for the spec's dynamic (None) dimensions (default 32)")
+    p.add_argument("--batch", type=_positive_int, default=32, help="size for the spec's dynamic (None) dimensions (default 32)")
     p.add_argument("--threads", help="comma-separated thread counts (default: 1 and all CPUs)")
-    p.add_argument("--repeat", type=int, default=21, help="timed samples per implementation (default 21)")
+    p.add_argument("--repeat", type=_positive_int, default=21, help="timed samples per implementation (default 21)")
     p.add_argument("--kinds", help="comma-separated subset of: inference,training forward,backward")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated storage dtypes for the preset cases (default float32; e.g. float32,float16,bfloat16)")

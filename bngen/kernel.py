@@ -17,6 +17,10 @@ from .plan import Entry, Plan
 from .spec import Spec
 
 _CTYPES = {"float32": "float", "float64": "double", "float16": "uint16_t", "bfloat16": "uint16_t"}
+# The most threads a call may ask for.  OpenMP would try to start any number (and the
+# process dies when it cannot: 10**5 crash it), and C takes an int; no machine bngen runs
+# on has more CPUs than this.
+MAX_THREADS = 1024
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -31,14 +35,15 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 def default_threads() -> int:
-    """``$OMP_NUM_THREADS`` if set, else the CPUs this process may run on."""
+    """``$OMP_NUM_THREADS`` if set, else the CPUs this process may run on (at most MAX_THREADS)."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
-        return int(env)
+        return min(int(env), MAX_THREADS)
     try:
-        return len(os.sched_getaffinity(0))
+        count = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    return min(count, MAX_THREADS)
 
 
 class Kernel:
@@ -47,8 +52,9 @@ class Kernel:
     ``kernel(x, gamma, beta, moving_mean, moving_variance, out=None)`` returns y;
     ``kernel.forward(...)`` also returns the batch statistics; ``kernel.backward(dy, x,
     gamma, mean, variance)`` returns ``(dx, dgamma, dbeta)``.  ``kernel.source`` is the
-    C that was compiled.  ``threads=`` (default ``$OMP_NUM_THREADS`` or all CPUs) sets
-    the thread count of a call; results are identical run to run for a given count.
+    C that was compiled.  ``threads=`` (default ``$OMP_NUM_THREADS`` or all CPUs; at most
+    `MAX_THREADS`) sets the thread count of a call; results are identical run to run for
+    a given count.
     """
 
     def __init__(self, spec: Spec, plan: Plan, source: str, module: Any):
@@ -135,6 +141,9 @@ class Kernel:
         spec, entry = self.spec, self._backward_entry
         if entry is None:
             raise TypeError("backward: mode 1 (sample-wise) kernels have no backward in bngen; use mode 0 or 2")
+        # The caller's arrays, before any contiguous copy: out must not share memory with them.
+        given = [("dy", dy), ("x", x), ("gamma", gamma), ("beta", beta), ("mean", mean), ("variance", variance),
+                 ("moving_mean", moving_mean), ("moving_variance", moving_variance)]
         x = self._check_x(x)
         dy = self._check_like("dy", dy, x)
         gamma = self._check_param("gamma", gamma, spec.scale, "scale=True" if spec.scale else "the spec has scale=False")
@@ -159,8 +168,7 @@ class Kernel:
                 "moving_variance", _one_of("moving_variance", moving_variance, "variance", variance), True, why)
         nthreads = self._check_threads(threads)
         dx = self._check_out(out, x.shape)
-        _check_no_overlap([("dy", dy), ("out", dx)])
-        _check_no_overlap([("x", x), ("out", dx)])
+        _check_no_overlap(given + [("out", dx)], written={"out"})
 
         first, last = spec.axis[0], spec.axis[-1]
         dgamma = np.empty(self.plan.channels, self._pdtype) if spec.scale else None
@@ -238,12 +246,15 @@ class Kernel:
     def _check_threads(self, threads) -> int:
         if threads is None:
             return self._threads
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-            raise ValueError(f"threads: {threads!r} must be an int >= 1")
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads: {threads!r} must be an int >= 1 and <= {MAX_THREADS}")
         return int(threads)
 
     def _run(self, x, gamma, beta, moving_mean, moving_variance, out, threads, want_stats: bool):
         spec, plan = self.spec, self.plan
+        # The caller's arrays, before any contiguous copy: those written must share no memory with them.
+        given = [("x", x), ("gamma", gamma), ("beta", beta), ("out", out), ("moving_mean", moving_mean),
+                 ("moving_variance", moving_variance)]
         x = self._check_x(x)
         gamma = self._check_param("gamma", gamma, spec.scale, "scale=True" if spec.scale else "the spec has scale=False")
         beta = self._check_param("beta", beta, spec.center, "center=True" if spec.center else "the spec has center=False")
@@ -271,8 +282,7 @@ class Kernel:
             )
         y = self._check_out(out, x.shape)
         _check_no_overlap(
-            [("x", x), ("gamma", gamma), ("beta", beta), ("out", y), ("moving_mean", moving_mean),
-             ("moving_variance", moving_variance)],
+            given,
             written={"out", "moving_mean", "moving_variance"} if spec.updates_moving_stats else {"out"},
         )
 
@@ -457,7 +467,7 @@ def _fast_path(kernel: "Kernel", want_stats: bool):
                     raise _Refused
             elif shape != tail:
                 raise _Refused
-            if threads is not None and (threads.__class__ is not int or threads < 1):
+            if threads is not None and (threads.__class__ is not int or not 0 < threads <= MAX_THREADS):
                 raise _Refused
             # the newest kept set (last[0] is read once: a consistent tuple even if another thread replaces it)
             kept_gamma, kept_beta, kept_mm, kept_mv, pointers, tail_args, written_spans = last[0][0]
@@ -573,7 +583,7 @@ def _fast_backward_path(kernel: "Kernel"):
                     raise _Refused
             elif shape != tail:
                 raise _Refused
-            if threads is not None and (threads.__class__ is not int or threads < 1):
+            if threads is not None and (threads.__class__ is not int or not 0 < threads <= MAX_THREADS):
                 raise _Refused
             kept_gamma, kept_beta, kept_mean, kept_variance, pointers, _, _ = last[0][0]  # as in _fast_path
             if gamma is not kept_gamma or beta is not kept_beta or mean is not kept_mean \
