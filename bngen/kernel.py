@@ -191,7 +191,7 @@ class Kernel:
             raise TypeError(f"{name}: dtype is {value.dtype}, but the kernel was built for {self.spec.dtype}")
         if value.shape != x.shape:
             raise ValueError(f"{name}: shape {value.shape} does not match the shape of x {x.shape}")
-        return value if value.flags.c_contiguous else np.ascontiguousarray(value)
+        return _c_array(value)
 
     def _check_x(self, x) -> np.ndarray:
         spec = self.spec
@@ -205,7 +205,7 @@ class Kernel:
             raise ValueError(f"x: shape {x.shape} does not match the spec's shape {_shape_text(spec.shape)}")
         if x.size == 0:
             raise ValueError(f"x: shape {x.shape} has a zero-sized dimension; every size must be >= 1")
-        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        return _c_array(x)
 
     def _check_param(self, name: str, value, used: bool, why: str, writable: bool = False, required: bool = True):
         if value is None:
@@ -225,8 +225,11 @@ class Kernel:
                 raise ValueError(f"{name}: is read-only, but training updates it in place")
             if not value.flags.c_contiguous:
                 raise ValueError(f"{name}: must be C-contiguous, because training updates it in place")
+            if not value.flags.aligned:
+                raise ValueError(f"{name}: is not aligned to its {value.itemsize}-byte values, "
+                                 "which training updates in place")
             return value
-        return value if value.flags.c_contiguous else np.ascontiguousarray(value)
+        return _c_array(value)
 
     def _check_out(self, out, shape) -> np.ndarray:
         if out is None:
@@ -241,6 +244,9 @@ class Kernel:
             raise ValueError("out: must be C-contiguous")
         if not out.flags.writeable:
             raise ValueError("out: is read-only")
+        if not out.flags.aligned:
+            raise ValueError(f"out: is not aligned to its {out.itemsize}-byte values (C requires it); "
+                             "pass an array NumPy allocated, or none")
         return out
 
     def _check_threads(self, threads) -> int:
@@ -391,7 +397,8 @@ def _param_memory(kernel: "Kernel", slots, suffix=(), lasting=True):
                     raise _Refused
                 if used:
                     pointers.append(null)
-            elif not used or not isinstance(value, ndarray) or value.dtype is not pdtype or value.shape != cshape:
+            elif not used or not isinstance(value, ndarray) or value.dtype is not pdtype or value.shape != cshape \
+                    or not value.flags.aligned:  # (fixed while kept: the data pointer is)
                 raise _Refused
             else:
                 try:
@@ -482,11 +489,14 @@ def _fast_path(kernel: "Kernel", want_stats: bool):
             ) or written and not ((moving_mean is None or moving_mean.flags.writeable)
                                   and (moving_variance is None or moving_variance.flags.writeable)):
                 raise _Refused
+            if not x.flags.aligned:
+                raise _Refused
             cx = from_buffer(data_ct, x)  # ValueError if not C-contiguous
             if out is None:
                 y = empty(shape, dtype)
                 cy = from_buffer(data_ct, y)  # writable: it is new
-            elif out.__class__ is not ndarray or (out.dtype is not dtype and out.dtype != dtype) or out.shape != shape:
+            elif out.__class__ is not ndarray or (out.dtype is not dtype and out.dtype != dtype) or out.shape != shape \
+                    or not out.flags.aligned:
                 raise _Refused
             else:
                 y = out
@@ -596,6 +606,8 @@ def _fast_backward_path(kernel: "Kernel"):
                 and variance.dtype is pdtype and variance.strides == cstrides
             ):
                 raise _Refused
+            if not (x.flags.aligned and dy.flags.aligned):
+                raise _Refused
             cdy, cx = from_buffer(data_ct, dy), from_buffer(data_ct, x)  # ValueError if not C-contiguous
         except (_Refused, ValueError):
             pass  # the checked path runs below, outside this handler, so its errors chain to nothing
@@ -632,6 +644,13 @@ def _fast_layout(spec: Spec):
     static_outer = int(np.prod(spec.shape[lead:first], dtype=np.int64))
     inner = int(np.prod(spec.shape[last + 1:], dtype=np.int64))
     return lead, spec.shape[lead:], static_outer, inner
+
+
+def _c_array(value: np.ndarray) -> np.ndarray:
+    """`value` if C-contiguous and aligned to its values (as C requires of a pointer: NumPy
+    allows misaligned views, e.g. frombuffer at an odd offset), else such a copy."""
+    flags = value.flags
+    return value if flags.c_contiguous and flags.aligned else np.array(value, order="C")
 
 
 def _one_of(name: str, value, alias: str, alias_value):

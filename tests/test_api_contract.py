@@ -9,6 +9,8 @@ the error type, a message naming the argument, and every caller array left untou
     and huge ones crashed the process inside OpenMP; now a ValueError above MAX_THREADS,
     also for a huge $OMP_NUM_THREADS (clamped)
   * build(spec, cache_dir=<not a path>) named no argument
+  * misaligned arrays (NumPy views at an odd byte offset) went to C, which may assume
+    every float pointer aligned: inputs are now copied, written arrays refused
   * command line: --batch/--repeat 0 gave a traceback or NaN timings; unknown --kinds ran
     nothing and exited 0; bench on a batch PyTorch refuses (one value per channel in
     training) died with a traceback
@@ -173,3 +175,50 @@ def test_cli_bench_on_a_batch_pytorch_refuses(tmp_path, capsys):
     assert cli.main(argv) == 0
     table = capsys.readouterr().out
     assert "| training forward | 1 |" in table and "| inference | 1 |" in table
+
+
+# -- misaligned arrays -------------------------------------------------------------------------
+def _misaligned(a):
+    """A copy of `a` whose data starts one byte past an aligned address."""
+    raw = np.zeros(a.nbytes + a.itemsize, np.uint8)
+    view = np.ndarray(a.shape, a.dtype, buffer=raw, offset=1)
+    view[...] = a
+    assert not view.flags.aligned and view.flags.c_contiguous
+    return view
+
+
+def test_misaligned_inputs_are_copied(build, rng, params):
+    """x, dy and gamma at odd addresses give the results of aligned ones (C never sees a
+    misaligned pointer; first and repeated calls, which take the fast path when aligned),
+    and stay untouched."""
+    x = rng.standard_normal((5, C)).astype(np.float32)
+    dy = rng.standard_normal((5, C)).astype(np.float32)
+    mx, mdy, mgamma = _misaligned(x), _misaligned(dy), _misaligned(params["gamma"])
+    infer, train = build(INFER), build(TRAIN)
+    p = dict(params)
+    for _ in range(2):
+        np.testing.assert_array_equal(infer(mx, mgamma, p["beta"], p["moving_mean"], p["moving_variance"]),
+                                      infer(x, p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"]))
+        got = train.forward(mx, mgamma, p["beta"])
+        want = train.forward(x, p["gamma"], p["beta"])
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        _, mean, var = want
+        for g, w in zip(train.backward(mdy, mx, mgamma, mean, var), train.backward(dy, x, p["gamma"], mean, var)):
+            np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(mx, x)
+    np.testing.assert_array_equal(mdy, dy)
+    np.testing.assert_array_equal(mgamma, params["gamma"])
+
+
+def test_misaligned_written_arrays_are_refused(build, rng, params):
+    """out, and the moving statistics training updates in place, cannot be copied: a
+    misaligned one is a ValueError naming it, before any C runs."""
+    x = rng.standard_normal((5, C)).astype(np.float32)
+    out = _misaligned(np.zeros_like(x))
+    _raises_untouched(ValueError, "out: is not aligned", lambda **k: build(INFER)(x, **params, **k), x, out, out=out)
+    _raises_untouched(ValueError, "out: is not aligned", lambda **k: build(TRAIN).forward(x, params["gamma"],
+                      params["beta"], **k), x, out, out=out)
+    mm = _misaligned(params["moving_mean"])
+    _raises_untouched(ValueError, "moving_mean: is not aligned", lambda: build(TRAIN).forward(
+        x, params["gamma"], params["beta"], mm, params["moving_variance"]), x, mm, params["moving_variance"])
