@@ -175,11 +175,13 @@ class Kernel:
         dbeta = np.empty(self.plan.channels, self._pdtype) if spec.center else None
         values = {
             "dy": dy, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "variance": variance,
-            "moving_mean": moving_mean, "moving_variance": moving_variance, "dx": dx, "dgamma": dgamma,
+            "moving_mean": moving_mean, "moving_variance": moving_variance, "dx": _aligned_target(dx), "dgamma": dgamma,
             "dbeta": dbeta, "outer": int(np.prod(x.shape[:first], dtype=np.int64)),
             "inner": int(np.prod(x.shape[last + 1 :], dtype=np.int64)), "nthreads": nthreads,
         }
         self._backward_fn(*self._bind(entry, values))
+        if values["dx"] is not dx:
+            dx[...] = values["dx"]
         return dx, dgamma, dbeta
 
     # -- argument checking ---------------------------------------------------------------
@@ -244,9 +246,6 @@ class Kernel:
             raise ValueError("out: must be C-contiguous")
         if not out.flags.writeable:
             raise ValueError("out: is read-only")
-        if not out.flags.aligned:
-            raise ValueError(f"out: is not aligned to its {out.itemsize}-byte values (C requires it); "
-                             "pass an array NumPy allocated, or none")
         return out
 
     def _check_threads(self, threads) -> int:
@@ -298,11 +297,13 @@ class Kernel:
             mean = np.empty(stat_shape, self._pdtype)
             variance = np.empty(stat_shape, self._pdtype)
         values = {
-            "x": x, "y": y, "gamma": gamma, "beta": beta, "moving_mean": moving_mean,
+            "x": x, "y": _aligned_target(y), "gamma": gamma, "beta": beta, "moving_mean": moving_mean,
             "moving_variance": moving_variance, "mean": mean, "variance": variance,
             "outer": outer, "inner": inner, "nthreads": nthreads,
         }
         self._forward_fn(*self._bind(self._forward_entry, values))
+        if values["y"] is not y:
+            y[...] = values["y"]
         return y, mean, variance
 
     def _bind(self, entry: Entry, values: dict) -> list:
@@ -651,6 +652,12 @@ def _c_array(value: np.ndarray) -> np.ndarray:
     allows misaligned views, e.g. frombuffer at an odd offset), else such a copy."""
     flags = value.flags
     return value if flags.c_contiguous and flags.aligned else np.array(value, order="C")
+
+
+def _aligned_target(out: np.ndarray) -> np.ndarray:
+    """Where C writes a result meant for `out`: `out` itself, or, if NumPy marks it
+    misaligned, a new array the caller copies into `out` afterwards."""
+    return out if out.flags.aligned else np.empty(out.shape, out.dtype)
 
 
 def _one_of(name: str, value, alias: str, alias_value):
