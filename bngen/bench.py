@@ -182,9 +182,10 @@ def _numpy_fns(case: Case, data: _Inputs) -> Dict[str, Callable]:
 
     def backward():
         xhat = (x - m) * r
-        sdy = dy.sum(axis=axes, keepdims=True, dtype=acc)
-        sdyx = (dy * xhat).sum(axis=axes, keepdims=True, dtype=acc)
-        dx = (g * r / n * (n * dy - sdy - xhat * sdyx)).astype(out, copy=False)
+        d = dy if acc is None else dy.astype(acc)  # (n * dy overflows float16)
+        sdy = d.sum(axis=axes, keepdims=True)
+        sdyx = (d * xhat).sum(axis=axes, keepdims=True)
+        dx = (g * r / n * (n * d - sdy - xhat * sdyx)).astype(out, copy=False)
         return dx, sdyx.ravel(), sdy.ravel()
 
     return {"inference": inference, "training forward": training, "backward": backward}
