@@ -38,9 +38,8 @@ STREAM_MIN_BYTES = 16 << 20
 STREAMING_KINDS = frozenset({"channels_first training"})
 # Values per L1 buffer that the normalisation fills before it is streamed out.
 STREAM_CHUNK = 1024
-# Values per span that staged (F16C) plans widen into a float buffer before a loop, and
-# narrow back after it: a few KiB of L1, and a multiple of every lane count and of a
-# cache line of float16, so that spans split no lane pattern and no streamed line.
+# Values per span that staged (F16C) plans narrow into an L1 buffer before streaming it out:
+# a few KiB, and a multiple of a cache line of float16, so that spans split no streamed line.
 STAGE_VALUES = 512
 # Channels up to which channels-first inference computes every channel's coefficients
 # first (two stack arrays of this many values) and then sweeps memory in order, run after
@@ -137,7 +136,7 @@ class Plan:
     stream_min: int = STREAM_MIN_BYTES
     stream_chunk: int = STREAM_CHUNK
     coef_table: bool = False  # channels-first inference: coefficients first, then runs in memory order
-    stage: int = STAGE_VALUES  # values per staged span (Plan.staged)
+    stage: int = STAGE_VALUES  # values per span a staged plan streams out through L1
 
     def entry(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
@@ -159,11 +158,11 @@ class Plan:
 
     @property
     def staged(self) -> bool:
-        """True when the loops read and write float buffers that whole spans of stored
-        values are widened into and narrowed from, eight at a time in hardware (F16C),
-        instead of converting value by value: GCC does not vectorise a loop of scalar
-        F16C conversions, and the portable bit arithmetic costs about 20 vector
-        operations per value each way."""
+        """True when the loops work on small float arrays that blocks of stored values
+        (eight, or a group of lanes) are widened into and narrowed from in registers,
+        eight at a time in hardware (F16C), instead of converting value by value: GCC
+        does not vectorise a loop of scalar F16C conversions, and the portable bit
+        arithmetic costs about 20 vector operations per value each way."""
         return self.precision.half_conversion == "f16c"
 
     @property
@@ -182,7 +181,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backwa
     large outputs bypass the caches with x86 streaming stores (needs <emmintrin.h>, so only
     for hosted builds; default: for the kinds in STREAMING_KINDS when `threaded`, which
     freestanding exports turn off).  `f16c`: the target converts float16 in hardware,
-    so float16 plans stage their values through float buffers (`Plan.staged`).
+    so float16 plans widen and narrow their values in blocks (`Plan.staged`).
     """
     outer, channels, inner = spec.view
     if spec.mode == 1:
