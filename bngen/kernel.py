@@ -299,7 +299,7 @@ class Kernel:
         values = {
             "x": x, "y": _aligned_target(y), "gamma": gamma, "beta": beta, "moving_mean": moving_mean,
             "moving_variance": moving_variance, "mean": mean, "variance": variance,
-            "outer": outer, "inner": inner, "nthreads": nthreads,
+            "outer": outer, "inner": inner, "nthreads": nthreads, "may_stream": int(out is not None),
         }
         self._forward_fn(*self._bind(self._forward_entry, values))
         if values["y"] is not y:
@@ -442,7 +442,9 @@ def _fast_path(kernel: "Kernel", want_stats: bool):
     has_stats, threaded = "mean" in names, "nthreads" in names
     # The C arguments are passed by position: x, y, the parameters, the statistics, the sizes.
     expected = ["x", "y"] + [n for n, (used, _, _) in zip(("gamma", "beta", "moving_mean", "moving_variance"), slots) if used]
+    streams = "may_stream" in names  # streaming stores only into out= (see plan._entries)
     expected += ["mean", "variance"] * has_stats + ["outer"] * (lead > 0) + ["nthreads"] * threaded
+    expected += ["may_stream"] * streams
     if names != expected:
         return None
     ffi = kernel._ffi
@@ -450,7 +452,7 @@ def _fast_path(kernel: "Kernel", want_stats: bool):
     no_stats = (null, null) if has_stats else ()  # the statistics are optional outputs of training kernels
     # What follows x and y in a call without statistics, of a spec without dynamic sizes, with
     # the default thread count: kept with each parameter set, so that such a call builds one tuple.
-    suffix = no_stats + (default_threads,) * threaded
+    suffix = no_stats + (default_threads,) * threaded + (0,) * streams
     last, recall = _param_memory(kernel, slots, suffix)
     first, per_sample = spec.axis[0], spec.mode == 1
     unbiased_check = spec.updates_moving_stats and spec.unbiased
@@ -518,7 +520,7 @@ def _fast_path(kernel: "Kernel", want_stats: bool):
         except (_Refused, ValueError):  # ValueError: from_buffer's refusals
             pass  # the checked path runs below, outside this handler, so its errors chain to nothing
         else:
-            if plain and threads is None:
+            if plain and threads is None and (out is None or not streams):
                 run(*((cx, cy) + tail_args))
                 return y
             if threads is None:
@@ -527,6 +529,8 @@ def _fast_path(kernel: "Kernel", want_stats: bool):
                 sizes = (outer, threads) if lead else (threads,)
             else:
                 sizes = (outer,) if lead else ()
+            if streams:
+                sizes += (int(out is not None),)
             if not want_stats:
                 run(*((cx, cy) + pointers + no_stats + sizes))
                 return y

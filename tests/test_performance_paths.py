@@ -187,6 +187,7 @@ def streamed_kernels(build):
         plan_module.STREAM_MIN_BYTES, plan_module.STREAMING_KINDS = saved
     for k in kernels:
         assert "#define STREAM_MIN_BYTES 0" in k.source
+        assert k.plan.entries[0].args[-1].name == "may_stream"  # streams only into out=
     return kernels
 
 
@@ -235,6 +236,7 @@ def test_streaming_above_the_real_threshold(build, rng):
         spec = S((None, 16, 368, 368), axis=1, training=training)
         x = _data(shape, np.float32, "normal", rng)
         check(build(spec), x, _params(spec, rng), 2)
+        check(build(spec), x, _params(spec, rng), 2, out=np.empty_like(x))  # streams into out= only
 
 
 # -- threads: determinism, and the accuracy cases on every schedule -------------------------------
