@@ -97,12 +97,15 @@ class Compiler:
                 pass  # an unwritable store only costs a probe next time
         return found
 
-    def command(self, c_file: str, output: str, features: "Features") -> list:
-        """The full command line that compiles `c_file` into the extension `output`."""
+    def commands(self, kernel_c: str, wrapper_c: str, output: str, features: "Features") -> list:
+        """The command lines that build the extension `output`: compile the kernel and the
+        cffi wrapper (these two may run at once), then link them."""
         mode = [features.openmp or features.simd] if (features.openmp or features.simd) else []
+        cc = [*shlex.split(self.cc), *self.flags, *mode, *self.warnings, "-fPIC"]
         return [
-            *shlex.split(self.cc), *self.flags, *mode, *self.warnings, "-fPIC", "-shared",
-            "-I", sysconfig.get_paths()["include"], c_file, "-o", output, "-lm",
+            [*cc, "-c", kernel_c, "-o", kernel_c + ".o"],
+            [*cc, "-I", sysconfig.get_paths()["include"], "-c", wrapper_c, "-o", wrapper_c + ".o"],
+            [*cc, "-shared", kernel_c + ".o", wrapper_c + ".o", "-o", output, "-lm"],
         ]
 
     def fingerprint(self, features: "Features") -> str:
@@ -110,7 +113,7 @@ class Compiler:
         return "\n".join(
             [
                 self.identity(),
-                " ".join(self.command("SOURCE", "OUTPUT", features)),
+                " && ".join(" ".join(c) for c in self.commands("KERNEL", "WRAPPER", "OUTPUT", features)),
                 f"cffi {cffi.__version__}",
                 f"python {sys.implementation.cache_tag} {sysconfig.get_config_var('EXT_SUFFIX')}",
                 f"machine {machine_tag()}",
@@ -120,22 +123,29 @@ class Compiler:
     def compile(self, source: str, cdef: str, module_name: str, directory: Path, features: "Features") -> Path:
         """Compile `source` (whose entry points `cdef` declares) into `directory`.
 
-        Returns the path of the extension module; raises `CompileError` with the
-        compiler's output if it fails.
+        The kernel and the cffi wrapper are separate translation units, compiled at the
+        same time (the wrapper's Python.h is a third of the work, none of it the
+        kernel's) and then linked.  Returns the path of the extension module; raises
+        `CompileError` with the compiler's output if it fails.
         """
         ffi = cffi.FFI()
         ffi.cdef(cdef)
         wrapper = io.StringIO()
-        make_c_source(ffi, module_name, source, wrapper, verbose=False)
-        c_file = directory / f"{module_name}.c"
-        c_file.write_text(wrapper.getvalue())
+        prelude = (template_dir() / "wrapper_prelude.h").read_text()
+        make_c_source(ffi, module_name, prelude + cdef, wrapper, verbose=False)
+        kernel_c, wrapper_c = directory / f"{module_name}_kernel.c", directory / f"{module_name}.c"
+        kernel_c.write_text(source)
+        wrapper_c.write_text(wrapper.getvalue())
         output = directory / f"{module_name}{sysconfig.get_config_var('EXT_SUFFIX')}"
-        cmd = self.command(str(c_file), str(output), features)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CompileError(
-                f"compiling generated C failed (exit {result.returncode}):\n$ {' '.join(cmd)}\n{result.stderr}"
-            )
+        *parallel, link = self.commands(str(kernel_c), str(wrapper_c), str(output), features)
+        processes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in parallel]
+        for cmd, process in zip(parallel, processes):
+            _, errors = process.communicate()
+            _check(cmd, process.returncode, errors)
+        result = subprocess.run(link, capture_output=True, text=True)
+        _check(link, result.returncode, result.stderr)
+        for cmd in parallel:
+            Path(cmd[-1]).unlink(missing_ok=True)  # the objects: the extension has them
         return output
 
 
@@ -147,6 +157,12 @@ class Features:
     openmp: Optional[str]
     simd: Optional[str]
     f16c: bool = False
+
+
+def _check(cmd: list, code: int, errors: str) -> None:
+    """Raise `CompileError` with the compiler's output unless `cmd` succeeded."""
+    if code != 0:
+        raise CompileError(f"compiling generated C failed (exit {code}):\n$ {' '.join(cmd)}\n{errors}")
 
 
 def load_module(module_name: str, path: Path):
