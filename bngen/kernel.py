@@ -296,10 +296,12 @@ class Kernel:
             stat_shape = x.shape[:first] if spec.mode == 1 else (plan.channels,)
             mean = np.empty(stat_shape, self._pdtype)
             variance = np.empty(stat_shape, self._pdtype)
+        target = _aligned_target(y)
         values = {
-            "x": x, "y": _aligned_target(y), "gamma": gamma, "beta": beta, "moving_mean": moving_mean,
-            "moving_variance": moving_variance, "mean": mean, "variance": variance,
-            "outer": outer, "inner": inner, "nthreads": nthreads, "may_stream": int(out is not None),
+            "x": x, "y": target, "gamma": gamma, "beta": beta, "moving_mean": moving_mean,
+            "moving_variance": moving_variance, "mean": mean, "variance": variance, "outer": outer,
+            "inner": inner, "nthreads": nthreads,
+            "may_stream": int(target is out),  # the caller's buffer: not a new array's fresh pages
         }
         self._forward_fn(*self._bind(self._forward_entry, values))
         if values["y"] is not y:
