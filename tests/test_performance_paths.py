@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import K, assert_close, unit_roundoff
 
 import bngen
 from bngen import bench, oracle
 from bngen.target import DEFAULT_TUNING, Tuning
-from strategies import K, assert_close, unit_roundoff
 
 S = bngen.Spec
 EXAMPLES = 40
@@ -77,7 +77,8 @@ def check(kernel, x, params, threads, out=None):
         assert_close("mean", mean, ref.mean, K * u * (std + np.abs(ref.mean)))
         assert_close("variance", var, ref.variance, K * u * ref.variance + K * 2.0**-53 * np.abs(ref.mean) * std)
         if mm is not None:
-            assert_close("moving_mean", mm_k, ref.moving_mean, K * u * (np.abs(ref.moving_mean) + np.abs(ref.mean)))
+            # (the batch mean carries an error relative to std, which the update passes on)
+            assert_close("moving_mean", mm_k, ref.moving_mean, K * u * (np.abs(ref.moving_mean) + np.abs(ref.mean) + std))
         # y = gamma * (x - mean) / sd + beta: its error scales with |x - mean| / sd and |beta|
         if spec.mode == 1:
             sshape = x.shape[: spec.axis[0]] + (1,) * len(spec.axis)
