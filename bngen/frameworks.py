@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .spec import Spec, SpecError
+from .spec import Spec, SpecError, check_renorm_clipping
 
 # Keras mixed-precision policies: half storage and arithmetic in float32 with float32
 # variables, which is what a bngen float16/bfloat16 spec does.
@@ -163,8 +163,14 @@ def from_keras(config_or_layer: Any, shape: Sequence, *, training: bool = True, 
 
     The moving variance is fed the biased batch variance, except on tf.keras 2's fused
     path (a config with ``fused`` not False, 4-D or 5-D input, feature axis 1 or last),
-    which feeds the unbiased one; `unbiased` overrides.  Renormalization,
-    ``virtual_batch_size`` and ``adjustment`` are not supported (SpecError).
+    which feeds the unbiased one; `unbiased` overrides.
+
+    Statistics variants: ``renorm`` and ``renorm_momentum`` (Keras 3, tf.keras),
+    ``virtual_batch_size`` (tf.keras) become spec fields; ``renorm_clipping`` is checked
+    (it is a call-time argument, not part of the spec: pass it to the layer or the
+    kernel); a layer's ``adjustment`` callable (never in a config) sets
+    ``adjustment=True``.  tf.keras' fused path is never taken with these, so they feed
+    the biased variance.
     ``synchronized=True`` is accepted: on one device it is the same computation.
     """
     config = config_or_layer
@@ -173,16 +179,19 @@ def from_keras(config_or_layer: Any, shape: Sequence, *, training: bool = True, 
         if get_config is None:
             raise SpecError(f"keras: {type(config).__name__} is neither a layer with get_config() nor a config dict")
         config = get_config()
-    for key in ("renorm", "virtual_batch_size", "adjustment"):
-        if config.get(key):
-            raise SpecError(f"{key}: {config[key]!r} is not supported by bngen")
+    renorm = config.get("renorm", False)
+    if renorm:
+        check_renorm_clipping(config.get("renorm_clipping"))
+    adjustment = config.get("adjustment") is not None or getattr(config_or_layer, "adjustment", None) is not None
+    variants = dict(renorm=renorm, renorm_momentum=config.get("renorm_momentum", 0.99),
+                    virtual_batch_size=config.get("virtual_batch_size"), adjustment=adjustment)
     axis = config.get("axis", -1)
     if isinstance(axis, list):
         axis = tuple(axis)
     if config.get("trainable") is False:
         training = False
     if unbiased is None:
-        unbiased = _tf2_fused(config, shape, axis)
+        unbiased = _tf2_fused(config, shape, axis) and not (renorm or adjustment or variants["virtual_batch_size"])
     return Spec(
         shape=tuple(shape) if isinstance(shape, (list, tuple)) else shape,
         axis=axis,
@@ -195,6 +204,7 @@ def from_keras(config_or_layer: Any, shape: Sequence, *, training: bool = True, 
         scale=config.get("scale", True),
         unbiased=unbiased,
         activation=activation,
+        **variants,
     )
 
 

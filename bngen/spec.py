@@ -102,6 +102,13 @@ class Spec:
     scale: bool = True
     unbiased: bool = False
     activation: Optional[str] = None
+    # Statistics variants (README, "Statistics variants").  At their defaults they are
+    # left out of `to_dict`/`to_json`, so a plain spec serialises (and its C renders) as
+    # before they existed.
+    renorm: bool = False  # batch renormalization: r and d from the renorm statistics
+    renorm_momentum: float = 0.99  # weight of the OLD renorm_mean / renorm_stddev
+    virtual_batch_size: Optional[int] = None  # ghost batch norm: statistics per ghost batch
+    adjustment: bool = False  # training output gamma*(x_hat*a + b) + beta, a and b per call
 
     def __post_init__(self) -> None:
         shape = _canonical_shape(self.shape)
@@ -109,7 +116,7 @@ class Spec:
         put("shape", shape)
         put("axis", _canonical_axis(self.axis, shape))
         put("dtype", _canonical_dtype(self.dtype))
-        for flag in ("training", "center", "scale", "unbiased"):
+        for flag in ("training", "center", "scale", "unbiased", "renorm", "adjustment"):
             v = getattr(self, flag)
             if not isinstance(v, bool):
                 raise SpecError(f"{flag}: {v!r} is not a bool")
@@ -129,12 +136,46 @@ class Spec:
                 f"axis: {list(self.axis)} with mode=1; sample-wise normalisation needs the "
                 f"feature axis to be the last one ({len(shape) - 1})"
             )
+        self._check_variants()
         n = self.values_per_feature
         if n is not None and n < self.min_values_per_feature:
             raise SpecError(
                 f"shape: {list(shape)} gives one value per feature, so the unbiased variance "
                 "n/(n-1) is undefined; use unbiased=False or a larger batch"
             )
+
+    def _check_variants(self) -> None:
+        """The statistics variants: each with mode 0 only, and ghost batch norm alone."""
+        put = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+        m = self.renorm_momentum
+        if not _is_real(m) or not 0.0 <= m <= 1.0:
+            raise SpecError(f"renorm_momentum: {m!r} must be a number in [0, 1]")
+        put("renorm_momentum", float(m))
+        for flag in ("renorm", "adjustment"):
+            if getattr(self, flag) and self.mode != 0:
+                raise SpecError(f"{flag}: True with mode={self.mode}; it changes the batch statistics of mode 0 only")
+        if self.renorm and self.unbiased:
+            raise SpecError("unbiased: True with renorm=True; renorm derives moving_variance from moving_stddev "
+                            "(moving_stddev**2 - epsilon), which no unbiased variance feeds")
+        k = self.virtual_batch_size
+        if k is None:
+            return
+        if not _is_int(k):
+            raise SpecError(f"virtual_batch_size: {k!r} is not None or an int")
+        if k < 1:
+            raise SpecError(f"virtual_batch_size: {k} must be >= 1")
+        put("virtual_batch_size", int(k))
+        if self.mode != 0:
+            raise SpecError(f"virtual_batch_size: {k} with mode={self.mode}; ghost batch norm is mode 0 only")
+        if 0 in self.axis:
+            raise SpecError(f"virtual_batch_size: {k} with feature axis {list(self.axis)}; ghost batches split axis 0, "
+                            "the batch axis, which must not be a feature axis")
+        for other in ("renorm", "adjustment"):
+            if getattr(self, other):
+                raise SpecError(f"virtual_batch_size: {k} with {other}=True; the two cannot be combined")
+        n = self.shape[0]
+        if n is not None and n % k:
+            raise SpecError(f"virtual_batch_size: {k} does not divide the batch size {n} of shape {list(self.shape)}")
 
     # -- derived facts (no state of their own) ------------------------------------------
     @property
@@ -186,7 +227,10 @@ class Spec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The fields by name; the statistics variants only where they differ from their
+        defaults (so specs written before the variants existed read and write unchanged)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in _VARIANT_FIELDS or getattr(self, f.name) != f.default}
         d["shape"] = list(self.shape)
         d["axis"] = list(self.axis)
         return d
@@ -244,6 +288,38 @@ class Spec:
     def describe(self) -> str:
         """One line naming every field, used in banners and reports."""
         return ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+
+
+CLIP_KEYS = ("rmax", "rmin", "dmax")
+
+
+def check_renorm_clipping(value: Any, name: str = "renorm_clipping") -> Tuple[Optional[float], Optional[float], Optional[float]]:
+    """``(rmax, rmin, dmax)`` from a Keras ``renorm_clipping`` dict (None: {}), a missing
+    key meaning no clip on that side (rmin does NOT default to 1/rmax, as in Keras 3).
+    Raises `SpecError` naming `name` for unknown keys, values that are not real numbers
+    (NaN included), ``rmax < rmin`` or ``dmax < 0``."""
+    if value is None:
+        return None, None, None
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{name}: {value!r} is not a dict with keys among {', '.join(CLIP_KEYS)}")
+    unknown = sorted(map(str, set(value) - set(CLIP_KEYS)))
+    if unknown:
+        raise SpecError(f"{name}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(CLIP_KEYS)}")
+    bounds = []
+    for key in CLIP_KEYS:
+        v = value.get(key)
+        if v is not None and (not _is_real(v) or math.isnan(v)):
+            raise SpecError(f"{name}: {key}={v!r} is not a number (leave the key out for no clip)")
+        bounds.append(None if v is None else float(v))
+    rmax, rmin, dmax = bounds
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise SpecError(f"{name}: rmax={rmax} is less than rmin={rmin}")
+    if dmax is not None and dmax < 0:
+        raise SpecError(f"{name}: dmax={dmax} must be >= 0")
+    return rmax, rmin, dmax
+
+
+_VARIANT_FIELDS = ("renorm", "renorm_momentum", "virtual_batch_size", "adjustment")
 
 
 def _product(dims) -> Optional[int]:

@@ -94,10 +94,28 @@ def test_from_keras_layer_object_and_tf2_fused_variance():
     assert not bngen.Spec.from_keras({"axis": 2, "fused": None}, (None, 4, 4, 8)).unbiased
 
 
-@pytest.mark.parametrize("key,value", [("renorm", True), ("virtual_batch_size", 4), ("adjustment", "fn")])
-def test_from_keras_rejects_unsupported_features(key, value):
-    with pytest.raises(SpecError, match=key):
-        bngen.Spec.from_keras({key: value}, (None, 4))
+def test_from_keras_reads_the_statistics_variants():
+    keras3 = {"axis": -1, "renorm": True, "renorm_clipping": {"rmax": 3.0, "dmax": 5.0}, "renorm_momentum": 0.9}
+    spec = bngen.Spec.from_keras(keras3, (None, 4))
+    assert spec.renorm and spec.renorm_momentum == 0.9 and spec.virtual_batch_size is None and not spec.adjustment
+    tf2 = {"axis": -1, "fused": None, "virtual_batch_size": 4, "renorm": False, "renorm_clipping": None}
+    ghost = bngen.Spec.from_keras(tf2, (None, 4, 4, 8))
+    assert ghost.virtual_batch_size == 4 and not ghost.unbiased  # tf.keras takes the non-fused path then
+    layer = SimpleNamespace(get_config=lambda: {"axis": -1}, adjustment=lambda shape: (1.0, 0.0))
+    assert bngen.Spec.from_keras(layer, (None, 4)).adjustment
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, "renorm_clipping"),
+    ({"renorm": True, "renorm_clipping": {"dmax": -1.0}}, "renorm_clipping"),
+    ({"renorm": True, "renorm_clipping": {"rmean": 1.0}}, "renorm_clipping"),
+    ({"renorm": True, "renorm_momentum": 1.5}, "renorm_momentum"),
+    ({"virtual_batch_size": 0}, "virtual_batch_size"),
+    ({"renorm": True, "virtual_batch_size": 2}, "virtual_batch_size"),
+])
+def test_from_keras_rejects_bad_variants(config, field):
+    with pytest.raises(SpecError, match=field):
+        bngen.Spec.from_keras(config, (None, 4))
 
 
 def test_from_keras_rejects_other_objects():

@@ -80,6 +80,22 @@ INVALID = [
     (dict(shape=(2, 3), activation="gelu"), "activation", "gelu"),
     (dict(shape=(2, 3, 4), axis=1, mode=1), "axis", "last"),
     (dict(shape=(1, 3), unbiased=True), "shape", "one value per feature"),
+    # statistics variants
+    (dict(shape=(2, 3), renorm=1), "renorm", "not a bool"),
+    (dict(shape=(2, 3), renorm=True, mode=1), "renorm", "mode=1"),
+    (dict(shape=(2, 3), renorm=True, mode=2), "renorm", "mode=2"),
+    (dict(shape=(2, 3), renorm=True, unbiased=True), "unbiased", "renorm"),
+    (dict(shape=(2, 3), renorm_momentum=1.5), "renorm_momentum", "1.5"),
+    (dict(shape=(2, 3), renorm_momentum=-0.1), "renorm_momentum", "-0.1"),
+    (dict(shape=(2, 3), adjustment=True, mode=2), "adjustment", "mode=2"),
+    (dict(shape=(4, 3), virtual_batch_size=0), "virtual_batch_size", "0 must be >= 1"),
+    (dict(shape=(4, 3), virtual_batch_size=2.0), "virtual_batch_size", "2.0"),
+    (dict(shape=(4, 3), virtual_batch_size=2, mode=2), "virtual_batch_size", "mode=2"),
+    (dict(shape=(4, 3), axis=(0, 1), virtual_batch_size=2), "virtual_batch_size", "axis"),
+    (dict(shape=(4, 3), axis=0, virtual_batch_size=2), "virtual_batch_size", "axis"),
+    (dict(shape=(4, 3), virtual_batch_size=2, renorm=True), "virtual_batch_size", "renorm"),
+    (dict(shape=(4, 3), virtual_batch_size=2, adjustment=True), "virtual_batch_size", "adjustment"),
+    (dict(shape=(6, 3), virtual_batch_size=4), "virtual_batch_size", "does not divide"),
 ]
 
 
@@ -102,6 +118,27 @@ def test_from_json_rejects_unknown_and_missing_fields():
         Spec.from_json("{")
     with pytest.raises(SpecError, match="expected an object"):
         Spec.from_json("[1, 2]")
+
+
+def test_variants_at_their_defaults_are_left_out_of_json():
+    plain = json.loads(Spec((None, 4)).to_json())
+    assert not set(plain) & {"renorm", "renorm_momentum", "virtual_batch_size", "adjustment"}
+    ghost = Spec((None, 4), virtual_batch_size=8)
+    assert json.loads(ghost.to_json())["virtual_batch_size"] == 8 and Spec.from_json(ghost.to_json()) == ghost
+    renorm = Spec((None, 4), renorm=True, renorm_momentum=0.9)
+    assert Spec.from_json(renorm.to_json()) == renorm and hash(renorm) != hash(Spec((None, 4), renorm=True))
+    assert renorm != Spec((None, 4)) and Spec((None, 4), adjustment=True) != Spec((None, 4))
+
+
+def test_renorm_clipping_is_checked_naming_it():
+    from bngen.spec import check_renorm_clipping
+
+    assert check_renorm_clipping(None) == (None, None, None)
+    assert check_renorm_clipping({"rmax": 3, "dmax": 0}) == (3.0, None, 0.0)  # rmin: no clip, not 1/rmax
+    for bad, detail in [({"rmax": 1.0, "rmin": 2.0}, "less than rmin"), ({"dmax": -1.0}, "dmax"),
+                        ({"rmax": float("nan")}, "not a number"), ({"r": 1}, "unknown key"), ([1, 2], "not a dict")]:
+        with pytest.raises(SpecError, match=f"^renorm_clipping: .*{detail}"):
+            check_renorm_clipping(bad)
 
 
 def test_json_uses_null_for_dynamic_sizes():
@@ -129,7 +166,21 @@ def specs(draw):
         momentum=draw(st.floats(0.0, 1.0)),
         center=draw(st.booleans()), scale=draw(st.booleans()),
         activation=draw(st.sampled_from([None, "relu"])),
+        **draw(variants(mode, 0 in axes)),
     )
+
+
+@st.composite
+def variants(draw, mode, batch_is_feature):
+    """Statistics-variant fields that fit the mode and axes (often none)."""
+    kind = draw(st.sampled_from(["none", "renorm", "ghost", "adjustment"] if mode == 0 else ["none"]))
+    if kind == "renorm":
+        return dict(renorm=True, renorm_momentum=draw(st.floats(0.0, 1.0)), adjustment=draw(st.booleans()))
+    if kind == "ghost" and not batch_is_feature:
+        return dict(virtual_batch_size=1)  # divides any batch size
+    if kind == "adjustment":
+        return dict(adjustment=True)
+    return {}
 
 
 @settings(max_examples=300)
