@@ -41,13 +41,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .entries import Arg, Entry, Phase, Role
-from .spec import Spec
+from .entries import CLIP_BOUNDS, RENORM_STATISTICS, Arg, Entry, Phase, Role
+from .spec import Spec, clip_problem
 from .threads import MAX_THREADS
 
 KEPT_SETS = 4  # a few layers sharing one kernel take turns without a full check each
 
-DATA, PARAM, OUT, THREADS = "data", "param", "out", "threads"
+DATA, PARAM, OUT, THREADS, SCALAR = "data", "param", "out", "threads", "scalar"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Param:
     """One Python parameter of a kernel method."""
 
     name: str
-    kind: str  # DATA (shaped like x) | PARAM (one value per feature) | OUT | THREADS
+    kind: str  # DATA (shaped like x) | PARAM (one value per feature) | OUT | THREADS | SCALAR (a number; None: NaN)
     arg: Optional[Arg] = None  # the C argument it fills; None: checked only (or unused)
     used: bool = True  # False: the kernel takes no such value; it must be None
     required: bool = True
@@ -111,11 +111,36 @@ def _forward_face(spec: Spec, entry: Entry, method: str) -> Face:
         why, used, required = "inference normalises with the moving statistics", True, True
     else:
         why, used, required = f"mode {spec.mode} keeps no moving statistics", False, False
+    if spec.renorm and entry.phase == Phase.FORWARD:
+        why, used, required = "renorm training takes r and d from them and updates them in place", True, True
     params += [Param(n, PARAM, a(n), used=used, required=required, why=why) for n in ("moving_mean", "moving_variance")]
+    params += _variant_params(spec, entry)
     params += [Param("out", OUT, a("y"), required=False), Param("threads", THREADS, a("nthreads"), required=False)]
     if method == "forward":
-        return Face(method, entry, tuple(params), ("y", "mean", "variance"))
+        return Face(method, entry, tuple(params), ("y", "mean", "variance") + (("r", "d") if a("r") else ()))
     return Face(method, entry, tuple(params), ("y",), single=True)
+
+
+def _variant_params(spec: Spec, entry: Entry) -> list:
+    """The keyword-only parameters of the statistics variants: every kernel has them, and
+    those its spec does not use must be None (a message says why)."""
+    a = entry.arg
+    renorm = a("renorm_mean") is not None
+    why = ("renorm training takes r and d from them and updates them in place" if renorm else
+           "the spec has renorm=False" if not spec.renorm else "a renorm kernel uses them in training only")
+    params = [Param(n, PARAM, a(n), used=renorm, required=renorm, why=why) for n in RENORM_STATISTICS[2:]]
+    why = ("None: no clip on that side" if renorm else "clipping bounds are renorm training's")
+    params += [Param(n, SCALAR, a(n), used=renorm, required=False, why=why) for n in CLIP_BOUNDS]
+    params += _adjust_params(spec, entry)
+    return params
+
+
+def _adjust_params(spec: Spec, entry: Entry) -> list:
+    a = entry.arg
+    used = a("adjust_scale") is not None
+    why = ("the spec has adjustment=True" if used else "the spec has adjustment=False" if not spec.adjustment
+           else "the adjustment changes training only")
+    return [Param(n, PARAM, a(n), used=used, required=used, why=why) for n in ("adjust_scale", "adjust_bias")]
 
 
 def _backward_face(spec: Spec, entry: Entry) -> Face:
@@ -141,12 +166,20 @@ def _backward_face(spec: Spec, entry: Entry) -> Face:
             Param("moving_variance", PARAM, used=False, required=False,
                   why=unused + "; pass the batch variance as variance="),
         ]
+        renorm = a("r") is not None
+        params += [Param(n, PARAM, a(n), used=renorm, required=renorm,
+                         why="the renorm correction that forward returned (held constant)" if renorm
+                         else "the spec has renorm=False") for n in ("r", "d")]
     else:
         why = "a frozen layer's gradient uses the moving statistics"
         params += [
             Param("moving_mean", PARAM, a("moving_mean"), why=why, alias="mean"),
             Param("moving_variance", PARAM, a("moving_variance"), why=why, alias="variance"),
         ]
+    if entry.phase != Phase.BACKWARD:
+        params += [Param(n, PARAM, used=False, required=False, why="the spec has renorm=False" if not spec.renorm
+                         else "a frozen layer's gradient has no renorm correction") for n in ("r", "d")]
+    params += _adjust_params(spec, entry)
     params += [Param("out", OUT, a("dx"), required=False), Param("threads", THREADS, a("nthreads"), required=False)]
     # a training step passes the statistics of its own forward: new arrays at every step
     return Face("backward", entry, tuple(params), ("dx", "dgamma", "dbeta"), lasting=entry.phase != Phase.BACKWARD)
@@ -177,6 +210,11 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
                 written.add(p.name)
             checked[p.name] = check_param(kernel, p.name, values.get(p.name), p.used, p.why, writable=writes,
                                           required=p.required)
+    for p in face.params:
+        if p.kind == SCALAR:
+            checked[p.name] = check_scalar(p.name, values.get(p.name), p.used, p.why)
+    if all(face.param(n) is not None and face.param(n).used for n in CLIP_BOUNDS):
+        check_clip_bounds(*(values.get(n) for n in CLIP_BOUNDS))
     nthreads = check_threads(kernel, values.get("threads"))
     first, last = spec.axis[0], spec.axis[-1]
     outer = int(np.prod(x.shape[:first], dtype=np.int64))
@@ -196,7 +234,7 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
     streams = values.get("out") is not None and target is out
     c_values = {"outer": outer, "inner": inner, "nthreads": nthreads, "may_stream": int(streams)}
     for p in face.params:
-        if p.arg is not None and p.kind in (DATA, PARAM):
+        if p.arg is not None and p.kind in (DATA, PARAM, SCALAR):
             c_values[p.arg.name] = checked[p.name]
     c_values[out_param.arg.name] = target
     results: Dict[str, Any] = {}
@@ -305,6 +343,25 @@ def check_out(kernel, out, shape) -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError("out: is read-only")
     return out
+
+
+def check_scalar(name: str, value, used: bool, why: str) -> float:
+    """A call-time number (a renorm clipping bound): a real number, inf allowed; None is
+    NaN in C, which the kernel reads as no bound."""
+    if value is None:
+        return math.nan
+    if not used:
+        raise TypeError(f"{name}: not used by this kernel ({why}); pass None")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value):
+        raise TypeError(f"{name}: {value!r} is not a number ({why})")
+    return float(value)
+
+
+def check_clip_bounds(rmax, rmin, dmax) -> None:
+    """The renorm clipping bounds as Keras 3 checks them (rmax >= rmin, dmax >= 0)."""
+    problem = clip_problem(rmax, rmin, dmax)
+    if problem:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
 
 
 def check_threads(kernel, threads) -> int:
@@ -446,6 +503,13 @@ def fast_path(kernel, face: Face, checked):
             emit(f"if {p.alias} is None: v_{p.name} = {p.name}")
             emit(f"elif {p.name} is None: v_{p.name} = {p.alias}")
             emit("else: raise _Refused")
+    scalars = [p for p in face.params if p.kind == SCALAR and p.used]
+    for p in scalars:  # None: NaN, which C reads as no bound; ints and NaN take the checked path
+        emit(f"if {p.name} is None: s_{p.name} = nan")
+        emit(f"elif {p.name}.__class__ is float and {p.name} == {p.name}: s_{p.name} = {p.name}")
+        emit("else: raise _Refused")
+    if {p.name for p in scalars} >= set(CLIP_BOUNDS):  # (NaN compares false: no bound, no refusal)
+        emit("if s_rmax < s_rmin or s_dmax < 0: raise _Refused")
     for n in names:  # parameters of the signature that no face parameter takes
         if face.param(n) is None and not any(p.alias == n for p in face.params):
             emit(f"if {n} is not None: raise _Refused")
@@ -553,6 +617,8 @@ def fast_path(kernel, face: Face, checked):
             call.append(arg.name)
         elif arg.role == Role.THREADS:
             call.append("threads")
+        elif arg.role == Role.SCALAR:
+            call.append(f"s_{arg.name}")
         elif arg.role == Role.FLAG:  # may_stream: into the caller's buffer, not a new array's fresh pages
             call.append("out is not None")
         else:  # pragma: no cover - a role the binder does not know yet
@@ -569,7 +635,7 @@ def fast_path(kernel, face: Face, checked):
         "pdtype": kernel.param_dtype, "cshape": (plan.channels,), "cstrides": (kernel.param_dtype.itemsize,),
         "channels": plan.channels, "last": memory.last, "recall": memory.recall, "from_buffer": kernel.ffi.from_buffer,
         "data_ct": kernel.ffi.typeof(kernel.data_ctype), "param_ct": kernel.ffi.typeof(kernel.param_ctype),
-        "empty": np.empty, "null": kernel.ffi.NULL, "run": kernel.entry_function(entry), "checked": checked,
+        "empty": np.empty, "null": kernel.ffi.NULL, "nan": math.nan, "run": kernel.entry_function(entry), "checked": checked,
     }
     exec(compile(source, f"<bngen fast {face.method} of {entry.name}>", "exec"), scope)
     function = scope["call" if face.method == "__call__" else face.method]

@@ -128,10 +128,14 @@ def forward_entry(spec: Spec, sizes: Tuple[Arg, ...], streaming: bool) -> Entry:
     flags = (Arg("may_stream", Role.FLAG),) if streaming else ()
     if spec.uses_batch_stats:
         moving = ()
-        if spec.updates_moving_stats:
+        if spec.renorm:  # r and d come from the renorm statistics: all five are required
+            moving = tuple(Arg(n, Role.PARAM_INOUT) for n in RENORM_STATISTICS)
+        elif spec.updates_moving_stats:
             moving = (Arg("moving_mean", Role.PARAM_INOUT, True), Arg("moving_variance", Role.PARAM_INOUT, True))
         stats = (Arg("mean", Role.STAT_OUT, True), Arg("variance", Role.STAT_OUT, True))
-        return Entry("bn_forward", io + affine + moving + stats + sizes + flags, Phase.FORWARD)
+        stats += tuple(Arg(n, Role.STAT_OUT, True) for n in ("r", "d") if spec.renorm)
+        scalars = tuple(Arg(n, Role.SCALAR) for n in CLIP_BOUNDS if spec.renorm)
+        return Entry("bn_forward", io + affine + _adjust(spec) + moving + stats + scalars + sizes + flags, Phase.FORWARD)
     moving = (Arg("moving_mean", Role.PARAM_IN), Arg("moving_variance", Role.PARAM_IN))
     return Entry("bn_inference", io + affine + moving + sizes + flags, Phase.INFERENCE)
 
@@ -158,6 +162,7 @@ def backward_entry(spec: Spec, sizes: Tuple[Arg, ...]) -> Optional[Entry]:
     if spec.uses_batch_stats:
         name, phase = "bn_backward", Phase.BACKWARD
         stats = [Arg("mean", Role.PARAM_IN), Arg("variance", Role.PARAM_IN)]
+        stats += [Arg(n, Role.PARAM_IN) for n in ("r", "d") if spec.renorm] + list(_adjust(spec))
     else:
         name, phase = "bn_backward_frozen", Phase.BACKWARD_FROZEN
         stats = [Arg("moving_variance", Role.PARAM_IN)]
@@ -184,6 +189,18 @@ def probe_entries(threaded: bool) -> Tuple[Entry, ...]:
         Entry("bn_copy", (Arg("x", Role.DATA_IN), Arg("y", Role.DATA_OUT)) + sizes, Phase.PROBE),
         Entry("bn_read", (Arg("x", Role.DATA_IN), Arg("sink", Role.STAT_OUT)) + sizes, Phase.PROBE),
     )
+
+
+# The per-feature statistics a renorm training forward updates in place, in Keras 3's
+# weight order (after gamma and beta).
+RENORM_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+# The call-time clipping bounds of renorm's r and d (NaN: no clip).
+CLIP_BOUNDS = ("rmax", "rmin", "dmax")
+
+
+def _adjust(spec: Spec) -> Tuple[Arg, ...]:
+    """tf.keras' adjustment: per-feature a and b of the training output gamma*(x_hat*a + b) + beta."""
+    return (Arg("adjust_scale", Role.PARAM_IN), Arg("adjust_bias", Role.PARAM_IN)) if spec.adjustment and spec.training else ()
 
 
 def _affine(spec: Spec) -> Tuple[Arg, ...]:

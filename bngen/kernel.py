@@ -62,17 +62,30 @@ class Kernel:
         return getattr(self._lib, entry.name)
 
     # -- public calls (the checked path; a kernel's fast path calls these for what it refuses) --
-    def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None, threads=None):
-        """Normalise `x`; returns y (written into `out` if given)."""
+    def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None,
+                 moving_stddev=None, renorm_mean=None, renorm_stddev=None, rmax=None, rmin=None, dmax=None,
+                 adjust_scale=None, adjust_bias=None, threads=None):
+        """Normalise `x`; returns y (written into `out` if given).  The keyword-only
+        arguments of the statistics variants are those of `forward`."""
         return binder.call_checked(self, self._faces["__call__"], dict(
             x=x, gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance, out=out,
-            threads=threads))
+            moving_stddev=moving_stddev, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev, rmax=rmax, rmin=rmin,
+            dmax=dmax, adjust_scale=adjust_scale, adjust_bias=adjust_bias, threads=threads))
 
-    def forward(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, out=None, *, threads=None):
+    def forward(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, out=None, *,
+                moving_stddev=None, renorm_mean=None, renorm_stddev=None, rmax=None, rmin=None, dmax=None,
+                adjust_scale=None, adjust_bias=None, threads=None):
         """Normalise `x` with its own statistics; returns ``(y, mean, variance)``.
 
         mean and variance are the batch mean and biased batch variance per feature
         (per sample in mode 1, with shape ``x.shape[:axis]``).
+
+        ``renorm=True`` (training): returns ``(y, mean, variance, r, d)`` and needs all five
+        statistics, updated in place: moving_mean, moving_variance, and keyword-only
+        moving_stddev, renorm_mean, renorm_stddev.  ``rmax``, ``rmin``, ``dmax`` clip r and
+        d (None: no clip on that side).  ``adjustment=True`` (training): keyword-only
+        ``adjust_scale`` and ``adjust_bias`` (a, b), one value per feature; the output is
+        ``gamma * (x_hat * a + b) + beta`` (with renorm, ``gamma * (a * (x_hat * r + d) + b) + beta``).
         """
         face = self._faces.get("forward")
         if face is None:
@@ -82,10 +95,12 @@ class Kernel:
             )
         return binder.call_checked(self, face, dict(
             x=x, gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance, out=out,
-            threads=threads))
+            moving_stddev=moving_stddev, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev, rmax=rmax, rmin=rmin,
+            dmax=dmax, adjust_scale=adjust_scale, adjust_bias=adjust_bias, threads=threads))
 
     def backward(self, dy, x, gamma=None, mean=None, variance=None, out=None, *, beta=None,
-                 moving_mean=None, moving_variance=None, threads=None):
+                 moving_mean=None, moving_variance=None, r=None, d=None, adjust_scale=None, adjust_bias=None,
+                 threads=None):
         """Gradients of the forward with respect to x, gamma and beta: ``(dx, dgamma, dbeta)``.
 
         `dy` is the gradient of the loss with respect to the forward's output y (the
@@ -111,6 +126,13 @@ class Kernel:
         positive.  That output depends on beta, so with ``center=True`` pass ``beta=``
         (keyword); it is an error to pass it otherwise.
 
+        Statistics variants (training): ``renorm=True`` takes the ``r=`` and ``d=`` that
+        forward returned, ``adjustment=True`` the same ``adjust_scale=`` and
+        ``adjust_bias=``, all held constant: with ``m = a * r`` and ``t = a * d + b``
+        (r = 1, d = 0 without renorm; a = 1, b = 0 without adjustment),
+        ``dgamma = m * sum(dy * x_hat) + t * sum(dy)`` and dx is that of a layer whose
+        gamma is ``gamma * m``.
+
         Mode 1 (sample-wise) has no backward: TypeError.
         """
         face = self._faces.get("backward")
@@ -118,4 +140,5 @@ class Kernel:
             raise TypeError("backward: mode 1 (sample-wise) kernels have no backward in bngen; use mode 0 or 2")
         return binder.call_checked(self, face, dict(
             dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance, moving_mean=moving_mean,
-            moving_variance=moving_variance, out=out, threads=threads))
+            moving_variance=moving_variance, r=r, d=d, adjust_scale=adjust_scale, adjust_bias=adjust_bias, out=out,
+            threads=threads))

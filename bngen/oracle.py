@@ -19,6 +19,12 @@ class Forward(NamedTuple):
     variance: Optional[np.ndarray]  # biased
     moving_mean: Optional[np.ndarray]  # after the update (training, mode 0), else as given
     moving_variance: Optional[np.ndarray]
+    # renorm (training): the correction and the other three statistics after the update
+    r: Optional[np.ndarray] = None
+    d: Optional[np.ndarray] = None
+    moving_stddev: Optional[np.ndarray] = None
+    renorm_mean: Optional[np.ndarray] = None
+    renorm_stddev: Optional[np.ndarray] = None
 
 
 def _f64(a):
@@ -58,8 +64,18 @@ def _bshape(spec: Spec, ndim: int):
     return [spec.shape[a] if a in spec.axis else 1 for a in range(ndim)]
 
 
-def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_variance=None) -> Forward:
-    """What the forward kernel of `spec` computes, in float64."""
+def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, moving_stddev=None,
+            renorm_mean=None, renorm_stddev=None, rmax=None, rmin=None, dmax=None, adjust_scale=None,
+            adjust_bias=None) -> Forward:
+    """What the forward kernel of `spec` computes, in float64.
+
+    Training with renorm (Keras 3.14+): ``s = sqrt(var + eps)``, ``s_bar = max(renorm_stddev,
+    sqrt(eps))``, ``r = clip(s / s_bar, rmin, rmax)``, ``d = clip((mean - renorm_mean) / s_bar,
+    -dmax, dmax)`` (None: no clip), output ``gamma * (x_hat * r + d) + beta``; renorm_mean
+    and renorm_stddev move with renorm_momentum, moving_mean and moving_stddev with
+    momentum, and ``moving_variance = max(moving_stddev**2 - eps, 0)``.  With the
+    adjustment (a, b) the output is ``gamma * (a * (x_hat * r + d) + b) + beta``.
+    """
     x = _f64(x)
     bshape = _bshape(spec, x.ndim)
     g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
@@ -72,6 +88,9 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
         v = var.reshape(m.shape)
         y = g * (x - m) / (np.sqrt(v + spec.epsilon) + spec.epsilon) + b
         return Forward(_activate(spec, y), mean.reshape(lead), var.reshape(lead), None, None)
+    if spec.uses_batch_stats and (spec.renorm or spec.adjustment) and spec.training:
+        return _variant_forward(spec, x, g, b, bshape, mm, mv, _f64(moving_stddev), _f64(renorm_mean),
+                                _f64(renorm_stddev), (rmax, rmin, dmax), _f64(adjust_scale), _f64(adjust_bias))
     if spec.uses_batch_stats:
         mean, var = statistics(spec, x)
         m, v = mean.reshape(bshape), var.reshape(bshape)
@@ -86,6 +105,40 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
     a = g / np.sqrt(mv.reshape(bshape) + spec.epsilon)
     y = (x - mm.reshape(bshape)) * a + b
     return Forward(_activate(spec, y), None, None, mm, mv)
+
+
+def _variant_forward(spec, x, g, b, bshape, mm, mv, msd, rm, rsd, clip, a, adj_b) -> Forward:
+    """Training with renorm and/or the adjustment (see `forward`)."""
+    mean, var = statistics(spec, x)
+    eps, keep, rkeep = spec.epsilon, spec.momentum, spec.renorm_momentum
+    x_hat = (x - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + eps)
+    r = d = None
+    m, t = np.ones_like(mean), np.zeros_like(mean)
+    if spec.renorm:
+        rmax, rmin, dmax = clip
+        s = np.sqrt(var + eps)
+        s_bar = np.where(rsd < np.sqrt(eps), np.sqrt(eps), rsd)  # (a NaN stddev stays NaN)
+        r, d = s / s_bar, (mean - rm) / s_bar
+        if rmin is not None:
+            r = np.where(r < rmin, rmin, r)
+        if rmax is not None:
+            r = np.where(r > rmax, rmax, r)
+        if dmax is not None:
+            d = np.where(d < -dmax, -dmax, np.where(d > dmax, dmax, d))
+        m, t = r, d
+        rm, rsd = rkeep * rm + (1 - rkeep) * mean, rkeep * rsd + (1 - rkeep) * s
+        mm = keep * mm + (1 - keep) * mean
+        msd = keep * msd + (1 - keep) * s
+        mv = np.maximum(msd * msd - eps, 0.0)
+    elif mm is not None or mv is not None:
+        mm = None if mm is None else keep * mm + (1 - keep) * mean
+        n = x.size // mean.size
+        fed = var * (n / (n - 1)) if spec.unbiased and n > 1 else var
+        mv = None if mv is None else keep * mv + (1 - keep) * fed
+    if spec.adjustment:
+        m, t = a * m, a * t + adj_b
+    y = g * (x_hat * m.reshape(bshape) + t.reshape(bshape)) + b
+    return Forward(_activate(spec, y), mean, var, mm, mv, r, d, msd, rm, rsd)
 
 
 def inference_coefficients(gamma, beta, mean, variance, epsilon: float):
@@ -112,14 +165,17 @@ class Backward(NamedTuple):
     dbeta: Optional[np.ndarray]  # None when center=False
 
 
-def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=None) -> Backward:
+def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=None, r=None, d=None,
+             adjust_scale=None, adjust_bias=None) -> Backward:
     """The gradients `Kernel.backward` computes, in float64.
 
     Batch-statistics specs (training, mode 2): `mean` and `variance` default to the
     exact statistics of `x` (the true gradient of the forward); given, they are used as
     they are.  Mode-0 inference (a frozen layer): `mean` and `variance` are the moving
     statistics, and are required.  `beta` is needed only for a fused ReLU with
-    ``center=True`` (the mask depends on the forward's output).
+    ``center=True`` (the mask depends on the forward's output).  Training with renorm or
+    the adjustment: `r`, `d`, `adjust_scale`, `adjust_bias` are held constant; with
+    ``m = a * r`` and ``t = a * d + b`` the output is ``gamma * (x_hat * m + t) + beta``.
     """
     if spec.mode == 1:
         raise TypeError("backward: mode 1 (sample-wise) has no backward in bngen")
@@ -136,19 +192,29 @@ def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=No
         if mean is None or variance is None:
             raise TypeError("backward: a frozen (mode-0 inference) layer needs the moving mean and variance")
         m, v = _f64(mean).reshape(bshape), _f64(variance).reshape(bshape)
-    r = 1.0 / np.sqrt(v + spec.epsilon)
-    x_hat = (x - m) * r
+    fm, ft = 1.0, 0.0  # the variants' factors m and t, per feature
+    if spec.uses_batch_stats and spec.training and (spec.renorm or spec.adjustment):
+        fm, ft = np.ones(spec.channels), np.zeros(spec.channels)
+        if spec.renorm:
+            fm, ft = _f64(r), _f64(d)
+        if spec.adjustment:
+            fm, ft = _f64(adjust_scale) * fm, _f64(adjust_scale) * ft + _f64(adjust_bias)
+        fm, ft = fm.reshape(bshape), ft.reshape(bshape)
+        b = b + g * ft
+    rs = 1.0 / np.sqrt(v + spec.epsilon)
+    x_hat = (x - m) * rs
     if spec.activation == "relu":
-        dy = np.where(g * x_hat + b <= 0, 0.0, dy)
+        dy = np.where(g * fm * x_hat + b <= 0, 0.0, dy)
     sum_dy = dy.sum(axis=axes, keepdims=True)
     sum_dy_xhat = (dy * x_hat).sum(axis=axes, keepdims=True)
     if spec.uses_batch_stats:
         n = x.size // spec.channels
-        dx = g * r / n * (n * dy - sum_dy - x_hat * sum_dy_xhat)
+        dx = g * fm * rs / n * (n * dy - sum_dy - x_hat * sum_dy_xhat)
     else:
-        dx = dy * g * r
+        dx = dy * g * rs
+    dgamma = sum_dy_xhat if isinstance(fm, float) else fm * sum_dy_xhat + ft * sum_dy
     return Backward(
         dx,
-        sum_dy_xhat.reshape(-1) if spec.scale else None,
+        np.reshape(dgamma, -1) if spec.scale else None,
         sum_dy.reshape(-1) if spec.center else None,
     )

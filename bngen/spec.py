@@ -311,12 +311,20 @@ def check_renorm_clipping(value: Any, name: str = "renorm_clipping") -> Tuple[Op
         if v is not None and (not _is_real(v) or math.isnan(v)):
             raise SpecError(f"{name}: {key}={v!r} is not a number (leave the key out for no clip)")
         bounds.append(None if v is None else float(v))
-    rmax, rmin, dmax = bounds
+    problem = clip_problem(*bounds)
+    if problem:
+        raise SpecError(f"{name}: {problem[1]}")
+    return tuple(bounds)
+
+
+def clip_problem(rmax: Optional[float], rmin: Optional[float], dmax: Optional[float]) -> Optional[Tuple[str, str]]:
+    """``(bound, message)`` when clipping bounds break Keras 3's rules (rmax >= rmin,
+    dmax >= 0; None is no bound), else None."""
     if rmax is not None and rmin is not None and rmax < rmin:
-        raise SpecError(f"{name}: rmax={rmax} is less than rmin={rmin}")
+        return "rmax", f"rmax={rmax} is less than rmin={rmin}"
     if dmax is not None and dmax < 0:
-        raise SpecError(f"{name}: dmax={dmax} must be >= 0")
-    return rmax, rmin, dmax
+        return "dmax", f"dmax={dmax} must be >= 0"
+    return None
 
 
 _VARIANT_FIELDS = ("renorm", "renorm_momentum", "virtual_batch_size", "adjustment")

@@ -1,0 +1,313 @@
+"""Statistics variants in the compiled kernels: batch renormalization and the adjustment
+against the float64 oracle, forward and backward, and their bad inputs.
+
+Specs compiled: 8 training kernels (renorm, adjustment, both) over the channels-first and
+channels-last schedules, float32, float64, float16 and bfloat16, with and without
+gamma/beta and the fused ReLU.  Examples: 60 per spec forward (statistics, r, d, the five
+statistics updated in place, y) and 30 per spec backward, about 800 kernel calls in all.
+Tolerances are K*u scaled by the size of the terms, as in test_forward; half-precision
+outputs add a unit of their storage type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from strategies import K, assert_close
+
+import bngen
+from bngen import oracle
+from bngen.kernel import numpy_dtype
+
+S = bngen.Spec
+SPECS = [
+    S((None, 6, None), axis=1, renorm=True, momentum=0.9, renorm_momentum=0.8),  # channels-first
+    S((None, 40), renorm=True, dtype="float64", renorm_momentum=0.5),  # channels-last, a partial tile
+    S((None, 3, 5), axis=1, renorm=True, dtype="float16", scale=False),  # staged (F16C) channels-first
+    S((None, 9), renorm=True, adjustment=True, dtype="bfloat16", activation="relu"),  # channels-last, both
+    S((None, 4, None), axis=1, adjustment=True, center=False),  # adjustment alone
+    S((None, 5), adjustment=True, dtype="float64", activation="relu", scale=False),
+    S((None, 2, 3, None), axis=(1, 2), renorm=True, adjustment=True, dtype="float64", center=False),
+    S((None, 7), adjustment=True, dtype="float16", momentum=0.5),
+]
+STORAGE_EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def _ids(spec):
+    parts = [spec.dtype, "x".join(map(str, spec.axis))]
+    parts += [n for n, on in (("renorm", spec.renorm), ("adjust", spec.adjustment), ("relu", spec.activation)) if on]
+    return "-".join(parts)
+
+
+def _bshape(spec, shape):
+    return [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
+
+
+@st.composite
+def problems(draw, spec):
+    """x, dy and every per-feature input of a variant training step (dict by argument name)."""
+    shape = tuple(draw(st.integers(1, 6)) if d is None else d for d in spec.shape)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    c, pd = spec.channels, spec.param_dtype
+    spread = draw(st.sampled_from([1e-2, 1.0, 30.0]))
+    offset = draw(st.sampled_from([0.0, 1.0, 100.0]))
+    centers = offset * rng.standard_normal(c)
+    x = centers.reshape(_bshape(spec, shape)) + spread * rng.standard_normal(shape)
+    if draw(st.booleans()):  # the first feature constant: variance exactly 0
+        moved = np.moveaxis(x, spec.axis, range(len(spec.axis))).reshape(c, -1)
+        moved[0] = centers[0]
+        x = np.moveaxis(moved.reshape([shape[a] for a in spec.axis] + [shape[a] for a in range(len(shape))
+                                                                       if a not in spec.axis]),
+                        range(len(spec.axis)), spec.axis)
+    p = dict(x=x.astype(numpy_dtype(spec.dtype)), dy=rng.standard_normal(shape).astype(numpy_dtype(spec.dtype)))
+    p["gamma"] = rng.uniform(-2, 2, c).astype(pd) if spec.scale else None
+    p["beta"] = rng.uniform(-2, 2, c).astype(pd) if spec.center else None
+    p["moving_mean"] = (centers + rng.standard_normal(c)).astype(pd)
+    p["moving_variance"] = (spread**2 * rng.uniform(0.2, 2, c)).astype(pd)
+    if spec.renorm:
+        p["moving_stddev"] = (spread * rng.uniform(0.5, 2, c)).astype(pd)
+        p["renorm_mean"] = (centers + spread * rng.standard_normal(c)).astype(pd)
+        # some below the sqrt(eps) floor, some zero (the floor then decides r and d)
+        p["renorm_stddev"] = (spread * rng.uniform(0.3, 3, c) * (rng.random(c) < 0.8)).astype(pd)
+        bound = st.one_of(st.none(), st.floats(1.0, 5.0))
+        rmax, rmin, dmax = draw(bound), draw(st.one_of(st.none(), st.floats(0.05, 1.0))), draw(st.one_of(st.none(), st.floats(0.0, 5.0)))
+        p.update(rmax=rmax, rmin=rmin, dmax=dmax)
+    if spec.adjustment:
+        p["adjust_scale"] = rng.uniform(0.5, 1.5, c).astype(pd)
+        p["adjust_bias"] = rng.uniform(-0.5, 0.5, c).astype(pd)
+    return p
+
+
+FORWARD_KEYS = ("moving_stddev", "renorm_mean", "renorm_stddev", "rmax", "rmin", "dmax", "adjust_scale", "adjust_bias")
+
+
+def run_forward(kernel, p):
+    """kernel.forward on copies of the statistics it updates; returns (outputs, statistics after)."""
+    spec = kernel.spec
+    stats = {n: p[n].copy() for n in ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+             if n in p}
+    extra = {n: stats.get(n, p.get(n)) for n in FORWARD_KEYS if n in p}
+    out = kernel.forward(p["x"], p["gamma"], p["beta"], stats["moving_mean"], stats["moving_variance"], **extra)
+    assert len(out) == (5 if spec.renorm else 3)
+    return out, stats
+
+
+def reference_forward(spec, p):
+    extra = {n: p[n] for n in FORWARD_KEYS if n in p}
+    return oracle.forward(spec, p["x"], p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"], **extra)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_ids)
+def test_forward_matches_oracle(build, spec):
+    kernel = build(spec)
+    u = float(np.finfo(spec.param_dtype).eps) / 2
+
+    @settings(max_examples=60)
+    @given(problems(spec))
+    def check(p):
+        originals = {k: v.copy() for k, v in p.items() if isinstance(v, np.ndarray)}
+        out, stats = run_forward(kernel, p)
+        ref = reference_forward(spec, p)
+        y, mean, var = out[:3]
+        std = np.sqrt(ref.variance)
+        mag = std + np.abs(ref.mean)
+        assert_close("mean", mean, ref.mean, K * u * mag)
+        assert_close("variance", var, ref.variance, K * u * (ref.variance + std * mag))
+        m, t, dtol = np.ones(spec.channels), np.zeros(spec.channels), np.zeros(spec.channels)
+        if spec.renorm:
+            r, d = out[3:]
+            s_bar = np.maximum(p["renorm_stddev"].astype(np.float64), np.sqrt(spec.epsilon))
+            dtol = K * u * (np.abs(ref.d) + (mag + np.abs(p["renorm_mean"])) / s_bar)
+            assert_close("r", r, ref.r, K * u * (np.abs(ref.r) + std / s_bar))
+            assert_close("d", d, ref.d, dtol)
+            for name in ("renorm_mean", "moving_mean"):
+                assert_close(name, stats[name], getattr(ref, name), K * u * (np.abs(p[name]) + mag))
+            for name in ("renorm_stddev", "moving_stddev"):
+                assert_close(name, stats[name], getattr(ref, name), K * u * (np.abs(p[name]) + std + np.sqrt(spec.epsilon)))
+            sd = np.abs(ref.moving_stddev)
+            assert_close("moving_variance", stats["moving_variance"], ref.moving_variance, K * u * (sd * sd + spec.epsilon))
+            m, t = np.abs(ref.r), np.abs(ref.d)
+        else:  # the adjustment alone moves the statistics as plain training does
+            assert_close("moving_mean", stats["moving_mean"], ref.moving_mean, K * u * (np.abs(p["moving_mean"]) + mag))
+            assert_close("moving_variance", stats["moving_variance"], ref.moving_variance,
+                         K * u * (np.abs(p["moving_variance"]) + ref.variance))
+        if spec.adjustment:
+            a = np.abs(p["adjust_scale"].astype(np.float64))
+            m, t, dtol = a * m, a * t + np.abs(p["adjust_bias"]), a * dtol
+        bs = _bshape(spec, p["x"].shape)
+        g = np.abs(p["gamma"]).reshape(bs) if spec.scale else 1.0
+        b = np.abs(p["beta"]).reshape(bs) if spec.center else 0.0
+        xhat = np.abs(p["x"] - ref.mean.reshape(bs)) / np.sqrt(ref.variance.reshape(bs) + spec.epsilon)
+        terms = g * (m.reshape(bs) * (xhat + 1) + t.reshape(bs)) + b
+        tol = K * u * terms + g * dtol.reshape(bs) + 2.0**-40 * g * m.reshape(bs) * np.abs(ref.mean.reshape(bs)) / np.sqrt(
+            ref.variance.reshape(bs) + spec.epsilon)
+        if spec.dtype in STORAGE_EPS:
+            tol = tol + STORAGE_EPS[spec.dtype] * (np.abs(ref.y) + K * u * terms)
+        if spec.activation == "relu":  # values within tolerance of 0 may fall either side of it
+            tol = tol + np.where(np.abs(ref.y) <= tol, tol, 0)
+        assert_close("y", y, ref.y, tol)
+        for k, v in originals.items():
+            if k not in stats:
+                np.testing.assert_array_equal(p[k], v, err_msg=f"{k} changed")
+
+    check()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_ids)
+def test_backward_matches_oracle(build, spec):
+    kernel = build(spec)
+    rtol = 1e-11 if spec.dtype == "float64" else 2e-5 if spec.dtype == "float32" else 2e-2
+
+    @settings(max_examples=30)
+    @given(problems(spec))
+    def check(p):
+        out, _ = run_forward(kernel, p)
+        mean, var = out[1], out[2]
+        extra = {n: p[n] for n in ("adjust_scale", "adjust_bias") if n in p}
+        if spec.renorm:
+            extra.update(r=out[3], d=out[4])
+        if spec.activation == "relu":  # outputs near 0 may fall either side of the mask
+            ref_y = oracle.forward(spec.replace(activation=None), p["x"], p["gamma"], p["beta"], p["moving_mean"],
+                                   p["moving_variance"], **{n: p[n] for n in FORWARD_KEYS if n in p}).y
+            assume(not np.any((np.abs(ref_y) > 0) & (np.abs(ref_y) < 1e-3 * (np.abs(ref_y).max() + 1))))
+        beta = p["beta"] if spec.activation == "relu" else None
+        dx, dgamma, dbeta = kernel.backward(p["dy"], p["x"], p["gamma"], mean, var, beta=beta, **extra)
+        ref = oracle.backward(spec, p["dy"], p["x"], p["gamma"], mean, var, beta=beta, **extra)
+        n = p["x"].size // spec.channels
+        dy = np.abs(p["dy"].astype(np.float64)).max()
+        x64 = p["x"].astype(np.float64)
+        bs = _bshape(spec, x64.shape)
+        xhat = (np.abs(x64 - mean.reshape(bs)) / np.sqrt(var.reshape(bs) + spec.epsilon)).max() + 1
+        m = np.ones(spec.channels)
+        if spec.renorm:
+            m = np.abs(out[3].astype(np.float64))
+        if spec.adjustment:
+            m = m * np.abs(p["adjust_scale"])
+        g = np.abs(p["gamma"]).max() if spec.scale else 1.0
+        scale = g * m.max() / np.sqrt(var.min() + spec.epsilon)
+        np.testing.assert_allclose(dx, ref.dx, rtol=0, atol=rtol * scale * dy * (1 + 2 * xhat**2) + 1e-300)
+        if spec.scale:
+            t = np.abs(ref.dgamma).max() + n * dy * (m.max() * xhat + (np.abs(out[4]).max() if spec.renorm else 0) + 1)
+            np.testing.assert_allclose(dgamma, ref.dgamma, rtol=0, atol=rtol * t + 1e-300)
+        if spec.center:
+            np.testing.assert_allclose(dbeta, ref.dbeta, rtol=0, atol=rtol * n * dy + 1e-300)
+
+    check()
+
+
+# -- bad input: a message naming the argument, every caller array untouched ------------------------
+def _step(spec, rng, n=4):
+    c, pd = spec.channels, spec.param_dtype
+    shape = tuple(n if d is None else d for d in spec.shape)
+    p = dict(x=rng.standard_normal(shape).astype(spec.dtype), gamma=rng.uniform(0.5, 1.5, c).astype(pd),
+             beta=rng.standard_normal(c).astype(pd), moving_mean=rng.standard_normal(c).astype(pd),
+             moving_variance=rng.uniform(0.5, 2, c).astype(pd))
+    if spec.renorm:
+        p.update(moving_stddev=rng.uniform(0.5, 2, c).astype(pd), renorm_mean=rng.standard_normal(c).astype(pd),
+                 renorm_stddev=rng.uniform(0.5, 2, c).astype(pd))
+    if spec.adjustment:
+        p.update(adjust_scale=rng.uniform(0.5, 1.5, c).astype(pd), adjust_bias=rng.standard_normal(c).astype(pd))
+    return p
+
+
+def _refused(call, p, error, pattern):
+    before = {k: v.copy() for k, v in p.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(error, match=pattern):
+        call()
+    for k, v in before.items():
+        np.testing.assert_array_equal(p[k], v, err_msg=f"{k} changed by a refused call")
+
+
+BAD_RENORM = [
+    (dict(renorm_stddev=None), TypeError, "^renorm_stddev: required"),
+    (dict(moving_stddev=None), TypeError, "^moving_stddev: required"),
+    (dict(moving_variance=None), TypeError, "^moving_variance: required"),
+    (dict(rmax=0.5, rmin=2.0), ValueError, "^rmax: .*less than rmin"),
+    (dict(dmax=-1.0), ValueError, "^dmax: .*>= 0"),
+    (dict(rmax=float("nan")), TypeError, "^rmax: nan is not a number"),
+    (dict(rmin="1"), TypeError, "^rmin: "),
+    (dict(renorm_mean=np.zeros(5, np.float32)), ValueError, "^renorm_mean: shape"),
+    (dict(renorm_mean=np.zeros(6)), TypeError, "^renorm_mean: dtype"),
+]
+
+
+@pytest.mark.parametrize("change,error,pattern", BAD_RENORM, ids=[p for _, _, p in BAD_RENORM])
+def test_renorm_forward_bad_input(build, rng, change, error, pattern):
+    kernel = build(SPECS[0])
+    p = _step(SPECS[0], rng)
+    args = dict(p, **change)
+    extra = {k: args.get(k) for k in FORWARD_KEYS}
+    _refused(lambda: kernel.forward(args["x"], args["gamma"], args["beta"], args["moving_mean"], args["moving_variance"],
+                                    **extra), p, error, pattern)
+
+
+def test_renorm_read_only_statistic_is_refused(build, rng):
+    kernel = build(SPECS[0])
+    p = _step(SPECS[0], rng)
+    p["renorm_mean"].flags.writeable = False
+    extra = {k: p.get(k) for k in FORWARD_KEYS}
+    _refused(lambda: kernel.forward(p["x"], p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"], **extra),
+             p, ValueError, "^renorm_mean: is read-only")
+
+
+def test_renorm_backward_needs_r_and_d(build, rng):
+    spec = SPECS[0]
+    kernel = build(spec)
+    p = _step(spec, rng)
+    extra = {k: p.get(k) for k in FORWARD_KEYS}
+    _, mean, var, r, d = kernel.forward(p["x"], p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"], **extra)
+    p.update(dy=np.ones_like(p["x"]), mean=mean, variance=var, r=r, d=d)
+    _refused(lambda: kernel.backward(p["dy"], p["x"], p["gamma"], mean, var, r=r), p, TypeError, "^d: required")
+    _refused(lambda: kernel.backward(p["dy"], p["x"], p["gamma"], mean, var, r=r[:3], d=d), p, ValueError, "^r: shape")
+    dx, dgamma, dbeta = kernel.backward(p["dy"], p["x"], p["gamma"], mean, var, r=r, d=d)
+    assert dx.shape == p["x"].shape and dgamma.shape == dbeta.shape == (spec.channels,)
+
+
+def test_adjustment_bad_input(build, rng):
+    spec = SPECS[4]  # adjustment alone, center=False
+    kernel = build(spec)
+    p = _step(spec, rng)
+    p.pop("beta")
+    a, b = p["adjust_scale"], p["adjust_bias"]
+    call = lambda **kw: kernel.forward(p["x"], p["gamma"], None, p["moving_mean"], p["moving_variance"],  # noqa: E731
+                                       **dict(dict(adjust_scale=a, adjust_bias=b), **kw))
+    _refused(lambda: call(adjust_scale=a[:2]), p, ValueError, r"^adjust_scale: shape is \(2,\)")
+    _refused(lambda: call(adjust_bias=np.ones((2, 2), np.float32)), p, ValueError, "^adjust_bias: shape")
+    _refused(lambda: call(adjust_bias=None), p, TypeError, "^adjust_bias: required")
+    _refused(lambda: call(rmax=2.0), p, TypeError, "^rmax: not used by this kernel")
+    _refused(lambda: call(renorm_mean=a), p, TypeError, "^renorm_mean: not used .*renorm=False")
+    y, mean, var = call()
+    dy = np.ones_like(p["x"])
+    _refused(lambda: kernel.backward(dy, p["x"], p["gamma"], mean, var, adjust_scale=a), p, TypeError, "^adjust_bias: required")
+
+
+def test_plain_kernels_refuse_variant_arguments(build, rng):
+    spec = S((None, 6))
+    kernel = build(spec)
+    p = _step(spec, rng)
+    ones = np.ones(6, np.float32)
+    for name in ("moving_stddev", "renorm_mean", "renorm_stddev", "adjust_scale", "adjust_bias"):
+        _refused(lambda: kernel.forward(p["x"], p["gamma"], p["beta"], **{name: ones}), p, TypeError,
+                 f"^{name}: not used by this kernel")
+    _refused(lambda: kernel(p["x"], p["gamma"], p["beta"], dmax=1.0), p, TypeError, "^dmax: not used")
+    _, mean, var = kernel.forward(p["x"], p["gamma"], p["beta"])
+    _refused(lambda: kernel.backward(p["x"], p["x"], p["gamma"], mean, var, r=ones), p, TypeError, "^r: not used")
+
+
+def test_clip_bounds_none_inf_and_ints(build, rng):
+    """None and +inf clip nothing; ints are numbers too (the checked path takes them)."""
+    spec = SPECS[0]
+    kernel = build(spec)
+    outs = []
+    for bounds in (dict(), dict(rmax=float("inf"), rmin=0, dmax=float("inf"))):
+        p = _step(spec, np.random.default_rng(7))
+        extra = dict({k: p.get(k) for k in FORWARD_KEYS}, **bounds)
+        outs.append(kernel.forward(p["x"], p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"], **extra))
+    for a, b in zip(outs[0], outs[1]):
+        np.testing.assert_array_equal(a, b)
+    p = _step(spec, np.random.default_rng(7))
+    extra = dict({k: p.get(k) for k in FORWARD_KEYS}, rmax=1, rmin=1, dmax=0)
+    _, _, _, r, d = kernel.forward(p["x"], p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"], **extra)
+    assert np.all(r == 1) and np.all(d == 0)
