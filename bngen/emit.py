@@ -125,7 +125,18 @@ def get_target(target) -> Target:
 
 
 def check_exportable(spec: Spec, target: Target) -> None:
-    """Raises if `spec` cannot be exported for `target`."""
+    """Raises if `spec` cannot be exported for `target`.  The statistics variants change
+    training only: their inference specs export as plain ones; a training export of them
+    is refused (their JIT kernels compute them)."""
+    if spec.training:
+        for field, on in (("renorm", spec.renorm), ("virtual_batch_size", spec.virtual_batch_size is not None),
+                          ("adjustment", spec.adjustment)):
+            if on:
+                raise ValueError(
+                    f"spec: {field}={getattr(spec, field)!r} with training=True cannot be exported (bngen emit writes "
+                    "the plain training kernels only); export the inference kernel (training=False), which the "
+                    "statistics variants do not change, or use bngen.build for training"
+                )
     if target.single_precision and spec.dtype == "float64":
         raise ValueError(
             f"dtype: float64 on target {target.name!r}, which is single precision throughout "

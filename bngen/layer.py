@@ -18,7 +18,7 @@ from .build import build
 from .dtypes import numpy_dtype
 from .frameworks import cumulative_update
 from .kernel import Kernel
-from .spec import Spec, SpecError
+from .spec import Spec, SpecError, check_renorm_clipping
 
 # Keras initialiser names (and the Keras 1 spellings) for the 1-D weights of this layer.
 _INITIALIZERS: Dict[str, Callable[[tuple, np.dtype, np.random.Generator], np.ndarray]] = {
@@ -72,6 +72,19 @@ class BatchNormalization:
     variance.  Every mode keeps the moving statistics as weights, as Keras 1 did, though
     only mode 0 uses them.
 
+    Statistics variants, with Keras' argument names (README, "Statistics variants"):
+
+    * ``renorm=True``: batch renormalization as Keras 3.14+, ``renorm_clipping`` a dict
+      with keys among rmax, rmin, dmax (a missing key: no clip; it may be replaced between
+      calls, ``layer.renorm_clipping = {...}``), ``renorm_momentum`` the weight of the old
+      renorm statistics.  The weights are then Keras 3's seven, in its order:
+      ``[gamma, beta, moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev]``.
+    * ``virtual_batch_size=k``: ghost batch norm as tf.keras (statistics per ghost batch
+      of k samples, taken by stride).
+    * ``adjustment=fn``: in training, ``fn(x.shape)`` returns per-feature ``(a, b)`` and the
+      output is ``gamma * (x_hat * a + b) + beta`` (never called at inference).
+
+    ``trainable=False`` makes training calls inference calls, as in Keras 2.1+.
     ``cache_dir``, ``compiler`` and ``threads`` are passed to `bngen.build` and the kernels.
     """
 
@@ -81,15 +94,29 @@ class BatchNormalization:
                  gamma_initializer: Any = "ones", beta_initializer: Any = "zeros",
                  moving_mean_initializer: Any = "zeros", moving_variance_initializer: Any = "ones",
                  seed: Optional[int] = None, threads: Optional[int] = None, cache_dir: Any = None,
-                 compiler: Any = None):
+                 compiler: Any = None, renorm: bool = False, renorm_clipping: Optional[dict] = None,
+                 renorm_momentum: float = 0.99, virtual_batch_size: Optional[int] = None,
+                 adjustment: Optional[Callable] = None, trainable: bool = True):
         if not (isinstance(axis, numbers.Integral) and not isinstance(axis, bool)) and not (
             isinstance(axis, (tuple, list)) and axis and all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis)
         ):
             raise SpecError(f"axis: {axis!r} is not an int or a tuple of ints")
         # Every field but the shape is checked now, on a stand-in shape, with the Spec's messages.
-        probe = Spec(shape=(2, 2), axis=-1, dtype=dtype, mode=mode, epsilon=epsilon,
+        if adjustment is not None and not callable(adjustment):
+            raise TypeError(f"adjustment: {adjustment!r} is not None or a callable(shape) -> (scale, bias)")
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable: {trainable!r} is not a bool")
+        probe = Spec(shape=(None, 2), axis=-1, dtype=dtype, mode=mode, epsilon=epsilon,
                      momentum=0.0 if momentum is None else momentum, center=center, scale=scale,
-                     unbiased=unbiased, activation=activation)
+                     unbiased=unbiased, activation=activation, renorm=renorm, renorm_momentum=renorm_momentum,
+                     virtual_batch_size=virtual_batch_size, adjustment=adjustment is not None)
+        if momentum is None and (renorm or virtual_batch_size is not None):
+            raise ValueError("momentum: None (PyTorch's cumulative average) cannot be combined with renorm or "
+                             "virtual_batch_size; give a number")
+        self.renorm, self.renorm_momentum = renorm, probe.renorm_momentum
+        self.virtual_batch_size, self.adjustment, self.trainable = probe.virtual_batch_size, adjustment, trainable
+        self._clip = (None, None, None)
+        self.renorm_clipping = renorm_clipping
         self.axis = tuple(axis) if isinstance(axis, (tuple, list)) else int(axis)
         self.momentum = None if momentum is None else probe.momentum
         self.epsilon, self.center, self.scale, self.mode = probe.epsilon, center, scale, probe.mode
@@ -101,6 +128,10 @@ class BatchNormalization:
             "moving_mean": _initializer(moving_mean_initializer, "moving_mean_initializer"),
             "moving_variance": _initializer(moving_variance_initializer, "moving_variance_initializer"),
         }
+        if renorm:  # as Keras 3: the stddevs start at the square root of the variance's initial value
+            variance_init, mean_init = self._initializers["moving_variance"], self._initializers["moving_mean"]
+            stddev_init = lambda shape, dtype, rng: np.sqrt(variance_init(shape, dtype, rng))  # noqa: E731
+            self._initializers.update(moving_stddev=stddev_init, renorm_mean=mean_init, renorm_stddev=stddev_init)
         self._init_args = dict(gamma_initializer=gamma_initializer, beta_initializer=beta_initializer,
                                moving_mean_initializer=moving_mean_initializer,
                                moving_variance_initializer=moving_variance_initializer, seed=seed)
@@ -125,9 +156,22 @@ class BatchNormalization:
 
     # -- weights ---------------------------------------------------------------------------
     @property
+    def renorm_clipping(self) -> Optional[dict]:
+        """The clipping of renorm's r and d: a dict with keys among rmax, rmin, dmax (None or
+        a missing key: no clip on that side).  Checked when set; used from the next call."""
+        return self._clipping
+
+    @renorm_clipping.setter
+    def renorm_clipping(self, value: Optional[dict]) -> None:
+        clip = check_renorm_clipping(value)
+        self._clipping = None if value is None else dict(value)
+        self._clip = clip
+
+    @property
     def weight_names(self) -> List[str]:
-        """The names of `get_weights`' entries, in order."""
-        return (["gamma"] if self.scale else []) + (["beta"] if self.center else []) + ["moving_mean", "moving_variance"]
+        """The names of `get_weights`' entries, in order (Keras 3's)."""
+        names = (["gamma"] if self.scale else []) + (["beta"] if self.center else []) + ["moving_mean", "moving_variance"]
+        return names + (["moving_stddev", "renorm_mean", "renorm_stddev"] if self.renorm else [])
 
     @property
     def gamma(self) -> Optional[np.ndarray]:
@@ -210,9 +254,12 @@ class BatchNormalization:
 
     def _spec(self, shape: tuple, training: bool) -> Spec:
         keep = 0.0 if self.momentum is None else self.momentum  # momentum=None: updated here, not in C
+        # The variants change training only: inference kernels are the plain ones.
+        variants = dict(renorm=self.renorm, renorm_momentum=self.renorm_momentum, adjustment=self.adjustment is not None,
+                        virtual_batch_size=self.virtual_batch_size) if training and self.mode == 0 else {}
         return Spec(shape=shape, axis=self._axes or self.axis, dtype=self.dtype,
                     training=training, mode=self.mode, epsilon=self.epsilon, momentum=keep, center=self.center,
-                    scale=self.scale, unbiased=self.unbiased, activation=self.activation)
+                    scale=self.scale, unbiased=self.unbiased, activation=self.activation, **variants)
 
     def kernel(self, shape: Sequence[int], training: bool) -> Kernel:
         """The kernel for inputs of `shape` (built on first use, then remembered).  One
@@ -250,7 +297,7 @@ class BatchNormalization:
         """Normalises `x`; with ``training=True`` from its own statistics, updating the moving ones."""
         if not isinstance(training, (bool, np.bool_)):
             raise TypeError(f"training: {training!r} is not a bool")
-        training = bool(training)
+        training = bool(training) and self.trainable  # a frozen layer infers, as in Keras
         x = self._as_array("x", x)
         if not self.built:
             self.build((None,) + x.shape[1:] if x.ndim > 1 else x.shape)
@@ -277,11 +324,42 @@ class BatchNormalization:
             cumulative_update(w["moving_mean"], w["moving_variance"], tape["mean"], tape["variance"],
                               self.num_batches_tracked, n, self.unbiased)
         else:
-            y, tape["mean"], tape["variance"] = kernel.forward(
-                x, gamma, beta, w["moving_mean"], w["moving_variance"], threads=self.threads)
+            variants = {}
+            if self.adjustment is not None:
+                variants.update(self._adjust(x.shape))
+                tape.update(variants)
+            if self.renorm:
+                variants.update({n: w[n] for n in ("moving_stddev", "renorm_mean", "renorm_stddev")})
+                variants.update(zip(("rmax", "rmin", "dmax"), self._clip))
+            out = kernel.forward(x, gamma, beta, w["moving_mean"], w["moving_variance"], threads=self.threads, **variants)
+            y, tape["mean"], tape["variance"] = out[:3]
+            if self.renorm:
+                tape["r"], tape["d"] = out[3:]
             self.num_batches_tracked += 1
         self._tape = tape
         return y
+
+    def _adjust(self, shape: tuple) -> dict:
+        """The adjustment's (a, b) for inputs of `shape`, as the kernel takes them: a number,
+        or an array of shape (C,) or the feature shape, each."""
+        result = self.adjustment(tuple(int(d) for d in shape))
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise TypeError(f"adjustment: returned {type(result).__name__}; expected a pair (scale, bias)")
+        arrays = {}
+        for name, value in zip(("adjust_scale", "adjust_bias"), result):
+            try:
+                arr = np.array(value, dtype=self._param_dtype)
+            except (TypeError, ValueError):
+                raise TypeError(f"adjustment: its {name} is not an array of numbers ({type(value).__name__})") from None
+            if arr.shape == ():
+                arr = np.full(self._channels, arr, self._param_dtype)
+            elif arr.shape in ((self._channels,), self._feature_shape):
+                arr = arr.reshape(self._channels)
+            else:
+                raise ValueError(f"adjustment: returned {name} of shape {arr.shape}; expected ({self._channels},), "
+                                 f"the feature shape {self._feature_shape} or a number")
+            arrays[name] = arr
+        return arrays
 
     def backward(self, dy: Any) -> np.ndarray:
         """Gradient with respect to the last call's input; sets ``dgamma`` and ``dbeta``.
@@ -300,8 +378,9 @@ class BatchNormalization:
         if dy.shape != x.shape:
             raise ValueError(f"dy: shape {dy.shape} does not match the last call's output shape {x.shape}")
         relu_beta = tape["beta"] if self.activation == "relu" else None
+        variants = {n: tape[n] for n in ("r", "d", "adjust_scale", "adjust_bias") if n in tape}
         dx, self.dgamma, self.dbeta = tape["kernel"].backward(
-            dy, x, tape["gamma"], tape["mean"], tape["variance"], beta=relu_beta, threads=self.threads)
+            dy, x, tape["gamma"], tape["mean"], tape["variance"], beta=relu_beta, threads=self.threads, **variants)
         return dx
 
     # -- configuration -------------------------------------------------------------------------
@@ -309,4 +388,6 @@ class BatchNormalization:
         """The constructor arguments (Keras style); ``BatchNormalization(**config)`` rebuilds it."""
         return dict(axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, center=self.center,
                     scale=self.scale, mode=self.mode, unbiased=self.unbiased, activation=self.activation,
-                    dtype=self.dtype, **self._init_args)
+                    dtype=self.dtype, renorm=self.renorm, renorm_clipping=self.renorm_clipping,
+                    renorm_momentum=self.renorm_momentum, virtual_batch_size=self.virtual_batch_size,
+                    adjustment=self.adjustment, trainable=self.trainable, **self._init_args)

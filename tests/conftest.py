@@ -40,6 +40,7 @@ NEEDS = {
     "test_emit_half": ("cross",),
     "test_torch_parity": ("torch",),
     "test_keras_parity": ("keras",),
+    "test_keras_renorm": ("keras",),
     "test_half": ("torch",),
 }
 SLOW = {"test_forward", "test_backward", "test_emit_half"}

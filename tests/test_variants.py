@@ -311,3 +311,108 @@ def test_clip_bounds_none_inf_and_ints(build, rng):
     extra = dict({k: p.get(k) for k in FORWARD_KEYS}, rmax=1, rmin=1, dmax=0)
     _, _, _, r, d = kernel.forward(p["x"], p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"], **extra)
     assert np.all(r == 1) and np.all(d == 0)
+
+
+# -- the layer ------------------------------------------------------------------------------------
+def test_layer_renorm_weights_config_and_frozen(session_cache, strict_compiler, rng):
+    common = dict(cache_dir=session_cache, compiler=strict_compiler)
+    layer = bngen.BatchNormalization(renorm=True, renorm_clipping={"rmax": 2.0}, renorm_momentum=0.5, momentum=0.9,
+                                     moving_variance_initializer=4.0, **common)
+    x = rng.standard_normal((8, 5)).astype(np.float32)
+    layer(x, training=True)
+    assert layer.weight_names == ["gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
+                                  "renorm_stddev"]
+    weights = layer.get_weights()
+    assert len(weights) == 7
+    # the stddevs started at sqrt(4) = 2, as Keras 3 initialises them, then moved
+    s = np.sqrt(x.astype(np.float64).var(axis=0) + 1e-3)
+    np.testing.assert_allclose(weights[4], 0.9 * 2 + 0.1 * s, rtol=1e-6)
+    np.testing.assert_allclose(weights[6], 0.5 * 2 + 0.5 * s, rtol=1e-6)
+    np.testing.assert_allclose(weights[3], np.maximum(weights[4].astype(np.float64) ** 2 - 1e-3, 0), rtol=1e-6)
+    config = layer.get_config()
+    again = bngen.BatchNormalization(**dict(config, **common))
+    assert again.get_config() == config and again.renorm_clipping == {"rmax": 2.0}
+    again.set_weights(weights)
+    frozen = bngen.BatchNormalization(**dict(config, trainable=False, **common))
+    frozen.set_weights(weights)
+    y = frozen(x, training=True)  # trainable=False: inference, the weights stay
+    for a, b in zip(frozen.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(y, again(x, training=False), rtol=1e-6)
+    with pytest.raises(ValueError, match="^weights: got 4 array"):
+        again.set_weights(weights[:4])
+
+
+@pytest.mark.parametrize("clipping,pattern", [({"rmax": 0.5, "rmin": 1.0}, "less than rmin"), ({"dmax": -0.1}, "dmax"),
+                                              ({"rmaxx": 1.0}, "unknown key"), ("tight", "not a dict")])
+def test_layer_bad_clipping(clipping, pattern):
+    with pytest.raises(ValueError, match=f"^renorm_clipping: .*{pattern}"):
+        bngen.BatchNormalization(renorm=True, renorm_clipping=clipping)
+    layer = bngen.BatchNormalization(renorm=True, renorm_clipping={"rmax": 3.0})
+    with pytest.raises(ValueError, match="^renorm_clipping: "):
+        layer.renorm_clipping = clipping
+    assert layer.renorm_clipping == {"rmax": 3.0}  # unchanged by the refused value
+
+
+def test_layer_adjustment_called_once_per_training_call(session_cache, strict_compiler, rng):
+    calls = []
+
+    def adjustment(shape):
+        calls.append(shape)
+        return np.full(3, 2.0), 0.5
+
+    layer = bngen.BatchNormalization(axis=1, adjustment=adjustment, cache_dir=session_cache, compiler=strict_compiler)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    y = layer(x, training=True)
+    assert calls == [(4, 3, 5)]
+    ref = oracle.forward(layer.kernel(x.shape, True).spec, x, np.ones(3), np.zeros(3), adjust_scale=np.full(3, 2.0),
+                         adjust_bias=np.full(3, 0.5))
+    np.testing.assert_allclose(y, ref.y, atol=1e-5)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    want = oracle.backward(layer.kernel(x.shape, True).spec, dy, x, np.ones(3), adjust_scale=np.full(3, 2.0),
+                           adjust_bias=np.full(3, 0.5))
+    np.testing.assert_allclose(dx, want.dx, atol=1e-4)
+    np.testing.assert_allclose(layer.dgamma, want.dgamma, rtol=1e-4, atol=1e-4)
+    layer(x, training=False)
+    assert len(calls) == 1  # never at inference
+
+
+@pytest.mark.parametrize("returned,error,pattern", [
+    ((np.ones(4), 0.0), ValueError, r"adjustment: returned adjust_scale of shape \(4,\)"),
+    ((1.0, np.ones((2, 3))), ValueError, "adjustment: returned adjust_bias of shape"),
+    ((1.0,), TypeError, "adjustment: returned tuple"),
+    (("a", 0.0), TypeError, "adjustment: its adjust_scale"),
+])
+def test_layer_wrong_adjustment(session_cache, strict_compiler, rng, returned, error, pattern):
+    layer = bngen.BatchNormalization(adjustment=lambda shape: returned, cache_dir=session_cache, compiler=strict_compiler)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    layer.build(x.shape)
+    before = [w.copy() for w in layer.get_weights()]
+    x0 = x.copy()
+    with pytest.raises(error, match=pattern):
+        layer(x, training=True)
+    for a, b in zip(layer.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(x, x0)
+    with pytest.raises(TypeError, match="^adjustment: "):
+        bngen.BatchNormalization(adjustment="scale")
+
+
+# -- export ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", [dict(renorm=True), dict(virtual_batch_size=2), dict(adjustment=True)])
+def test_emit_variants(tmp_path, variant):
+    """Inference exports are the plain ones (only the banner's spec differs); training ones are refused."""
+    spec = S((None, 6), training=False, **variant)
+    params = {"gamma": np.ones(6), "beta": np.zeros(6), "moving_mean": np.zeros(6), "moving_variance": np.ones(6)}
+    for name, p in (("a", None), ("b", params)):
+        ours = bngen.emit(spec, tmp_path / "v", name=name, params=p)
+        plain = bngen.emit(spec.replace(renorm=False, virtual_batch_size=None, adjustment=False), tmp_path / "p",
+                           name=name, params=p)
+        for a, b in zip(ours, plain):
+            strip = lambda t: [line for line in t.splitlines() if "spec:" not in line]  # noqa: E731
+            assert strip(a.read_text()) == strip(b.read_text())
+    field = next(iter(variant))
+    with pytest.raises(ValueError, match=f"^spec: {field}=.* cannot be exported"):
+        bngen.emit(spec.replace(training=True), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
