@@ -47,7 +47,7 @@ from .threads import MAX_THREADS
 
 KEPT_SETS = 4  # a few layers sharing one kernel take turns without a full check each
 
-DATA, PARAM, OUT, THREADS, SCALAR = "data", "param", "out", "threads", "scalar"
+DATA, PARAM, OUT, THREADS, SCALAR, GHOST = "data", "param", "out", "threads", "scalar", "ghost"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Param:
 
     name: str
     kind: str  # DATA (shaped like x) | PARAM (one value per feature) | OUT | THREADS | SCALAR (a number; None: NaN)
+    #            | GHOST (one value per ghost batch and feature, shape (G, C), read)
     arg: Optional[Arg] = None  # the C argument it fills; None: checked only (or unused)
     used: bool = True  # False: the kernel takes no such value; it must be None
     required: bool = True
@@ -159,9 +160,10 @@ def _backward_face(spec: Spec, entry: Entry) -> Face:
     if entry.phase == Phase.BACKWARD:
         unused = f"{'mode 2' if spec.mode == 2 else 'training'} gradients are taken at the statistics forward used"
         why = "the batch statistics that forward returned"
+        stats = GHOST if spec.virtual_batch_size is not None and spec.training else PARAM
         params += [
-            Param("mean", PARAM, a("mean"), why=why),
-            Param("variance", PARAM, a("variance"), why=why),
+            Param("mean", stats, a("mean"), why=why),
+            Param("variance", stats, a("variance"), why=why),
             Param("moving_mean", PARAM, used=False, required=False, why=unused + "; pass the batch mean as mean="),
             Param("moving_variance", PARAM, used=False, required=False,
                   why=unused + "; pass the batch variance as variance="),
@@ -199,6 +201,7 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
     data = [p for p in face.params if p.kind == DATA]
     checked: Dict[str, Any] = {"x": check_x(kernel, values["x"])}
     x = checked["x"]
+    ghosts = check_ghosts(spec, x)
     for p in data:
         if p.name != "x":
             checked[p.name] = check_like(kernel, p.name, values[p.name], x)
@@ -211,6 +214,8 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
             checked[p.name] = check_param(kernel, p.name, values.get(p.name), p.used, p.why, writable=writes,
                                           required=p.required)
     for p in face.params:
+        if p.kind == GHOST:
+            checked[p.name] = check_ghost_stat(kernel, p.name, values.get(p.name), ghosts, p.why)
         if p.kind == SCALAR:
             checked[p.name] = check_scalar(p.name, values.get(p.name), p.used, p.why)
     if all(face.param(n) is not None and face.param(n).used for n in CLIP_BOUNDS):
@@ -229,12 +234,12 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
     _check_no_overlap([(n, out if n == "out" else v) for n, v in given], written=written)
 
     target = _aligned_target(out)
-    stat_shape = x.shape[:first] if spec.mode == 1 else (plan.channels,)
+    stat_shape = x.shape[:first] if spec.mode == 1 else (plan.channels,) if ghosts is None else (ghosts, plan.channels)
     # may_stream: C writes the caller's buffer, not a new array's fresh pages
     streams = values.get("out") is not None and target is out
-    c_values = {"outer": outer, "inner": inner, "nthreads": nthreads, "may_stream": int(streams)}
+    c_values = {"outer": outer, "inner": inner, "nthreads": nthreads, "may_stream": int(streams), "batch": x.shape[0]}
     for p in face.params:
-        if p.arg is not None and p.kind in (DATA, PARAM, SCALAR):
+        if p.arg is not None and p.kind in (DATA, PARAM, SCALAR, GHOST):
             c_values[p.arg.name] = checked[p.name]
     c_values[out_param.arg.name] = target
     results: Dict[str, Any] = {}
@@ -343,6 +348,33 @@ def check_out(kernel, out, shape) -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError("out: is read-only")
     return out
+
+
+def check_ghosts(spec: Spec, x: np.ndarray) -> Optional[int]:
+    """G, the number of ghost batches of a ghost-batch-norm training call (else None)."""
+    k = spec.virtual_batch_size
+    if k is None or not spec.training:
+        return None
+    if x.shape[0] % k:
+        raise ValueError(f"x: batch size {x.shape[0]} (axis 0 of shape {x.shape}) is not a multiple of "
+                         f"virtual_batch_size={k}")
+    return x.shape[0] // k
+
+
+def check_ghost_stat(kernel, name: str, value, ghosts: int, why: str) -> np.ndarray:
+    """Per-ghost-batch statistics, shape (G, C), as forward returned them."""
+    if value is None:
+        raise TypeError(f"{name}: required ({why})")
+    want = (ghosts, kernel.plan.channels)
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray of {kernel.param_dtype}, got {type(value).__name__}")
+    _refuse_masked(name, value)
+    if value.dtype != kernel.param_dtype:
+        raise TypeError(f"{name}: dtype is {value.dtype}; parameters of a {kernel.spec.dtype} kernel are {kernel.param_dtype}")
+    if value.shape != want:
+        raise ValueError(f"{name}: shape is {value.shape}; expected {want}, one value per ghost batch and feature "
+                         f"(virtual_batch_size={kernel.spec.virtual_batch_size})")
+    return _c_array(value)
 
 
 def check_scalar(name: str, value, used: bool, why: str) -> float:
@@ -527,6 +559,10 @@ def fast_path(kernel, face: Face, checked):
             sizes[name] = " * ".join(dynamic + ([str(static_part)] if static_part != 1 else []))
     for name, expr in sizes.items():
         emit(f"{name} = {expr}")
+    ghost = entry.arg("batch") is not None
+    if ghost:  # ghost batch norm: N a multiple of k, else the checked path says so
+        emit("batch = shape[0]")
+        emit(f"if batch % {spec.virtual_batch_size}: raise _Refused")
     dyn = [f"shape[{i}]" for i, d in enumerate(spec.shape) if d is None]
     if dyn:
         emit(f"if not ({' and '.join(dyn)}): raise _Refused")  # a zero-sized dimension
@@ -559,6 +595,13 @@ def fast_path(kernel, face: Face, checked):
                 emit(f"    if {local(p)} is not None and not {local(p)}.flags.writeable: raise _Refused")
     else:
         emit("pointers, spans = (), ()")
+    for p in face.params:  # per-ghost statistics: new arrays each step, shape (G, C)
+        if p.kind == GHOST:
+            emit(f"if {p.name}.__class__ is not ndarray or {p.name}.dtype is not pdtype "
+                 f"or {p.name}.shape != (batch // {spec.virtual_batch_size}, channels) or not {p.name}.flags.aligned: "
+                 "raise _Refused")
+            emit(f"c_{p.name} = from_buffer(param_ct, {p.name})")
+            emit("if out is not None: raise _Refused  # (the checked path checks out= against them)")
     # the data arrays: C pointers (from_buffer raises ValueError unless C-contiguous)
     data = [p for p in face.params if p.kind == DATA]
     for p in data:
@@ -593,11 +636,13 @@ def fast_path(kernel, face: Face, checked):
              "    else:", "        if threads is None: threads = self._threads"]
     # results and the C call, in entry order
     results = {}
-    stat_shape = f"shape[:{first}]" if spec.mode == 1 else "cshape"
+    stat_shape = f"shape[:{first}]" if spec.mode == 1 else f"(batch // {spec.virtual_batch_size}, channels)" if ghost else "cshape"
     call, kept_args = [], [p.arg.name for p in kept if p.arg is not None]
     contiguous = kept_args == [a.name for a in entry.args if a.name in kept_args] and _adjacent(entry, kept_args)
     for arg in entry.args:
         if arg.role.is_data:
+            call.append(f"c_{arg.name}")
+        elif face.param(arg.name) is not None and face.param(arg.name).kind == GHOST:
             call.append(f"c_{arg.name}")
         elif arg.role in (Role.PARAM_IN, Role.PARAM_INOUT):
             if contiguous:

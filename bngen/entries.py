@@ -135,7 +135,8 @@ def forward_entry(spec: Spec, sizes: Tuple[Arg, ...], streaming: bool) -> Entry:
         stats = (Arg("mean", Role.STAT_OUT, True), Arg("variance", Role.STAT_OUT, True))
         stats += tuple(Arg(n, Role.STAT_OUT, True) for n in ("r", "d") if spec.renorm)
         scalars = tuple(Arg(n, Role.SCALAR) for n in CLIP_BOUNDS if spec.renorm)
-        return Entry("bn_forward", io + affine + _adjust(spec) + moving + stats + scalars + sizes + flags, Phase.FORWARD)
+        return Entry("bn_forward", io + affine + _adjust(spec) + moving + stats + scalars + _ghost(spec, sizes) + flags,
+                     Phase.FORWARD)
     moving = (Arg("moving_mean", Role.PARAM_IN), Arg("moving_variance", Role.PARAM_IN))
     return Entry("bn_inference", io + affine + moving + sizes + flags, Phase.INFERENCE)
 
@@ -173,7 +174,7 @@ def backward_entry(spec: Spec, sizes: Tuple[Arg, ...]) -> Optional[Entry]:
         args.append(Arg("dgamma", Role.GRAD_OUT))
     if spec.center:
         args.append(Arg("dbeta", Role.GRAD_OUT))
-    return Entry(name, tuple(args) + sizes, phase)
+    return Entry(name, tuple(args) + (_ghost(spec, sizes) if spec.uses_batch_stats else sizes), phase)
 
 
 def baked_entry(sizes: Tuple[Arg, ...]) -> Entry:
@@ -196,6 +197,15 @@ def probe_entries(threaded: bool) -> Tuple[Entry, ...]:
 RENORM_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 # The call-time clipping bounds of renorm's r and d (NaN: no clip).
 CLIP_BOUNDS = ("rmax", "rmin", "dmax")
+
+
+def _ghost(spec: Spec, sizes: Tuple[Arg, ...]) -> Tuple[Arg, ...]:
+    """Ghost batch norm's training entries also take the batch size N (axis 0), which the
+    (outer, C, inner) view folds into outer: ghost batch j is the samples n with n % (N/k) == j."""
+    if spec.virtual_batch_size is None or not spec.training:
+        return sizes
+    at = len(sizes) - (1 if sizes and sizes[-1].role == Role.THREADS else 0)
+    return sizes[:at] + (Arg("batch", Role.SIZE),) + sizes[at:]
 
 
 def _adjust(spec: Spec) -> Tuple[Arg, ...]:

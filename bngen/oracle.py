@@ -88,6 +88,8 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
         v = var.reshape(m.shape)
         y = g * (x - m) / (np.sqrt(v + spec.epsilon) + spec.epsilon) + b
         return Forward(_activate(spec, y), mean.reshape(lead), var.reshape(lead), None, None)
+    if spec.virtual_batch_size is not None and spec.training:
+        return _ghost_forward(spec, x, gamma, beta, mm, mv)
     if spec.uses_batch_stats and (spec.renorm or spec.adjustment) and spec.training:
         return _variant_forward(spec, x, g, b, bshape, mm, mv, _f64(moving_stddev), _f64(renorm_mean),
                                 _f64(renorm_stddev), (rmax, rmin, dmax), _f64(adjust_scale), _f64(adjust_bias))
@@ -105,6 +107,38 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
     a = g / np.sqrt(mv.reshape(bshape) + spec.epsilon)
     y = (x - mm.reshape(bshape)) * a + b
     return Forward(_activate(spec, y), None, None, mm, mv)
+
+
+def ghost_batches(spec: Spec, n: int) -> int:
+    """G, the number of ghost batches of a batch of `n` samples (tf.keras: ghost batch j
+    holds the samples i with i % G == j, its reshape (k, G, ...) taking them by stride)."""
+    k = spec.virtual_batch_size
+    if n % k:
+        raise ValueError(f"x: batch size {n} is not a multiple of virtual_batch_size={k}")
+    return n // k
+
+
+def _plain(spec: Spec) -> Spec:
+    """The spec one ghost batch is normalised with: no ghosts, any batch size."""
+    return spec.replace(virtual_batch_size=None, shape=(None,) + spec.shape[1:])
+
+
+def _ghost_forward(spec, x, gamma, beta, mm, mv) -> Forward:
+    """Ghost batch norm: each ghost batch normalised as a batch of its own; mean and
+    variance of shape (G, C); the moving statistics move toward their means over ghosts."""
+    ghosts = ghost_batches(spec, x.shape[0])
+    y = np.empty(x.shape)
+    means, variances = [], []
+    for j in range(ghosts):
+        part = forward(_plain(spec), x[j::ghosts], gamma, beta)
+        y[j::ghosts] = part.y
+        means.append(part.mean)
+        variances.append(part.variance)
+    mean, var = np.stack(means), np.stack(variances)
+    keep = spec.momentum
+    mm = None if mm is None else keep * mm + (1 - keep) * mean.mean(axis=0)
+    mv = None if mv is None else keep * mv + (1 - keep) * var.mean(axis=0)
+    return Forward(y, mean, var, mm, mv)
 
 
 def _variant_forward(spec, x, g, b, bshape, mm, mv, msd, rm, rsd, clip, a, adj_b) -> Forward:
@@ -180,6 +214,15 @@ def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=No
     if spec.mode == 1:
         raise TypeError("backward: mode 1 (sample-wise) has no backward in bngen")
     x, dy = _f64(x), _f64(dy)
+    if spec.virtual_batch_size is not None and spec.training:  # each ghost batch as a batch of its own
+        ghosts = ghost_batches(spec, x.shape[0])
+        dx, parts = np.empty(x.shape), []
+        for j in range(ghosts):
+            stats = (None, None) if mean is None else (_f64(mean)[j], _f64(variance)[j])
+            parts.append(backward(_plain(spec), dy[j::ghosts], x[j::ghosts], gamma, *stats, beta=beta))
+            dx[j::ghosts] = parts[-1].dx
+        return Backward(dx, sum(p.dgamma for p in parts) if spec.scale else None,
+                        sum(p.dbeta for p in parts) if spec.center else None)
     bshape = _bshape(spec, x.ndim)
     g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
     b = _f64(beta).reshape(bshape) if spec.center and spec.activation == "relu" else 0.0

@@ -170,6 +170,9 @@ class Spec:
         if 0 in self.axis:
             raise SpecError(f"virtual_batch_size: {k} with feature axis {list(self.axis)}; ghost batches split axis 0, "
                             "the batch axis, which must not be a feature axis")
+        if self.unbiased:
+            raise SpecError(f"unbiased: True with virtual_batch_size={k}; as tf.keras, ghost batch norm feeds the "
+                            "moving variance the mean of the biased ghost-batch variances")
         for other in ("renorm", "adjustment"):
             if getattr(self, other):
                 raise SpecError(f"virtual_batch_size: {k} with {other}=True; the two cannot be combined")

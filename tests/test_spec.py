@@ -96,6 +96,7 @@ INVALID = [
     (dict(shape=(4, 3), virtual_batch_size=2, renorm=True), "virtual_batch_size", "renorm"),
     (dict(shape=(4, 3), virtual_batch_size=2, adjustment=True), "virtual_batch_size", "adjustment"),
     (dict(shape=(6, 3), virtual_batch_size=4), "virtual_batch_size", "does not divide"),
+    (dict(shape=(4, 3), virtual_batch_size=2, unbiased=True), "unbiased", "ghost"),
 ]
 
 

@@ -1,12 +1,14 @@
-"""Statistics variants in the compiled kernels: batch renormalization and the adjustment
-against the float64 oracle, forward and backward, and their bad inputs.
+"""Statistics variants in the compiled kernels and the layer: batch renormalization, the
+adjustment and ghost batch norm against the float64 oracle, forward and backward, their
+bad inputs, the layer's arguments, and export.
 
-Specs compiled: 8 training kernels (renorm, adjustment, both) over the channels-first and
-channels-last schedules, float32, float64, float16 and bfloat16, with and without
-gamma/beta and the fused ReLU.  Examples: 60 per spec forward (statistics, r, d, the five
-statistics updated in place, y) and 30 per spec backward, about 800 kernel calls in all.
-Tolerances are K*u scaled by the size of the terms, as in test_forward; half-precision
-outputs add a unit of their storage type.
+Specs compiled: 8 renorm/adjustment training kernels and 6 ghost-batch-norm ones over the
+channels-first and channels-last schedules, float32, float64, float16 and bfloat16, with
+and without gamma/beta and the fused ReLU, plus a few for the layer and bad-input tests.
+Examples: 60 per renorm/adjustment spec forward and 30 backward, 60 per ghost spec
+(forward and backward): about 1500 kernel calls in all.  Tolerances are K*u scaled by the
+size of the terms, as in test_forward; half-precision outputs add a unit of their storage
+type.
 """
 
 from __future__ import annotations
@@ -416,3 +418,125 @@ def test_emit_variants(tmp_path, variant):
     with pytest.raises(ValueError, match=f"^spec: {field}=.* cannot be exported"):
         bngen.emit(spec.replace(training=True), tmp_path / "t")
     assert not (tmp_path / "t").exists()
+
+
+# -- ghost batch norm --------------------------------------------------------------------------
+GHOSTS = [
+    S((None, 6, None), axis=1, virtual_batch_size=2),  # NCHW-like: channels-first
+    S((None, 5, 3, 4), axis=2, virtual_batch_size=3, dtype="float64", momentum=0.8),  # several runs per sample
+    S((None, 40), virtual_batch_size=4, dtype="float64", activation="relu"),  # channels-last
+    S((None, 4, 9), virtual_batch_size=2, activation="relu", center=False),  # channels-last, rows per sample
+    S((None, 3, 5), axis=1, virtual_batch_size=2, dtype="float16", scale=False),  # staged channels-first
+    S((None, 3, 7), virtual_batch_size=1, dtype="bfloat16"),  # one sample per ghost batch
+]
+
+
+@st.composite
+def ghost_problems(draw, spec):
+    k = spec.virtual_batch_size
+    n = k * draw(st.integers(1, 4))
+    shape = (n,) + tuple(draw(st.integers(1, 5)) if d is None else d for d in spec.shape[1:])
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    c, pd = spec.channels, spec.param_dtype
+    spread, offset = draw(st.sampled_from([1e-2, 1.0, 30.0])), draw(st.sampled_from([0.0, 1.0, 100.0]))
+    x = offset * rng.standard_normal(c).reshape(_bshape(spec, shape)) + spread * rng.standard_normal(shape)
+    x[::3] += rng.standard_normal(shape[1:]) * spread  # ghost batches with statistics of their own
+    dtype = numpy_dtype(spec.dtype)
+    return dict(x=x.astype(dtype), dy=rng.standard_normal(shape).astype(dtype),
+                gamma=rng.uniform(-2, 2, c).astype(pd) if spec.scale else None,
+                beta=rng.uniform(-2, 2, c).astype(pd) if spec.center else None,
+                moving_mean=rng.standard_normal(c).astype(pd), moving_variance=rng.uniform(0.5, 2, c).astype(pd))
+
+
+@pytest.mark.parametrize("spec", GHOSTS, ids=lambda s: f"{s.dtype}-{'x'.join(map(str, s.axis))}-k{s.virtual_batch_size}")
+def test_ghost_matches_oracle(build, spec):
+    """60 examples per spec: forward (y, per-ghost statistics, moving statistics) and backward."""
+    kernel = build(spec)
+    u = float(np.finfo(spec.param_dtype).eps) / 2
+    rtol = 1e-11 if spec.dtype == "float64" else 2e-5 if spec.dtype == "float32" else 2e-2
+
+    @settings(max_examples=60)
+    @given(ghost_problems(spec))
+    def check(p):
+        x = p["x"]
+        ghosts = x.shape[0] // spec.virtual_batch_size
+        mm, mv = p["moving_mean"].copy(), p["moving_variance"].copy()
+        x0 = x.copy()
+        y, mean, var = kernel.forward(x, p["gamma"], p["beta"], mm, mv)
+        ref = oracle.forward(spec, x, p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"])
+        assert mean.shape == var.shape == (ghosts, spec.channels)
+        std = np.sqrt(ref.variance)
+        mag = std + np.abs(ref.mean)
+        assert_close("mean", mean, ref.mean, K * u * mag)
+        assert_close("variance", var, ref.variance, K * u * (ref.variance + std * mag))
+        assert_close("moving_mean", mm, ref.moving_mean, K * u * (np.abs(p["moving_mean"]) + mag.max(axis=0)))
+        assert_close("moving_variance", mv, ref.moving_variance,
+                     K * u * (np.abs(p["moving_variance"]) + (ref.variance + std * mag).max(axis=0)))
+        g = np.abs(p["gamma"]).max() if spec.scale else 1.0
+        b = np.abs(p["beta"]).max() if spec.center else 0.0
+        xhat = np.abs(np.asarray(ref.y, np.float64)).max() / g + (b + 1) / g + 1
+        tol = K * u * (g * xhat + b) + 2.0**-40 * g * (mag / np.sqrt(ref.variance + spec.epsilon)).max()
+        if spec.dtype in STORAGE_EPS:
+            tol = tol + STORAGE_EPS[spec.dtype] * np.abs(ref.y)
+        assert_close("y", y, ref.y, tol)
+        np.testing.assert_array_equal(x, x0)
+        beta = p["beta"] if spec.activation == "relu" else None
+        if spec.activation == "relu":  # outputs near 0 may fall either side of the mask
+            pre = oracle.forward(spec.replace(activation=None), x, p["gamma"], p["beta"]).y
+            assume(not np.any((np.abs(pre) > 0) & (np.abs(pre) < 1e-3 * (np.abs(pre).max() + 1))))
+        dx, dgamma, dbeta = kernel.backward(p["dy"], x, p["gamma"], mean, var, beta=beta)
+        want = oracle.backward(spec, p["dy"], x, p["gamma"], mean, var, beta=beta)
+        n = x.size // spec.channels
+        dy = np.abs(p["dy"].astype(np.float64)).max()
+        xh = np.abs(np.asarray(want.dx)).max() + 1
+        scale = g / np.sqrt(var.min() + spec.epsilon)
+        xhat_max = (np.abs(x.astype(np.float64) - 0).max() + np.abs(mean).max()) / np.sqrt(var.min() + spec.epsilon) + 1
+        np.testing.assert_allclose(dx, want.dx, rtol=0, atol=rtol * scale * dy * (1 + 2 * min(xhat_max, 1e4) ** 2) + rtol * xh)
+        if spec.scale:
+            np.testing.assert_allclose(dgamma, want.dgamma, rtol=0, atol=rtol * n * dy * min(xhat_max, 1e4))
+        if spec.center:
+            np.testing.assert_allclose(dbeta, want.dbeta, rtol=0, atol=rtol * n * dy + 1e-300)
+
+    check()
+
+
+def test_ghost_bad_input_and_threads(build, rng):
+    spec = GHOSTS[0]
+    kernel = build(spec)
+    x = rng.standard_normal((5, 6, 4)).astype(np.float32)
+    g, b = np.ones(6, np.float32), np.zeros(6, np.float32)
+    mm, mv = np.zeros(6, np.float32), np.ones(6, np.float32)
+    p = dict(x=x, gamma=g, beta=b, moving_mean=mm, moving_variance=mv)
+    _refused(lambda: kernel.forward(x, g, b, mm, mv), p, ValueError, "^x: batch size 5 .* multiple of virtual_batch_size=2")
+    _refused(lambda: kernel(x, g, b, mm, mv), p, ValueError, "^x: batch size 5")
+    x = rng.standard_normal((8, 6, 4)).astype(np.float32)
+    p["x"] = x
+    y, mean, var = kernel.forward(x, g, b)
+    assert mean.shape == (4, 6)
+    dy = np.ones_like(x)
+    _refused(lambda: kernel.backward(dy, x, g, mean[0], var), dict(p, mean=mean, var=var), ValueError,
+             r"^mean: shape is \(6,\); expected \(4, 6\)")
+    _refused(lambda: kernel.backward(dy, x, g, mean, var.astype(np.float64)), dict(p, mean=mean), TypeError, "^variance: dtype")
+    # results do not depend on the thread count (threads take whole channels)
+    one = kernel.forward(x, g, b, threads=1)
+    two = kernel.forward(x, g, b, threads=2)
+    for a, c in zip(one, two):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_ghost_layer_matches_per_ghost_batches(session_cache, strict_compiler, rng):
+    """The layer with virtual_batch_size: each strided ghost batch normalised on its own (tf.keras' grouping)."""
+    layer = bngen.BatchNormalization(virtual_batch_size=2, momentum=0.5, cache_dir=session_cache, compiler=strict_compiler)
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    x[0::3] += 10.0  # ghost batch 0 = samples 0 and 3 (stride G = 3), not samples 0 and 1
+    y = layer(x, training=True)
+    for j in range(3):
+        part = x[j::3].astype(np.float64)
+        np.testing.assert_allclose(y[j::3], (part - part.mean(0)) / np.sqrt(part.var(0) + 1e-3), atol=1e-5)
+    means = np.stack([x[j::3].astype(np.float64).mean(0) for j in range(3)])
+    np.testing.assert_allclose(layer.moving_mean, 0.5 * means.mean(0), rtol=1e-5)
+    dx = layer.backward(np.ones_like(x))
+    np.testing.assert_allclose(dx, 0, atol=1e-5)  # a constant dy has no gradient through the normalisation
+    with pytest.raises(ValueError, match="^x: batch size 5"):
+        layer(x[:5], training=True)
+    layer(x[:5], training=False)  # inference: no ghosts, any batch size
