@@ -65,6 +65,9 @@ class Case:
     shape: Tuple[int, ...]
     axis: int
     dtype: str = "float32"
+    # statistics variant of bngen's training kernels (NumPy and PyTorch stay plain)
+    renorm: bool = False
+    virtual_batch_size: Optional[int] = None
 
     @property
     def channels_last(self) -> bool:
@@ -91,14 +94,47 @@ def with_dtype(cases: Sequence[Case], dtypes: Sequence[str]) -> List[Case]:
             for c in cases for d in dtypes]
 
 
+VARIANTS = ("plain", "renorm", "ghost:K")
+
+
+def parse_variant(text: str) -> Tuple[bool, Optional[int]]:
+    """``(renorm, virtual_batch_size)`` of a variant name: plain, renorm or ghost:K."""
+    text = text.strip()
+    if text in ("plain", "renorm"):
+        return text == "renorm", None
+    if text.startswith("ghost:") and text[6:].isdigit() and int(text[6:]) >= 1:
+        return False, int(text[6:])
+    raise SpecError(f"--variants: {text!r} is not one of plain, renorm, ghost:K (K >= 1, the virtual batch size)")
+
+
+def with_variants(cases: Sequence[Case], variants: Sequence[str]) -> List[Case]:
+    """Each case once per statistics variant (plain, renorm, ghost:K); a ghost variant
+    only where K divides the case's batch size."""
+    result = []
+    for c in cases:
+        for text in variants:
+            renorm, k = parse_variant(text)
+            if k is not None and c.shape[0] % k:
+                continue
+            suffix = " renorm" if renorm else f" ghost k={k}" if k is not None else ""
+            result.append(dataclasses.replace(c, name=c.name + suffix, renorm=renorm, virtual_batch_size=k))
+    return result
+
+
 def case_from_spec(spec: Spec, fill: int = 32) -> Case:
     """A bench case for a spec file: its shape (dynamic sizes become `fill`), feature axis
-    and dtype.  The other fields are not used: every case times the mode-0 inference and
+    and dtype, and its statistics variant (renorm, virtual_batch_size) for bngen's training
+    kernels.  The other fields are not used: every case times the mode-0 inference and
     training kernels, which are what NumPy and PyTorch are timed doing."""
     if len(spec.axis) != 1:
         raise SpecError(f"axis: bench compares one feature axis with NumPy and PyTorch; the spec has {list(spec.axis)}")
     shape = tuple(fill if d is None else d for d in spec.shape)
-    return Case(f"{shape} axis={spec.axis[0]} (spec file)", shape, spec.axis[0], spec.dtype)
+    k = spec.virtual_batch_size
+    if k is not None and shape[0] % k:
+        raise SpecError(f"--batch: {shape[0]} is not a multiple of the spec's virtual_batch_size={k}")
+    variant = " renorm" if spec.renorm else f" ghost k={k}" if k is not None else ""
+    return Case(f"{shape} axis={spec.axis[0]} (spec file){variant}", shape, spec.axis[0], spec.dtype,
+                renorm=spec.renorm, virtual_batch_size=k)
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -150,24 +186,33 @@ class _Inputs:
 def _bngen_fns(case: Case, data: _Inputs, threads: int, cache_dir, compiler) -> Dict[str, Callable]:
     fns = {}
     base = dict(shape=case.shape, axis=case.axis, dtype=case.dtype, epsilon=1e-3, momentum=0.9)
+    variant = dict(renorm=case.renorm, virtual_batch_size=case.virtual_batch_size)
     infer = build(Spec(training=False, **base), cache_dir, compiler=compiler)
-    train = build(Spec(training=True, **base), cache_dir, compiler=compiler)
+    train = build(Spec(training=True, **base, **variant), cache_dir, compiler=compiler)
     x, g, b, mm, mv = data.x, data.gamma, data.beta, data.moving_mean, data.moving_variance
     mm_t, mv_t = mm.copy(), mv.copy()
+    extra = {}
+    if case.renorm:  # the stddevs near sqrt(moving_variance); clipping as papers start it
+        extra = dict(moving_stddev=np.sqrt(mv), renorm_mean=mm.copy(), renorm_stddev=np.sqrt(mv), rmax=3.0,
+                     rmin=1 / 3, dmax=5.0)
     fns["inference"] = lambda: infer(x, g, b, mm, mv, threads=threads)
-    fns["training forward"] = lambda: train(x, g, b, mm_t, mv_t, threads=threads)
+    fns["training forward"] = lambda: train(x, g, b, mm_t, mv_t, threads=threads, **extra)
     if hasattr(train, "backward"):
-        _, mean, var = train.forward(x, g, b, threads=threads)
+        out = train.forward(x, g, b, mm.copy(), mv.copy(), threads=threads,
+                            **{k: v.copy() if isinstance(v, np.ndarray) else v for k, v in extra.items()})
+        mean, var = out[1], out[2]
+        held = dict(r=out[3], d=out[4]) if case.renorm else {}
         dy = data.dy
-        fns["backward"] = lambda: _call_backward(train, dy, x, g, mean, var, threads)
+        fns["backward"] = lambda: _call_backward(train, dy, x, g, mean, var, threads, held)
     return fns
 
 
-def _call_backward(kernel, dy, x, gamma, mean, variance, threads):
+def _call_backward(kernel, dy, x, gamma, mean, variance, threads, held=None):
+    held = held or {}
     try:
-        return kernel.backward(dy, x, gamma, mean, variance, threads=threads)
+        return kernel.backward(dy, x, gamma, mean, variance, threads=threads, **held)
     except TypeError:  # a backward without a threads= argument
-        return kernel.backward(dy, x, gamma, mean, variance)
+        return kernel.backward(dy, x, gamma, mean, variance, **held)
 
 
 def _numpy_fns(case: Case, data: _Inputs) -> Dict[str, Callable]:
@@ -406,6 +451,7 @@ def run(cases: Sequence[Case], threads: Sequence[int], repeat: int = 21, kinds: 
                     timings["bngen"] = stats[_bngen_name(isa)]
                     rows.append({
                         "case": case.name, "shape": list(case.shape), "axis": case.axis, "dtype": case.dtype,
+                        "renorm": case.renorm, "virtual_batch_size": case.virtual_batch_size,
                         "isa": isa, "kind": kind, "threads": nthreads, "timings": timings, "floor_ms": floor,
                         "torch_over_bngen": med["torch"] / mine if "torch" in med else None,
                         "inductor_over_bngen": med["inductor"] / mine if "inductor" in med else None,

@@ -125,7 +125,7 @@ def cmd_bench(args) -> int:
         bad = [d for d in dtypes if d not in DTYPES]
         if bad:
             raise SpecError(f"--dtypes: {', '.join(bad)} not among {', '.join(DTYPES)}")
-        cases = bench.with_dtype(bench.PRESETS, dtypes)
+        cases = bench.with_variants(bench.with_dtype(bench.PRESETS, dtypes), (args.variants or "plain").split(","))
     if args.threads:
         try:
             threads = [int(t) for t in args.threads.split(",")]
@@ -249,6 +249,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", help="comma-separated subset of: inference,training forward,backward")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated storage dtypes for the preset cases (default float32; e.g. float32,float16,bfloat16)")
+    p.add_argument("--variants", metavar="LIST",
+                   help="comma-separated statistics variants of bngen's training kernels for the preset cases: plain "
+                        "(default), renorm, ghost:K (virtual batch size K; cases whose batch K does not divide are "
+                        "left out); NumPy and PyTorch stay plain, so compare bngen's rows of one case. A --spec "
+                        "file brings its own (renorm, virtual_batch_size)")
     p.add_argument("--march", metavar="LIST",
                    help="comma-separated -march values to build and time bngen for too, in the same run "
                         "(e.g. x86-64-v3 for the AVX2 build on an AVX-512 machine); one row each")

@@ -22,6 +22,7 @@ from strategies import K, assert_close
 import bngen
 from bngen import oracle
 from bngen.kernel import numpy_dtype
+from bngen.spec import SpecError
 
 S = bngen.Spec
 SPECS = [
@@ -540,3 +541,25 @@ def test_ghost_layer_matches_per_ghost_batches(session_cache, strict_compiler, r
     with pytest.raises(ValueError, match="^x: batch size 5"):
         layer(x[:5], training=True)
     layer(x[:5], training=False)  # inference: no ghosts, any batch size
+
+
+# -- bench ----------------------------------------------------------------------------------------
+def test_bench_times_the_variants(session_cache, strict_compiler, tmp_path, capsys):
+    """A functional run (no timing assertion): renorm and ghost rows beside the plain ones."""
+    from bngen import bench, cli
+
+    cases = bench.with_variants([bench.Case("tiny", (4, 3, 4, 4), 1), bench.Case("odd", (3, 8), -1)],
+                                ["plain", "renorm", "ghost:2"])
+    assert [c.name for c in cases] == ["tiny", "tiny renorm", "tiny ghost k=2", "odd", "odd renorm"]
+    report = bench.run(cases, [1], repeat=1, kinds=["training forward", "backward"], cache_dir=session_cache,
+                       compiler=strict_compiler)
+    variants = {(r["case"], r["kind"]): (r["renorm"], r["virtual_batch_size"]) for r in report["rows"]}
+    assert variants[("tiny renorm", "backward")] == (True, None)
+    assert variants[("tiny ghost k=2", "training forward")] == (False, 2)
+    with pytest.raises(SpecError, match="--variants"):
+        bench.parse_variant("ghost:0")
+    spec = tmp_path / "spec.json"
+    spec.write_text(S((None, 5), renorm=True).to_json())
+    assert cli.main(["bench", "--spec", str(spec), "--batch", "4", "--repeat", "1", "--threads", "1",
+                     "--kinds", "training forward", "--quiet"]) == 0
+    assert "(spec file) renorm | training forward" in capsys.readouterr().out
