@@ -116,7 +116,7 @@ def cmd_bench(args) -> int:
     """Time bngen's kernels beside NumPy and PyTorch (when installed) and against the
     memory-traffic floor, on the preset cases or on a spec file; print a markdown table."""
     from . import bench
-    from .kernel import MAX_THREADS, default_threads
+    from .threads import MAX_THREADS, default_threads
 
     if args.spec:
         cases = [bench.case_from_spec(_load_spec(args.spec), args.batch)]

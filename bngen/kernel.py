@@ -8,19 +8,15 @@ caller array untouched.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from .plan import Entry, Plan
 from .spec import Spec
+from .threads import MAX_THREADS, default_threads, track
 
 _CTYPES = {"float32": "float", "float64": "double", "float16": "uint16_t", "bfloat16": "uint16_t"}
-# The most threads a call may ask for.  OpenMP would try to start any number (and the
-# process dies when it cannot: 10**5 crash it), and C takes an int; no machine bngen runs
-# on has more CPUs than this.
-MAX_THREADS = 1024
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -32,18 +28,6 @@ def numpy_dtype(name: str) -> np.dtype:
             raise TypeError("dtype: bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes)") from None
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
-
-
-def default_threads() -> int:
-    """``$OMP_NUM_THREADS`` if set, else the CPUs this process may run on (at most MAX_THREADS)."""
-    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return min(int(env), MAX_THREADS)
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        count = os.cpu_count() or 1
-    return min(count, MAX_THREADS)
 
 
 class Kernel:
@@ -82,6 +66,11 @@ class Kernel:
         if fast:
             self.__class__ = type("Kernel", (Kernel,), dict(
                 fast, __doc__=Kernel.__doc__, __module__=Kernel.__module__, __qualname__=Kernel.__qualname__))
+        track(self)
+
+    def _rebind_threads(self) -> None:
+        """Takes up the current default thread count (threads.py calls it in a forked child)."""
+        self.__init__(self.spec, self.plan, self.source, self._module)
 
     def __repr__(self) -> str:
         return f"<bngen.Kernel {self.spec.describe()}>"

@@ -1,0 +1,59 @@
+"""Hardening (issue 16): what an attacker or a careless user tried, each a test that
+failed before its fix.
+
+Compiled specs: a handful of small ones, mostly in their own temporary caches; no
+hypothesis here (the fuzz targets are in test_fuzz.py).  Subprocess tests run
+`python -c` with this checkout on PYTHONPATH, with a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bngen
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, *args: str, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+# -- fork after OpenMP ------------------------------------------------------------------------
+FORK_CHILD = """
+    import os, sys
+    import numpy as np
+    import bngen
+    from bngen.threads import default_threads
+    kernel = bngen.build(bngen.Spec((None, 64, 32, 32), axis=1), sys.argv[1])
+    x = np.random.default_rng(0).standard_normal((16, 64, 32, 32)).astype(np.float32)
+    g, b = np.ones(64, np.float32), np.zeros(64, np.float32)
+    want = kernel.forward(x, g, b, threads=2)[0]  # the parent's OpenMP pool is now running
+    pid = os.fork()
+    if pid == 0:
+        # a default-thread call in the child hung forever in libgomp before the fix
+        y = kernel.forward(x, g, b)[0]
+        y2 = kernel(x, g, b)
+        ok = default_threads() == 1 and np.allclose(y, want, atol=1e-5) and np.allclose(y2, want, atol=1e-5)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    print("child exit", os.waitstatus_to_exitcode(status))
+    assert default_threads() >= 1
+    kernel.forward(x, g, b, threads=2)  # the parent still runs threaded
+"""
+
+
+def test_forked_child_runs_kernels_single_threaded(tmp_path):
+    """Before the fix the child hung (the timeout fails the test); now it computes with one thread."""
+    out = run_python(FORK_CHILD, str(tmp_path), timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert "child exit 0" in out.stdout
