@@ -57,3 +57,37 @@ def test_forked_child_runs_kernels_single_threaded(tmp_path):
     out = run_python(FORK_CHILD, str(tmp_path), timeout=90)
     assert out.returncode == 0, out.stderr
     assert "child exit 0" in out.stdout
+
+
+# -- hostile spec values and JSON ---------------------------------------------------------------
+@pytest.mark.parametrize("fields, match", [
+    (dict(shape=(4,), epsilon=10**400), "epsilon"),  # OverflowError before
+    (dict(shape=(4,), momentum=10**400), "momentum"),
+    (dict(shape=(4,), axis=10**5000), "axis"),  # ValueError (int too long to print) before
+    (dict(shape=[10**5000]), "shape"),
+    (dict(shape=(4,), mode=10**5000), "mode"),
+    (dict(shape=(4,), activation=np.array([1, 2])), "activation"),  # ambiguous truth value before
+    (dict(shape=(2**40, 2**40)), "ptrdiff_t"),  # more elements than C can index
+    (dict(shape=(None, 2**32, 2**32)), "ptrdiff_t"),
+])
+def test_hostile_spec_values_are_spec_errors(fields, match):
+    with pytest.raises(bngen.SpecError, match=match):
+        bngen.Spec(**fields)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"shape": [4], "epsilon": ' + "1" * 5000 + "}", "not valid JSON"),  # ValueError (digit limit) before
+    ('{"shape": [4], "epsilon": 1' + "0" * 400 + "}", "epsilon"),  # OverflowError before
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # RecursionError before
+    (b'{"shape": [4], "dtype": "\xff"}', "UTF-8"),  # UnicodeDecodeError before
+    ('{"shape": [4], "1": 2}', "unknown field"),
+    (None, "JSON text"),
+])
+def test_hostile_json_is_a_spec_error(text, match):
+    with pytest.raises(bngen.SpecError, match=match):
+        bngen.Spec.from_json(text)
+
+
+def test_non_string_keys_are_a_spec_error():
+    with pytest.raises(bngen.SpecError, match="field names must be strings"):
+        bngen.Spec.from_dict({1: 2, "shape": [3]})  # TypeError (sorting int and str) before
