@@ -91,3 +91,25 @@ def test_hostile_json_is_a_spec_error(text, match):
 def test_non_string_keys_are_a_spec_error():
     with pytest.raises(bngen.SpecError, match="field names must be strings"):
         bngen.Spec.from_dict({1: 2, "shape": [3]})  # TypeError (sorting int and str) before
+
+
+# -- importers accept batch norms only -----------------------------------------------------------
+def test_from_torch_refuses_other_norm_layers():
+    torch = pytest.importorskip("torch")
+    for module in (torch.nn.LayerNorm(4), torch.nn.GroupNorm(2, 4), torch.nn.InstanceNorm2d(4)):
+        with pytest.raises(bngen.SpecError, match=type(module).__name__):  # accepted before
+            bngen.Spec.from_torch(module, (None, 4, 3, 3))
+    for module in (torch.nn.BatchNorm2d(4), torch.nn.SyncBatchNorm(4)):
+        assert bngen.Spec.from_torch(module, (None, 4, 3, 3)).channels == 4
+
+
+def test_from_keras_refuses_other_layers_and_their_configs():
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    for layer in (keras.layers.Dense(4), keras.layers.LayerNormalization()):
+        with pytest.raises(bngen.SpecError, match=type(layer).__name__):  # accepted before
+            bngen.Spec.from_keras(layer, (None, 4))
+        with pytest.raises(bngen.SpecError, match="not a BatchNormalization config"):
+            bngen.Spec.from_keras(layer.get_config(), (None, 4))
+    assert bngen.Spec.from_keras(keras.layers.BatchNormalization(), (None, 4)).channels == 4
+    assert bngen.Spec.from_keras(keras.layers.BatchNormalization().get_config(), (None, 4)).channels == 4
