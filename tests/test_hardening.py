@@ -113,3 +113,13 @@ def test_from_keras_refuses_other_layers_and_their_configs():
             bngen.Spec.from_keras(layer.get_config(), (None, 4))
     assert bngen.Spec.from_keras(keras.layers.BatchNormalization(), (None, 4)).channels == 4
     assert bngen.Spec.from_keras(keras.layers.BatchNormalization().get_config(), (None, 4)).channels == 4
+
+
+# -- the layer ---------------------------------------------------------------------------------------
+def test_layer_with_the_batch_axis_as_feature_axis_is_refused_and_left_unbuilt(tmp_path):
+    layer = bngen.BatchNormalization(axis=0, cache_dir=tmp_path)
+    x = np.ones((4, 3), np.float32)
+    for _ in range(2):  # before: built with one bogus weight per batch, then every call failed on shape
+        with pytest.raises(bngen.SpecError, match="axis"):
+            layer(x, training=True)
+        assert not layer.built and layer.get_weights() == []
