@@ -123,3 +123,41 @@ def test_layer_with_the_batch_axis_as_feature_axis_is_refused_and_left_unbuilt(t
         with pytest.raises(bngen.SpecError, match="axis"):
             layer(x, training=True)
         assert not layer.built and layer.get_weights() == []
+
+
+# -- the command line's files ------------------------------------------------------------------------
+@pytest.fixture
+def files(tmp_path):
+    np.savez(tmp_path / "layer.npz", weight=np.ones((4, 3)), bias=np.zeros(4))
+    np.savez(tmp_path / "bn.npz", moving_mean=np.zeros(4), moving_variance=np.ones(4))
+    np.save(tmp_path / "one.npy", np.ones(4))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "bad.json").write_bytes(b'{"shape": [4], "dtype": "\xff"}')
+    (tmp_path / "spec.json").write_text(bngen.Spec((None, 4), training=False).to_json())
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["fold", "--layer", "empty.npz", "--bn", "bn.npz", "--epsilon", "1e-3", "--out", "o.npz"], "--layer"),  # EOFError before
+    (["fold", "--layer", "one.npy", "--bn", "bn.npz", "--epsilon", "1e-3", "--out", "o.npz"], "--layer"),  # TypeError before
+    (["fold", "--layer", "layer.npz", "--bn", "one.npy", "--epsilon", "1e-3", "--out", "o.npz"], "--bn"),
+    (["emit", "--spec", "spec.json", "--params", "one.npy", "--out", "out"], "--params"),  # AttributeError before
+    (["emit", "--spec", "spec.json", "--params", "empty.npz", "--out", "out"], "--params"),
+    (["build", "--spec", "bad.json"], "--spec"),  # UnicodeDecodeError before
+])
+def test_cli_file_errors_are_named_with_exit_status_2(files, monkeypatch, capsys, argv, option):
+    from bngen.cli import main
+
+    monkeypatch.chdir(files)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bngen: error: {option}") and "Traceback" not in err
+
+
+def test_fold_out_prints_the_file_it_wrote(files, monkeypatch, capsys):
+    from bngen.cli import main
+
+    monkeypatch.chdir(files)
+    assert main(["fold", "--layer", "layer.npz", "--bn", "bn.npz", "--epsilon", "1e-3", "--out", "folded"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == "folded.npz" and (files / printed).is_file()  # printed "folded" before
