@@ -161,3 +161,56 @@ def test_fold_out_prints_the_file_it_wrote(files, monkeypatch, capsys):
     assert main(["fold", "--layer", "layer.npz", "--bn", "bn.npz", "--epsilon", "1e-3", "--out", "folded"]) == 0
     printed = capsys.readouterr().out.strip()
     assert printed == "folded.npz" and (files / printed).is_file()  # printed "folded" before
+
+
+# -- exported C that would not compile, or would compute something else -------------------------------
+def _emit_refused(tmp_path, match, *args, exc=ValueError, **kwargs):
+    from bngen.emit import emit
+
+    out = tmp_path / "out"
+    with pytest.raises(exc, match=match):
+        emit(*args[:1], out, *args[1:], **kwargs)
+    assert not out.exists(), "nothing may be written when emit refuses"
+
+
+def _params(c, **overrides):
+    p = dict(gamma=np.ones(c), beta=np.zeros(c), moving_mean=np.zeros(c), moving_variance=np.ones(c))
+    p.update(overrides)
+    return p
+
+
+@pytest.mark.parametrize("name", ["exp", "log", "round", "nan", "isnan", "rand", "stdout", "EOF", "NAN", "tm",
+                                  "strlen2", "isok", "toward", "EPIPE2", "SIGBN", "int_fast8_t", "_bn", "errno_bn"])
+def test_baked_kernels_named_like_reserved_c_identifiers_are_refused(tmp_path, name):
+    """These gave C that did not compile (or linked to the wrong function) before."""
+    _emit_refused(tmp_path, f"name: '{name}'.*(C standard|reserved|C keyword)", bngen.Spec((2, 4), training=False),
+                  name, _params(4))
+
+
+def test_overlong_names_get_the_name_error(tmp_path):
+    _emit_refused(tmp_path, "name: 300 characters", bngen.Spec((2, 4), training=False), "b" * 300, _params(4))
+
+
+@pytest.mark.parametrize("dtype, overrides, feature", [
+    ("float32", dict(gamma=np.array([1.0, 1e39, 1.0, 1.0])), 1),  # 'inff' in the file before
+    ("float32", dict(beta=np.array([1.0, 1.0, -3e38, 1.0]), moving_mean=np.array([0, 0, 1e38, 0.0])), 2),
+    ("float16", dict(moving_variance=np.array([1.0, 1.0, 1.0, 1e-90]), gamma=np.array([1, 1, 1, 1e30])), 3),
+    ("float64", dict(gamma=np.array([1e308, 1, 1, 1]), moving_variance=np.array([1e-20, 1, 1, 1])), 0),
+])
+def test_folded_parameters_that_overflow_the_target_type_are_refused(tmp_path, dtype, overrides, feature):
+    spec = bngen.Spec((2, 4), training=False, dtype=dtype, epsilon=1e-30)
+    _emit_refused(tmp_path, f"params: the folded (scale|shift) of feature {feature}", spec, "bn", _params(4, **overrides))
+
+
+def test_cortex_m_refuses_an_epsilon_that_float_cannot_hold(tmp_path):
+    spec = bngen.Spec((None, 4), epsilon=1e-50)  # rounded to 0 in float: NaN where the spec gives beta, before
+    _emit_refused(tmp_path, "epsilon: 1e-50", spec, "bn", target="cortex-m", exc=bngen.SpecError)
+    from bngen.emit import emit
+
+    assert emit(spec, tmp_path / "host", "bn")  # the host computes statistics in double: fine there
+    assert emit(spec.replace(training=False), tmp_path / "baked", "bn", _params(4), target="cortex-m")  # folded in double
+
+
+def test_static_shapes_beyond_the_targets_ptrdiff_t_are_refused(tmp_path):
+    spec = bngen.Spec((2**16, 2**16, 4), training=False)  # 2**34 elements: more than a 32-bit ptrdiff_t counts
+    _emit_refused(tmp_path, "shape.*32-bit ptrdiff_t", spec, "bn", target="cortex-m", exc=bngen.SpecError)
