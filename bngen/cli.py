@@ -230,7 +230,9 @@ def cmd_cache_info(args) -> int:
 
 def cmd_cache_clear(args) -> int:
     cache = Cache(resolve_root(args.cache_dir))
-    print(f"removed {cache.clear()} entries from {cache.root}")
+    removed, skipped = cache.clear()
+    busy = f"; skipped {skipped} being rebuilt by another process" if skipped else ""
+    print(f"removed {removed} entries from {cache.root}{busy}")
     return 0
 
 

@@ -214,3 +214,279 @@ def test_cortex_m_refuses_an_epsilon_that_float_cannot_hold(tmp_path):
 def test_static_shapes_beyond_the_targets_ptrdiff_t_are_refused(tmp_path):
     spec = bngen.Spec((2**16, 2**16, 4), training=False)  # 2**34 elements: more than a 32-bit ptrdiff_t counts
     _emit_refused(tmp_path, "shape.*32-bit ptrdiff_t", spec, "bn", target="cortex-m", exc=bngen.SpecError)
+
+
+# -- the cache: whose files it runs ----------------------------------------------------------------
+import json  # noqa: E402
+import shutil  # noqa: E402
+import stat  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+from bngen import cache as cache_mod  # noqa: E402
+from bngen.compiler import CompileError, Compiler, Features  # noqa: E402
+
+OTHER_UID = 54321  # a user that is not us; root (CI) can chown to it, which is what an attacker's file looks like
+
+
+def _as_other_user(path):
+    """Makes `path` look planted by another user: chown where we can (root), else skip-free
+    fallback to a group/other-writable mode, which any user can set on their own files."""
+    try:
+        os.chown(path, OTHER_UID, -1, follow_symlinks=False)
+        return "foreign"
+    except PermissionError:
+        os.chmod(path, os.stat(path).st_mode | stat.S_IWOTH)
+        return "writable"
+
+
+def test_insecure_names_foreign_owners_and_writable_modes(tmp_path):
+    """The trust rule itself, on os.stat results root can produce too."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    os.chmod(f, 0o644)
+    assert cache_mod.insecure(f) is None
+    os.chmod(f, 0o664)
+    assert "writable by group" in cache_mod.insecure(f)
+    os.chmod(f, 0o646)
+    assert "writable by others" in cache_mod.insecure(f)
+    os.chmod(f, 0o644)
+    if os.geteuid() == 0:  # only root can give a file away; as anyone else the mode checks above cover the rule
+        os.chown(f, OTHER_UID, -1)
+        assert f"owned by uid {OTHER_UID}" in cache_mod.insecure(f)
+    link = tmp_path / "link"
+    link.symlink_to(f)
+    assert "symbolic link" in cache_mod.insecure(link, follow=False)
+
+
+@pytest.mark.parametrize("how", ["others can write", "another user owns"])
+def test_an_untrusted_cache_root_is_not_used(tmp_path, strict_compiler, how):
+    """Before: a shared or foreign /tmp directory was used as is, so its owner could plant code."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    if how == "others can write":
+        os.chmod(root, 0o777)
+    elif os.geteuid() == 0:
+        os.chown(root, OTHER_UID, -1)
+    else:
+        os.chmod(root, 0o775)  # group-writable: the same refusal, reachable without root
+    spec = bngen.Spec((None, 3), epsilon=0.25)
+    with pytest.warns(cache_mod.CacheWarning, match="shared"):
+        kernel = bngen.build(spec, root, compiler=strict_compiler)
+    assert not any(root.rglob("manifest.json")), "nothing may be built into an untrusted root"
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.isfinite(kernel(x, np.ones(3, np.float32), np.zeros(3, np.float32))).all()
+    fallback = cache_mod._FALLBACKS[root]
+    assert stat.S_IMODE(os.stat(fallback).st_mode) == 0o700 and os.stat(fallback).st_uid == os.geteuid()
+
+
+@pytest.fixture(scope="module")
+def two_entries(tmp_path_factory):
+    """A cache with the entries of two specs (2 compiles), and their keys; built with the
+    default compiler, which the subprocesses use too."""
+    root = tmp_path_factory.mktemp("two-entries")
+    compiler = Compiler()
+    specs = [bngen.Spec((None, 5), epsilon=0.125), bngen.Spec((None, 6), epsilon=0.125)]
+    for spec in specs:
+        bngen.build(spec, root, compiler=compiler)
+    entries = sorted(root.glob("??/*/manifest.json"), key=lambda p: json.loads(p.read_text())["object"])
+    return root, specs, [p.parent for p in entries]
+
+
+def _object_name(entry):
+    return json.loads((entry / "manifest.json").read_text())["object"]
+
+
+def test_entries_that_are_not_this_users_alone_are_not_loaded(two_entries, tmp_path):
+    """Before: any entry whose manifest matched its object was loaded, whoever wrote it."""
+    root, _, (entry, _) = two_entries
+    work = tmp_path / "copy"
+    shutil.copytree(root, work, symlinks=True)
+    entry = work / entry.relative_to(root)
+    cache = cache_mod.Cache(work)
+    key, name = entry.name, _object_name(entry)
+    assert cache.lookup(key, name) == entry / name
+    for path in (entry.parent, entry, entry / name, entry / "manifest.json"):
+        before = os.stat(path)
+        os.chmod(path, before.st_mode | stat.S_IWGRP)
+        assert cache.lookup(key, name) is None, f"group-writable {path.name} accepted"
+        os.chmod(path, before.st_mode | stat.S_IWOTH)
+        assert cache.lookup(key, name) is None, f"world-writable {path.name} accepted"
+        os.chmod(path, stat.S_IMODE(before.st_mode))
+        if os.geteuid() == 0:
+            os.chown(path, OTHER_UID, -1)
+            assert cache.lookup(key, name) is None, f"foreign-owned {path.name} accepted"
+            os.chown(path, before.st_uid, before.st_gid)
+        assert cache.lookup(key, name) == entry / name
+    os.chmod(work, 0o777)  # the root itself
+    assert cache.lookup(key, name) is None
+
+
+def test_a_manifest_must_name_this_keys_object_inside_its_entry(two_entries, tmp_path):
+    """Before: a manifest naming another key's object, or a path out of the entry, passed."""
+    root, _, (entry, other) = two_entries
+    work = tmp_path / "copy"
+    shutil.copytree(root, work)
+    entry, other = work / entry.relative_to(root), work / other.relative_to(root)
+    cache = cache_mod.Cache(work)
+    key, name = entry.name, _object_name(entry)
+    stranger = other / _object_name(other)
+    digest = lambda p: {"size": p.stat().st_size, "sha256": cache_mod._file_digest(p)}  # noqa: E731
+    for planted in (str(stranger), f"../../{other.parent.name}/{other.name}/{stranger.name}"):
+        (entry / "manifest.json").write_text(json.dumps({"object": planted, **digest(stranger)}))
+        assert cache.lookup(key, name) is None, planted
+    shutil.copyfile(stranger, entry / stranger.name)  # another key's object, inside the entry
+    (entry / "manifest.json").write_text(json.dumps({"object": stranger.name, **digest(stranger)}))
+    assert cache.lookup(key, name) is None
+    os.unlink(entry / name)  # a symbolic link in place of the object
+    os.symlink(stranger, entry / name)
+    (entry / "manifest.json").write_text(json.dumps({"object": name, **digest(stranger)}))
+    assert cache.lookup(key, name) is None
+
+
+LOAD_CHILD = """
+    import sys
+    import numpy as np
+    import bngen
+    spec = bngen.Spec.from_json(sys.argv[1])
+    kernel = bngen.build(spec, sys.argv[2])
+    x = np.arange(2 * spec.channels, dtype=np.float32).reshape(2, spec.channels)
+    y = kernel(x, np.ones(spec.channels, np.float32), np.zeros(spec.channels, np.float32))
+    print("ok", float(np.abs(y).max()))
+"""
+
+
+def test_an_entry_whose_object_does_not_import_is_rebuilt(two_entries, tmp_path):
+    """Another key's object under this key's name, with a matching manifest: it passes
+    verification, then failed to import in every process, forever (ImportError) before."""
+    root, specs, (entry, other) = two_entries
+    work = tmp_path / "copy"
+    shutil.copytree(root, work)
+    entry, other = work / entry.relative_to(root), work / other.relative_to(root)
+    name, stranger = _object_name(entry), other / _object_name(other)
+    os.unlink(entry / name)
+    shutil.copyfile(stranger, entry / name)
+    os.chmod(entry / name, 0o755)
+    (entry / "manifest.json").write_text(json.dumps(
+        {"object": name, "size": stranger.stat().st_size, "sha256": cache_mod._file_digest(stranger)}))
+    spec = next(s for s in specs if json.loads((entry / "spec.json").read_text()) == json.loads(s.to_json()))
+    for _ in range(2):  # the first process rebuilds; the second loads the rebuilt entry
+        out = run_python(LOAD_CHILD, spec.to_json(), str(work))
+        assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr
+    assert cache_mod._file_digest(entry / name) != cache_mod._file_digest(stranger)
+
+
+LOCK_HOLDER = """
+    import sys, filelock, pathlib
+    shard, key = pathlib.Path(sys.argv[1]), sys.argv[2]
+    with filelock.FileLock(str(shard / f"{key}.lock")):
+        (shard / f".{key}-running").mkdir()  # a build's work directory
+        print("locked", flush=True)
+        sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_cache_clear_skips_keys_being_built_and_removes_stale_work(two_entries, tmp_path):
+    """Before: clear deleted every shard, work directories of running builds included."""
+    root, _, (entry, other) = two_entries
+    work = tmp_path / "copy"
+    shutil.copytree(root, work)
+    entry, other = work / entry.relative_to(root), work / other.relative_to(root)
+    stale = other.parent / f".{other.name}-killed"  # a build that was killed: nobody holds its lock
+    stale.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(LOCK_HOLDER), str(entry.parent), entry.name],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        removed, skipped = cache_mod.Cache(work).clear()
+        assert (removed, skipped) == (1, 1)
+        assert (entry / "manifest.json").is_file() and (entry.parent / f".{entry.name}-running").is_dir()
+        assert not other.exists() and not stale.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert cache_mod.Cache(work).clear() == (1, 0)
+    assert not entry.exists() and not (entry.parent / f".{entry.name}-running").exists()
+
+
+# -- the compiler and its record ---------------------------------------------------------------------
+@pytest.mark.parametrize("record", [
+    {"openmp": "-B/tmp/evil/", "simd": "-B/tmp/evil/", "f16c": False},  # ran another program before
+    {"openmp": ["-fopenmp"], "simd": None, "f16c": False},  # TypeError in every build before
+    {"openmp": "-fopenmp-simd", "simd": "-fopenmp-simd", "f16c": False},  # kernels that never load
+    {"openmp": None, "simd": "-O0", "f16c": False},
+    {"openmp": None, "simd": None, "f16c": "yes"},
+    {"openmp": None, "simd": None, "f16c": False, "extra": 1},
+    ["-fopenmp"],
+])
+def test_a_compiler_record_not_written_by_the_probe_is_probed_again(tmp_path, record):
+    compiler = Compiler()
+    probed = compiler.features(tmp_path)
+    (path,) = tmp_path.glob("compiler-*.json")
+    path.write_text(json.dumps(record))
+    assert compiler.features(tmp_path) == probed
+    assert json.loads(path.read_text()) == {"openmp": probed.openmp, "simd": probed.simd, "f16c": probed.f16c}
+
+
+def test_a_compiler_record_others_can_write_is_probed_again(tmp_path):
+    compiler = Compiler()
+    probed = compiler.features(tmp_path)
+    (path,) = tmp_path.glob("compiler-*.json")
+    planted = Features(openmp=None, simd=None, f16c=not probed.f16c)
+    path.write_text(json.dumps({"openmp": None, "simd": None, "f16c": planted.f16c}))
+    os.chmod(path, 0o666)
+    assert compiler.features(tmp_path) == probed
+    assert cache_mod.insecure(path) is None  # rewritten, this user's alone
+
+
+FAKE_CC = """#!/bin/sh
+case "$*" in
+  *--version*) echo "fake cc 1.0"; exit 0 ;;
+  *probe.c*) exit 1 ;;
+  *" -I "*) sleep "$FAKE_CC_SLEEP"; touch "$FAKE_CC_MARK"; exit 0 ;;  # the cffi wrapper's job
+  *) exit 1 ;;  # the kernel's job fails at once
+esac
+"""
+
+
+@pytest.fixture
+def fake_cc(tmp_path, monkeypatch):
+    script = tmp_path / "fake-cc"
+    script.write_text(FAKE_CC)
+    script.chmod(0o755)
+    monkeypatch.setenv("FAKE_CC_MARK", str(tmp_path / "wrapper-finished"))
+    return script
+
+
+def test_when_one_compile_job_fails_the_other_is_waited_for(tmp_path, fake_cc, monkeypatch):
+    """Before: the error was raised (and the work directory removed) while the other job ran on."""
+    monkeypatch.setenv("FAKE_CC_SLEEP", "1")
+    with pytest.raises(CompileError, match="exit 1"):
+        bngen.build(bngen.Spec((None, 7)), tmp_path / "cache", compiler=Compiler(cc=str(fake_cc)))
+    assert (tmp_path / "wrapper-finished").exists()
+    assert not list((tmp_path / "cache").glob("??/.*")), "the failed build's work directory is removed"
+
+
+def test_a_compiler_that_hangs_is_killed_after_the_timeout(tmp_path, fake_cc, monkeypatch):
+    """Before: no timeout; the build waited as long as the compiler did."""
+    monkeypatch.setenv("FAKE_CC_SLEEP", "60")
+    t = time.monotonic()
+    with pytest.raises(CompileError, match="took more than 1 s"):
+        bngen.build(bngen.Spec((None, 7)), tmp_path / "cache", compiler=Compiler(cc=str(fake_cc), timeout=1))
+    assert time.monotonic() - t < 30
+    assert not (tmp_path / "wrapper-finished").exists()  # killed, not finished
+
+
+@pytest.mark.parametrize("cc, match", [
+    ("", "is empty"),  # IndexError before
+    ('"gcc', "not a valid command line"),  # ValueError before
+    ("true", "wrote no"),  # FileNotFoundError and a misleading CacheWarning before
+    ("/nonexistent/cc", "not found"),
+])
+def test_a_bad_cc_is_a_compile_error_naming_the_compiler(tmp_path, cc, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cache_mod.CacheWarning)  # the cache directory is fine
+        with pytest.raises(CompileError, match=match) as info:
+            bngen.build(bngen.Spec((None, 9)), tmp_path / "cache", compiler=Compiler(cc=cc))
+    assert repr(cc) in str(info.value)
