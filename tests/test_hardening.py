@@ -490,3 +490,47 @@ def test_a_bad_cc_is_a_compile_error_naming_the_compiler(tmp_path, cc, match):
         with pytest.raises(CompileError, match=match) as info:
             bngen.build(bngen.Spec((None, 9)), tmp_path / "cache", compiler=Compiler(cc=cc))
     assert repr(cc) in str(info.value)
+
+
+# -- statistics of finite float32/bfloat16 data beyond float's sums ------------------------------------
+from bngen import oracle  # noqa: E402
+from bngen.kernel import numpy_dtype  # noqa: E402
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("spec", [
+    bngen.Spec((None, 5, 300), axis=1),  # channels-first blocks
+    bngen.Spec((None, 5), axis=-1),  # channels-last groups
+    bngen.Spec((None, 3, 40), axis=-1, mode=1),  # per-sample statistics
+    bngen.Spec((None, 5, 300), axis=1, dtype="bfloat16"),
+    bngen.Spec((None, 5), axis=-1, dtype="bfloat16"),
+], ids=lambda s: f"{s.dtype}-{s.shape}-mode{s.mode}")
+def test_statistics_of_huge_finite_values_match_the_oracle(build, spec):
+    """Before: std ~1e19 gave an infinite variance (d * d overflowed float), values near
+    FLT_MAX of both signs a NaN mean.  Now the block is summed again in double.  5 specs,
+    4 inputs each, every value finite."""
+    kernel = build(spec)
+    rng = np.random.default_rng(16)
+    shape = (600,) + spec.shape[1:]
+    c = spec.channels
+    gamma, beta = np.ones(c, np.float32), np.full(c, 0.5, np.float32)
+    inputs = {
+        "std 1e19": rng.standard_normal(shape) * 1e19,
+        "std 1e18, offset 1e37": 1e37 + rng.standard_normal(shape) * 1e18,
+        "both signs near FLT_MAX": np.where(rng.random(shape) < 0.5, 3e38, -3e38),
+        "one huge outlier": np.where(np.arange(np.prod(shape)).reshape(shape) == 7, 3e38, rng.standard_normal(shape)),
+    }
+    for name, values in inputs.items():
+        x = values.astype(numpy_dtype(spec.dtype))
+        assert np.isfinite(x.astype(np.float64)).all()
+        y, mean, variance = kernel.forward(x, gamma, beta)
+        ref = oracle.forward(spec, x, gamma, beta)
+        scale = float(np.abs(x.astype(np.float64)).max())
+        np.testing.assert_allclose(mean, ref.mean, rtol=0, atol=1e-5 * scale, err_msg=name)
+        representable = ref.variance <= FLT_MAX
+        np.testing.assert_allclose(variance[representable], ref.variance[representable], rtol=1e-4,
+                                   atol=1e-5 * scale * np.sqrt(ref.variance.max()), err_msg=name)
+        assert np.isposinf(variance[~representable]).all(), name  # beyond float, as the oracle's rounds
+        if representable.all():
+            np.testing.assert_allclose(y.astype(np.float64), ref.y, rtol=0, atol=2e-2, err_msg=name)
