@@ -224,7 +224,7 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 
 from bngen import cache as cache_mod  # noqa: E402
-from bngen.compiler import CompileError, Compiler, Features  # noqa: E402
+from bngen.compiler import CompileError, Compiler  # noqa: E402
 
 OTHER_UID = 54321  # a user that is not us; root (CI) can chown to it, which is what an attacker's file looks like
 
@@ -412,12 +412,13 @@ def test_cache_clear_skips_keys_being_built_and_removes_stale_work(two_entries, 
 
 # -- the compiler and its record ---------------------------------------------------------------------
 @pytest.mark.parametrize("record", [
-    {"openmp": "-B/tmp/evil/", "simd": "-B/tmp/evil/", "f16c": False},  # ran another program before
-    {"openmp": ["-fopenmp"], "simd": None, "f16c": False},  # TypeError in every build before
-    {"openmp": "-fopenmp-simd", "simd": "-fopenmp-simd", "f16c": False},  # kernels that never load
-    {"openmp": None, "simd": "-O0", "f16c": False},
-    {"openmp": None, "simd": None, "f16c": "yes"},
-    {"openmp": None, "simd": None, "f16c": False, "extra": 1},
+    {"openmp": "-B/tmp/evil/", "simd": "-B/tmp/evil/", "macros": []},  # ran another program before
+    {"openmp": ["-fopenmp"], "simd": None, "macros": []},  # TypeError in every build before
+    {"openmp": "-fopenmp-simd", "simd": "-fopenmp-simd", "macros": []},  # kernels that never load
+    {"openmp": None, "simd": "-O0", "macros": []},
+    {"openmp": None, "simd": None, "macros": ["-B/tmp/evil/"]},
+    {"openmp": None, "simd": None, "macros": "__AVX__"},
+    {"openmp": None, "simd": None, "macros": [], "extra": 1},
     ["-fopenmp"],
 ])
 def test_a_compiler_record_not_written_by_the_probe_is_probed_again(tmp_path, record):
@@ -426,15 +427,14 @@ def test_a_compiler_record_not_written_by_the_probe_is_probed_again(tmp_path, re
     (path,) = tmp_path.glob("compiler-*.json")
     path.write_text(json.dumps(record))
     assert compiler.features(tmp_path) == probed
-    assert json.loads(path.read_text()) == {"openmp": probed.openmp, "simd": probed.simd, "f16c": probed.f16c}
+    assert json.loads(path.read_text()) == {"openmp": probed.openmp, "simd": probed.simd, "macros": list(probed.macros)}
 
 
 def test_a_compiler_record_others_can_write_is_probed_again(tmp_path):
     compiler = Compiler()
     probed = compiler.features(tmp_path)
     (path,) = tmp_path.glob("compiler-*.json")
-    planted = Features(openmp=None, simd=None, f16c=not probed.f16c)
-    path.write_text(json.dumps({"openmp": None, "simd": None, "f16c": planted.f16c}))
+    path.write_text(json.dumps({"openmp": None, "simd": None, "macros": []}))  # a valid record, planted
     os.chmod(path, 0o666)
     assert compiler.features(tmp_path) == probed
     assert cache_mod.insecure(path) is None  # rewritten, this user's alone
@@ -494,7 +494,7 @@ def test_a_bad_cc_is_a_compile_error_naming_the_compiler(tmp_path, cc, match):
 
 # -- statistics of finite float32/bfloat16 data beyond float's sums ------------------------------------
 from bngen import oracle  # noqa: E402
-from bngen.kernel import numpy_dtype  # noqa: E402
+from bngen.dtypes import numpy_dtype  # noqa: E402
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
