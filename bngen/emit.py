@@ -181,8 +181,9 @@ def fold_parameters(spec: Spec, params: Mapping) -> Tuple[np.ndarray, np.ndarray
     p = check_params(spec, params)
     gamma = p["gamma"] if spec.scale else 1.0
     beta = p["beta"] if spec.center else 0.0
-    scale = gamma / np.sqrt(p["moving_variance"] + spec.epsilon)
-    return scale, beta - p["moving_mean"] * scale
+    with np.errstate(over="ignore", invalid="ignore"):  # check_folded names what overflows
+        scale = gamma / np.sqrt(p["moving_variance"] + spec.epsilon)
+        return scale, beta - p["moving_mean"] * scale
 
 
 def check_params(spec: Spec, params: Mapping) -> Dict[str, np.ndarray]:

@@ -9,12 +9,9 @@
 
 from __future__ import annotations
 
-import fractions
 import json
-import math
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

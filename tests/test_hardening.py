@@ -1,23 +1,34 @@
 """Hardening (issue 16): what an attacker or a careless user tried, each a test that
-failed before its fix.
+failed before its fix (the comment or docstring says how).
 
-Compiled specs: a handful of small ones, mostly in their own temporary caches; no
-hypothesis here (the fuzz targets are in test_fuzz.py).  Subprocess tests run
-`python -c` with this checkout on PYTHONPATH, with a timeout.
+Compiled specs: about 15 small ones (the fork child's, two cache entries, the fallback
+builds, five overflow specs), mostly in their own temporary caches; no hypothesis here
+(the fuzz targets are in test_fuzz.py).  Subprocess tests run `python -c` with this
+checkout on PYTHONPATH, with a timeout.  As root (CI) the ownership tests chown files to
+another uid; as anyone else they use group/other-writable modes, the same refusal.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import textwrap
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import bngen
+from bngen import cache as cache_mod
+from bngen import oracle
+from bngen.compiler import CompileError, Compiler
+from bngen.dtypes import numpy_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,27 +228,7 @@ def test_static_shapes_beyond_the_targets_ptrdiff_t_are_refused(tmp_path):
 
 
 # -- the cache: whose files it runs ----------------------------------------------------------------
-import json  # noqa: E402
-import shutil  # noqa: E402
-import stat  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-
-from bngen import cache as cache_mod  # noqa: E402
-from bngen.compiler import CompileError, Compiler  # noqa: E402
-
 OTHER_UID = 54321  # a user that is not us; root (CI) can chown to it, which is what an attacker's file looks like
-
-
-def _as_other_user(path):
-    """Makes `path` look planted by another user: chown where we can (root), else skip-free
-    fallback to a group/other-writable mode, which any user can set on their own files."""
-    try:
-        os.chown(path, OTHER_UID, -1, follow_symlinks=False)
-        return "foreign"
-    except PermissionError:
-        os.chmod(path, os.stat(path).st_mode | stat.S_IWOTH)
-        return "writable"
 
 
 def test_insecure_names_foreign_owners_and_writable_modes(tmp_path):
@@ -493,9 +484,6 @@ def test_a_bad_cc_is_a_compile_error_naming_the_compiler(tmp_path, cc, match):
 
 
 # -- statistics of finite float32/bfloat16 data beyond float's sums ------------------------------------
-from bngen import oracle  # noqa: E402
-from bngen.dtypes import numpy_dtype  # noqa: E402
-
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
