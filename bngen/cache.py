@@ -77,7 +77,8 @@ def insecure(path: Path, follow: bool = True) -> Optional[str]:
     if st.st_uid != os.geteuid():
         return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{path} is writable by {'group and others' if st.st_mode & 0o022 == 0o022 else 'group' if st.st_mode & stat.S_IWGRP else 'others'} (mode {stat.S_IMODE(st.st_mode):o})"
+        who = "group and others" if st.st_mode & 0o022 == 0o022 else "group" if st.st_mode & stat.S_IWGRP else "others"
+        return f"{path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})"
     return None
 
 
