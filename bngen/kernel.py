@@ -17,7 +17,7 @@ from .dtypes import numpy_dtype
 from .entries import Entry
 from .plan import Plan
 from .spec import Spec
-from .threads import MAX_THREADS, default_threads
+from .threads import MAX_THREADS, default_threads, track
 
 __all__ = ["Kernel", "numpy_dtype", "default_threads", "MAX_THREADS"]
 
@@ -53,6 +53,11 @@ class Kernel:
         if fast:
             self.__class__ = type("Kernel", (Kernel,), dict(
                 fast, __doc__=Kernel.__doc__, __module__=Kernel.__module__, __qualname__=Kernel.__qualname__))
+        track(self)  # a forked child rebinds it to one thread (threads.py)
+
+    def _rebind_threads(self) -> None:
+        """Takes up the current default thread count (threads.py calls it in a forked child)."""
+        self._threads = default_threads()
 
     def __repr__(self) -> str:
         return f"<bngen.Kernel {self.spec.describe()}>"
