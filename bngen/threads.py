@@ -36,6 +36,12 @@ def default_threads() -> int:
     return min(count, MAX_THREADS)
 
 
+def max_threads() -> int:
+    """The most threads a call may use: 1 in a forked child (libgomp's pool does not
+    survive fork, so a team would hang there), else MAX_THREADS."""
+    return 1 if _forked else MAX_THREADS
+
+
 def track(kernel) -> None:
     """Remember `kernel` (an object with a ``_rebind_threads()`` method) so that a forked
     child rebinds it to the child's default thread count."""

@@ -55,6 +55,11 @@ FORK_CHILD = """
         y = kernel.forward(x, g, b)[0]
         y2 = kernel(x, g, b)
         ok = default_threads() == 1 and np.allclose(y, want, atol=1e-5) and np.allclose(y2, want, atol=1e-5)
+        try:  # an explicit team would hang in libgomp: a clear error instead
+            kernel.forward(x, g, b, threads=2)
+            ok = False
+        except ValueError as exc:
+            ok = ok and str(exc).startswith("threads:") and "fork" in str(exc)
         os._exit(0 if ok else 3)
     _, status = os.waitpid(pid, 0)
     print("child exit", os.waitstatus_to_exitcode(status))
