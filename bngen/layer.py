@@ -322,7 +322,9 @@ class BatchNormalization:
             y = kernel(x, gamma, beta, w["moving_mean"], w["moving_variance"], threads=self.threads)
             tape["mean"], tape["variance"] = w["moving_mean"].copy(), w["moving_variance"].copy()
         elif self.momentum is None:
-            y, tape["mean"], tape["variance"] = kernel.forward(x, gamma, beta, threads=self.threads)
+            adjust = self._adjust(x.shape) if self.adjustment is not None else {}
+            y, tape["mean"], tape["variance"] = kernel.forward(x, gamma, beta, threads=self.threads, **adjust)
+            tape.update(adjust)
             self.num_batches_tracked += 1
             n = x.size // self._channels
             cumulative_update(w["moving_mean"], w["moving_variance"], tape["mean"], tape["variance"],

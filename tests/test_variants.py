@@ -379,6 +379,10 @@ def test_layer_adjustment_called_once_per_training_call(session_cache, strict_co
     np.testing.assert_allclose(layer.dgamma, want.dgamma, rtol=1e-4, atol=1e-4)
     layer(x, training=False)
     assert len(calls) == 1  # never at inference
+    cumulative = bngen.BatchNormalization(axis=1, momentum=None, adjustment=adjustment, cache_dir=session_cache,
+                                          compiler=strict_compiler)
+    np.testing.assert_array_equal(cumulative(x, training=True), y)  # PyTorch's cumulative average adjusts too
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("returned,error,pattern", [
