@@ -527,6 +527,22 @@ def test_ghost_bad_input_and_threads(build, rng):
     two = kernel.forward(x, g, b, threads=2)
     for a, c in zip(one, two):
         np.testing.assert_array_equal(a, c)
+    # channels-last: threads take runs of ghost batches; each ghost batch's results are the same
+    last = build(GHOSTS[3])
+    x = rng.standard_normal((1024, 4, 9)).astype(np.float32)  # above the threads' threshold
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    runs = []
+    for threads in (1, 2, 3):
+        mm, mv = np.zeros(9, np.float32), np.ones(9, np.float32)
+        y, mean, var = last.forward(x, g[:1].repeat(9), None, mm, mv, threads=threads)
+        runs.append((y, mean, var, mm, mv) + last.backward(dy, x, g[:1].repeat(9), mean, var, threads=threads))
+    want = oracle.backward(GHOSTS[3], dy, x, g[:1].repeat(9), runs[0][1], runs[0][2])
+    for run in runs[1:]:
+        for i in (0, 1, 2, 5):  # y, mean, variance, dx: per ghost batch, whoever computes it
+            np.testing.assert_array_equal(run[i], runs[0][i])
+        for i in (3, 4, 6):  # moving statistics and dgamma: sums over ghosts, merged in thread order
+            np.testing.assert_allclose(run[i], runs[0][i], rtol=1e-5)
+    np.testing.assert_allclose(runs[1][6], want.dgamma, rtol=1e-4, atol=1e-2)
 
 
 def test_ghost_layer_matches_per_ghost_batches(session_cache, strict_compiler, rng):
