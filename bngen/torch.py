@@ -259,8 +259,11 @@ _eval.register_autograd(_eval_grad, setup_context=_eval_setup)
 
 # -- the functional form -----------------------------------------------------------------------
 def takes(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False) -> bool:
+          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+          momentum=0.1, eps: float = 1e-5) -> bool:
     """True when `batch_norm` runs bngen's kernels for these arguments (else torch's)."""
+    if not (isinstance(eps, float) and 0.0 < eps < math.inf):  # torch's errors for eps <= 0; eval allows eps=0
+        return False
     dtype = input.dtype
     if input.device.type != "cpu" or dtype not in _DTYPES or input.layout != torch.strided or input.dim() < 2 \
             or input.numel() == 0:
@@ -270,7 +273,7 @@ def takes(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[T
     if not training and (running_mean is None or running_var is None):
         return False
     pdtype, channels = _param_dtype(dtype), input.shape[1]
-    for t in (weight, bias) + ((running_mean, running_var) if not training else ()):
+    for t in (weight, bias, running_mean, running_var):
         if t is not None and (t.device.type != "cpu" or t.dtype is not pdtype or t.dim() != 1
                               or t.shape[0] != channels or not t.is_contiguous()):
             return False
@@ -290,7 +293,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     if training:
         F._verify_batch_size(input.size())
-    if not takes(input, running_mean, running_var, weight, bias, training):
+    if not takes(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not training:
         return torch.ops.bngen.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
