@@ -144,9 +144,7 @@ def _threads() -> int:
 _LIB = "bngen"
 
 
-@torch.library.custom_op(f"{_LIB}::batch_norm_train", mutates_args=(),
-                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
-def _train(x, weight, bias, eps):
+def _train_impl(x, weight, bias, eps):
     """Normalise x with its own statistics: (y, batch mean, biased batch variance)."""
     x, last = _input(x)
     rows, inner = _rows(x, last)
@@ -155,16 +153,18 @@ def _train(x, weight, bias, eps):
     return _unrows(_torch(y), x, last), torch.from_numpy(mean), torch.from_numpy(var)
 
 
+_train = torch.library.custom_op(
+    f"{_LIB}::batch_norm_train", _train_impl, mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
+
+
 @_train.register_fake
 def _(x, weight, bias, eps):
     stat = x.new_empty((x.shape[1],), dtype=_param_dtype(x.dtype))
     return _empty_out(x), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op(f"{_LIB}::batch_norm_eval", mutates_args=(),
-                         schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
-                                "float eps) -> Tensor")
-def _eval(x, weight, bias, running_mean, running_var, eps):
+def _eval_impl(x, weight, bias, running_mean, running_var, eps):
     """Normalise x with the running statistics."""
     x, last = _input(x)
     rows, inner = _rows(x, last)
@@ -172,6 +172,11 @@ def _eval(x, weight, bias, running_mean, running_var, eps):
     y = kernel(_numpy(rows), _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
                threads=_threads())
     return _unrows(_torch(y), x, last)
+
+
+_eval = torch.library.custom_op(
+    f"{_LIB}::batch_norm_eval", _eval_impl, mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor")
 
 
 @_eval.register_fake
@@ -197,14 +202,17 @@ def _grads_fake(dy, x, weight, has_bias):
             x.new_empty((c if has_bias else 0,), dtype=pdtype))
 
 
-@torch.library.custom_op(f"{_LIB}::batch_norm_train_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, "
-                                "bool has_bias) -> (Tensor, Tensor, Tensor)")
-def _train_backward(dy, x, weight, mean, var, eps, has_bias):
+def _train_backward_impl(dy, x, weight, mean, var, eps, has_bias):
     """(dx, dweight, dbias) through the batch statistics; empty dweight/dbias when absent."""
     x, last = _input(x)
     kernel = _kernel(True, x.dtype, x.shape[1], _rows(x, last)[1], eps, weight is not None, has_bias)
     return _grads(kernel, dy, x, last, weight, mean, var, has_bias)
+
+
+_train_backward = torch.library.custom_op(
+    f"{_LIB}::batch_norm_train_backward", _train_backward_impl, mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, bool has_bias) "
+           "-> (Tensor, Tensor, Tensor)")
 
 
 @_train_backward.register_fake
@@ -212,14 +220,17 @@ def _(dy, x, weight, mean, var, eps, has_bias):
     return _grads_fake(dy, x, weight, has_bias)
 
 
-@torch.library.custom_op(f"{_LIB}::batch_norm_eval_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, "
-                                "float eps, bool has_bias) -> (Tensor, Tensor, Tensor)")
-def _eval_backward(dy, x, weight, running_mean, running_var, eps, has_bias):
+def _eval_backward_impl(dy, x, weight, running_mean, running_var, eps, has_bias):
     """(dx, dweight, dbias) of the frozen layer (the running statistics are constants)."""
     x, last = _input(x)
     kernel = _kernel(False, x.dtype, x.shape[1], _rows(x, last)[1], eps, weight is not None, has_bias)
     return _grads(kernel, dy, x, last, weight, running_mean, running_var, has_bias)
+
+
+_eval_backward = torch.library.custom_op(
+    f"{_LIB}::batch_norm_eval_backward", _eval_backward_impl, mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, float eps, "
+           "bool has_bias) -> (Tensor, Tensor, Tensor)")
 
 
 @_eval_backward.register_fake
@@ -255,6 +266,36 @@ def _eval_grad(ctx, dy):
 
 _train.register_autograd(_train_grad, setup_context=_train_setup)
 _eval.register_autograd(_eval_grad, setup_context=_eval_setup)
+
+
+# Eager calls skip the custom-op machinery (dispatch, autograd wrapper: several times the
+# cost of a small kernel) and run the same implementations under an autograd.Function;
+# under torch.compile the ops above are what the graph records.
+class _TrainFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var = _train_impl(x, weight, bias, eps)
+        _train_setup(ctx, (x, weight, bias, eps), (y, mean, var))
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, var = ctx.saved_tensors
+        dx, dweight, dbias = _train_backward_impl(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
+        return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
+
+
+class _EvalFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+        _eval_setup(ctx, (x, weight, bias, running_mean, running_var, eps), None)
+        return _eval_impl(x, weight, bias, running_mean, running_var, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        dx, dweight, dbias = _eval_backward_impl(dy, x, weight, running_mean, running_var, ctx.eps, ctx.has_bias)
+        return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
 
 
 # -- the functional form -----------------------------------------------------------------------
@@ -295,9 +336,15 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         F._verify_batch_size(input.size())
     if not takes(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    compiling = torch.compiler.is_compiling()
     if not training:
-        return torch.ops.bngen.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
-    y, mean, var = torch.ops.bngen.batch_norm_train(input, weight, bias, eps)
+        if compiling:
+            return torch.ops.bngen.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+        return _EvalFunction.apply(input, weight, bias, running_mean, running_var, eps)
+    if compiling:
+        y, mean, var = torch.ops.bngen.batch_norm_train(input, weight, bias, eps)
+    else:
+        y, mean, var = _TrainFunction.apply(input, weight, bias, eps)
     if running_mean is not None or running_var is not None:
         n = input.numel() // input.shape[1]
         with torch.no_grad():

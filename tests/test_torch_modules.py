@@ -250,10 +250,13 @@ def test_functional_batch_norm_matches_torch():
 
 
 # -- autograd ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
-def test_gradcheck(training, affine, fmt):
+def test_gradcheck(training, affine, fmt, path):
+    """float64 gradcheck of the eager path (autograd.Function) and of the custom ops'
+    autograd registration (what torch.compile records)."""
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
@@ -262,7 +265,11 @@ def test_gradcheck(training, affine, fmt):
 
     def fn(x, *p):
         w, b = p if affine else (None, None)
-        return bnt.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
+        if path == "eager":
+            return bnt.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
+        if training:
+            return torch.ops.bngen.batch_norm_train(x, w, b, 1e-5)[0]
+        return torch.ops.bngen.batch_norm_eval(x, w, b, rm, rv, 1e-5)
 
     assert torch.autograd.gradcheck(fn, (x,) + params)
 
@@ -290,6 +297,7 @@ def test_compile_has_no_graph_breaks_and_matches_eager():
     x = torch.randn(6, 3, 5, 6)
     explanation = torch._dynamo.explain(copy.deepcopy(compiled_model))(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert "bngen.batch_norm_train" in explanation.graphs[0].code  # the custom op, traced as one node
     compiled = torch.compile(compiled_model)
     batches = _batches(torch.float32, torch.contiguous_format, steps=3, sizes=(6, 6, 6))
     np.testing.assert_allclose(_train(compiled, batches, torch.float32), _train(eager, batches, torch.float32),
