@@ -397,15 +397,21 @@ def markdown(report: dict) -> str:
 MODEL_MODES = ("eager", "compiled")
 
 
+def _is_batch_norm(name: str) -> bool:
+    """torch's aten::*batch_norm* ops and NativeBatchNormBackward nodes, bngen's custom ops
+    (bngen::batch_norm_*) and eager autograd Functions (_BatchNormTrain, ...Backward)."""
+    return "batchnorm" in name.lower().replace("_", "")
+
+
 def _bn_ms(prof) -> float:
-    """Milliseconds the profiled steps spent in batch norm: the CPU time of every operator
-    named *batch_norm* (torch's aten ops, bngen's custom ops) not inside another one."""
+    """Milliseconds the profiled steps spent in batch norm: the CPU time of every
+    batch-norm event (`_is_batch_norm`) not inside another one."""
     total = 0.0
     for event in prof.events():
-        if "batch_norm" not in event.name:
+        if not _is_batch_norm(event.name):
             continue
         parent = event.cpu_parent
-        while parent is not None and "batch_norm" not in parent.name:
+        while parent is not None and not _is_batch_norm(parent.name):
             parent = parent.cpu_parent
         if parent is None:
             total += event.cpu_time_total

@@ -271,7 +271,7 @@ _eval.register_autograd(_eval_grad, setup_context=_eval_setup)
 # Eager calls skip the custom-op machinery (dispatch, autograd wrapper: several times the
 # cost of a small kernel) and run the same implementations under an autograd.Function;
 # under torch.compile the ops above are what the graph records.
-class _TrainFunction(torch.autograd.Function):
+class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         y, mean, var = _train_impl(x, weight, bias, eps)
@@ -285,7 +285,7 @@ class _TrainFunction(torch.autograd.Function):
         return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
 
 
-class _EvalFunction(torch.autograd.Function):
+class _BatchNormEval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps):
         _eval_setup(ctx, (x, weight, bias, running_mean, running_var, eps), None)
@@ -340,11 +340,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if not training:
         if compiling:
             return torch.ops.bngen.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
-        return _EvalFunction.apply(input, weight, bias, running_mean, running_var, eps)
+        return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
     if compiling:
         y, mean, var = torch.ops.bngen.batch_norm_train(input, weight, bias, eps)
     else:
-        y, mean, var = _TrainFunction.apply(input, weight, bias, eps)
+        y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)
     if running_mean is not None or running_var is not None:
         n = input.numel() // input.shape[1]
         with torch.no_grad():

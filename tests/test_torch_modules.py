@@ -372,3 +372,24 @@ def test_sync_batch_norm_in_one_process_is_batch_norm():
 def test_import_bngen_does_not_import_torch():
     code = "import sys, bngen; bngen.Spec(shape=(None, 3)); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- the end-to-end benchmark, functionally ------------------------------------------------------------------
+def test_bench_model_runs_and_losses_agree(tmp_path, capsys):
+    """`bngen bench --model` at the tiny size, eager, one thread (no timing conclusions drawn)."""
+    import json
+
+    from bngen.cli import main
+
+    out = tmp_path / "model.json"
+    assert main(["bench", "--model", "--model-size", "tiny", "--modes", "eager", "--threads", "1", "--repeat", "2",
+                 "--steps", "4", "--quiet", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["mode"], r["threads"], r["implementation"]) for r in report["rows"]] == [
+        ("eager", 1, "torch"), ("eager", 1, "bngen")]
+    assert all(r["bn_share"] is not None and 0 < r["bn_share"] < 1 for r in report["rows"])
+    losses = report["losses"]["eager, 1 thread(s)"]
+    assert len(losses["bngen"]) == 4 and losses["max_relative_difference"] < 1e-4
+    assert "| eager | 1 | bngen |" in capsys.readouterr().out
+    assert main(["bench", "--model", "--modes", "lazy"]) == 2
+    assert "--modes: 'lazy'" in capsys.readouterr().err
