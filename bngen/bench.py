@@ -439,6 +439,7 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
     from . import resnet
     from . import torch as bnt
 
+    warm_malloc = keep_freed_memory()  # as in `run`: a warm training loop reuses freed memory
     dims = resnet.SIZES[size]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
@@ -491,6 +492,7 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
         torch.set_num_threads(old_threads)
     return {"model": "bngen.resnet.ResNet", "size": dataclasses.asdict(dims), "size_name": size,
             "channels_last": channels_last, "repeat": repeat, "steps": steps, "torch": torch.__version__,
+            "malloc_keeps_freed_memory": warm_malloc,
             "rows": rows, "losses": agreement}
 
 
