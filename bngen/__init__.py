@@ -5,8 +5,7 @@ cached on disk), and call it on NumPy arrays.  ``bngen.torch`` (imported on requ
 only) puts the kernels behind drop-in ``torch.nn.BatchNorm*`` modules.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .spec import Spec, SpecError  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402
 from .build import build  # noqa: E402
