@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .build import build
-from .kernel import Kernel, numpy_dtype
+from .dtypes import numpy_dtype
+from .kernel import Kernel
 from .spec import Spec
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
