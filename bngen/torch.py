@@ -28,6 +28,8 @@ returns (PyTorch's momentum of the new value, unbiased variance, ``momentum=None
 cumulative average), so a kernel does not depend on the momentum.
 """
 
+from __future__ import annotations
+
 import math
 import threading
 from typing import Dict, Optional, Tuple
@@ -42,7 +44,7 @@ from .dtypes import numpy_dtype
 from .kernel import Kernel
 from .spec import Spec
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -401,6 +403,11 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
     all-reduces them), as in torch.
     """
 
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)  # torch's SyncBatchNorm checks this too, after the rank
+        return super().forward(input)
+
     def _group(self):
         return self.process_group if self.process_group else torch.distributed.group.WORLD
 
@@ -451,7 +458,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         dist = torch.distributed
-        x, last = _input(x)
+        x, _ = _input(x)
         pdtype, channels = _param_dtype(x.dtype), x.shape[1]
         count = x.numel() // channels
         _, mean, var = torch.ops.bngen.batch_norm_train(x, None, None, eps)

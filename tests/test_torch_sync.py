@@ -7,6 +7,7 @@ NCHW float64 and channels_last float32.  Specs compiled: 4 (shared with other te
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -61,7 +62,7 @@ def test_sync_batch_norm_across_two_processes_equals_batch_norm_on_the_whole_bat
         xx = x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
         y = bn(xx)
         y.backward(dy.to(dtype))
-        close = lambda a, b: torch.testing.assert_close(a, b, atol=tol, rtol=tol)  # noqa: E731
+        close = functools.partial(torch.testing.assert_close, atol=tol, rtol=tol)
         close(torch.cat([p["y"] for p in parts]), y.detach())
         close(torch.cat([p["dx"] for p in parts]), xx.grad)
         close(sum(p["dweight"] for p in parts), bn.weight.grad)
