@@ -279,10 +279,13 @@ class _BatchNormTrain(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         y, mean, var = _train_impl(x, weight, bias, eps)
         _train_setup(ctx, (x, weight, bias, eps), (y, mean, var))
+        ctx.set_materialize_grads(False)  # no zero gradients for the statistics, which backward ignores
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
+        if dy is None:  # (grads are not materialised) nothing reached y
+            return None, None, None, None
         x, weight, mean, var = ctx.saved_tensors
         dx, dweight, dbias = _train_backward_impl(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
         return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None

@@ -25,9 +25,10 @@ import bngen.torch as bnt  # noqa: E402
 F = torch.nn.functional
 HALF = (torch.float16, torch.bfloat16)
 # (atol, rtol) of a comparison with torch per dtype: float32 and float64 agree to rounding; half
-# dtypes round y (and the half conv weights) to 8 or 11 bits
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (2e-2, 2e-2),
-       torch.bfloat16: (8e-2, 5e-2)}
+# dtypes round y (and the half conv weights) to 11 or 8 bits, a few ulps of which are allowed (on this
+# machine the half runs agree with torch exactly)
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3),
+       torch.bfloat16: (2e-2, 2e-2)}
 
 
 def _close(ours, theirs, dtype, scale=1.0):
@@ -95,7 +96,7 @@ def test_sgd_steps_match_torch(dtype, fmt):
     with torch.no_grad():
         bn_input = ours[0](batches[0][0])
     assert bnt.takes(bn_input, ours[1].running_mean, ours[1].running_var, ours[1].weight, ours[1].bias, True)
-    scale = 5.0 if dtype in HALF else 1.0  # half conv weights drift apart by a rounding per step
+    scale = 2.0 if dtype in HALF else 1.0  # half conv weights may drift apart by a rounding per step
     np.testing.assert_allclose(_train(ours, batches, dtype), _train(theirs, batches, dtype),
                                rtol=TOL[dtype][1] * scale, atol=TOL[dtype][0])
     _compare_models(ours, theirs, dtype, scale)
