@@ -163,6 +163,18 @@ def test_1d_and_3d_modules_match_torch(cls, theirs_cls, shape):
     assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_no_grad_and_inference_mode(context):
+    torch.manual_seed(0)
+    theirs, ours = torch.nn.BatchNorm2d(4), bnt.BatchNorm2d(4)
+    x = torch.randn(3, 4, 5, 6)
+    with context():
+        for training in (True, False):
+            theirs.train(training), ours.train(training)
+            _close(ours(x), theirs(x), torch.float32)
+    _close(ours.running_var, theirs.running_var, torch.float32)
+
+
 # -- errors: torch's own ------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls,shape", [(bnt.BatchNorm1d, (2, 3, 4, 5)), (bnt.BatchNorm2d, (2, 3, 4)),
                                        (bnt.BatchNorm3d, (2, 3, 4, 5)), (bnt.SyncBatchNorm, (3,))])
