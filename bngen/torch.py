@@ -145,6 +145,11 @@ def _threads() -> int:
 
 # -- custom ops ------------------------------------------------------------------------------
 _LIB = "bngen"
+# The ops take any strides (contiguous and channels-last without a copy) and their outputs
+# follow the input's layout (the fake implementations say how), so inductor need not copy
+# their inputs into the layout of the trace: with its default for custom ops (exact strides),
+# a graph whose convolutions inductor switches to channels-last gets two copies per batch norm.
+_TAGS = (torch.Tag.flexible_layout,)
 
 
 def _train_impl(x, weight, bias, eps):
@@ -157,7 +162,7 @@ def _train_impl(x, weight, bias, eps):
 
 
 _train = torch.library.custom_op(
-    f"{_LIB}::batch_norm_train", _train_impl, mutates_args=(),
+    f"{_LIB}::batch_norm_train", _train_impl, mutates_args=(), tags=_TAGS,
     schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
 
 
@@ -178,7 +183,7 @@ def _eval_impl(x, weight, bias, running_mean, running_var, eps):
 
 
 _eval = torch.library.custom_op(
-    f"{_LIB}::batch_norm_eval", _eval_impl, mutates_args=(),
+    f"{_LIB}::batch_norm_eval", _eval_impl, mutates_args=(), tags=_TAGS,
     schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor")
 
 
@@ -213,7 +218,7 @@ def _train_backward_impl(dy, x, weight, mean, var, eps, has_bias):
 
 
 _train_backward = torch.library.custom_op(
-    f"{_LIB}::batch_norm_train_backward", _train_backward_impl, mutates_args=(),
+    f"{_LIB}::batch_norm_train_backward", _train_backward_impl, mutates_args=(), tags=_TAGS,
     schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, bool has_bias) "
            "-> (Tensor, Tensor, Tensor)")
 
@@ -231,7 +236,7 @@ def _eval_backward_impl(dy, x, weight, running_mean, running_var, eps, has_bias)
 
 
 _eval_backward = torch.library.custom_op(
-    f"{_LIB}::batch_norm_eval_backward", _eval_backward_impl, mutates_args=(),
+    f"{_LIB}::batch_norm_eval_backward", _eval_backward_impl, mutates_args=(), tags=_TAGS,
     schema="(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, float eps, "
            "bool has_bias) -> (Tensor, Tensor, Tensor)")
 

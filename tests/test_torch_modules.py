@@ -299,6 +299,9 @@ def test_custom_ops_pass_opcheck():
     dy = torch.randn_like(x)
     torch.library.opcheck(ops.batch_norm_train_backward.default, (dy, x, w, mean, var, 1e-5, True))
     torch.library.opcheck(ops.batch_norm_eval_backward.default, (dy, x, w, rm, rv, 1e-5, True))
+    # inductor may hand them channels-last tensors without a copy into the traced layout
+    for name in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward"):
+        assert torch.Tag.flexible_layout in getattr(ops, name).default.tags, name
 
 
 # -- torch.compile --------------------------------------------------------------------------------------------
