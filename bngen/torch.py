@@ -43,6 +43,7 @@ from .build import build
 from .dtypes import numpy_dtype
 from .kernel import Kernel
 from .spec import Spec
+from .threads import max_threads
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]
 
@@ -140,7 +141,8 @@ def _empty_out(x: Tensor) -> Tensor:
 
 
 def _threads() -> int:
-    return max(1, torch.get_num_threads())
+    """torch's intra-op thread count (1 in a forked child, where OpenMP's pool is gone)."""
+    return max(1, min(torch.get_num_threads(), max_threads()))
 
 
 # -- custom ops ------------------------------------------------------------------------------
