@@ -135,12 +135,15 @@ class Kernel:
         positive.  That output depends on beta, so with ``center=True`` pass ``beta=``
         (keyword); it is an error to pass it otherwise.
 
-        Mode 1 (sample-wise) has no backward: TypeError.
+        Mode 1 (sample-wise): ``mean`` and ``variance`` are the per-sample statistics
+        `forward` returned (shape ``x.shape[:axis]``), and the gradients are those of
+        ``y = gamma * (x - m) / (sqrt(v + eps) + eps) + beta`` (Keras 1.2's extra epsilon)
+        with m and v each sample's mean and variance.
         """
         # The checked path; a kernel with a fast path calls that instead (see __init__).
         spec, entry = self.spec, self._backward_entry
         if entry is None:
-            raise TypeError("backward: mode 1 (sample-wise) kernels have no backward in bngen; use mode 0 or 2")
+            raise TypeError("backward: this kernel was built without a backward")
         # The caller's arrays, before any contiguous copy: out must not share memory with them.
         given = [("dy", dy), ("x", x), ("gamma", gamma), ("beta", beta), ("mean", mean), ("variance", variance),
                  ("moving_mean", moving_mean), ("moving_variance", moving_variance)]
@@ -155,12 +158,16 @@ class Kernel:
         )
         beta = self._check_param("beta", beta, relu and spec.center, beta_why)
         if spec.uses_batch_stats:
-            why = f"{'mode 2' if spec.mode == 2 else 'training'} gradients are taken at the statistics forward used"
+            why = f"{f'mode {spec.mode}' if spec.mode else 'training'} gradients are taken at the statistics forward used"
             self._check_param("moving_mean", moving_mean, False, why + "; pass the batch mean as mean=")
             self._check_param("moving_variance", moving_variance, False, why + "; pass the batch variance as variance=")
-            why = "the batch statistics that forward returned"
-            mean = self._check_param("mean", mean, True, why)
-            variance = self._check_param("variance", variance, True, why)
+            if spec.mode == 1:
+                mean = self._check_sample_stat("mean", mean, x.shape[:spec.axis[0]])
+                variance = self._check_sample_stat("variance", variance, x.shape[:spec.axis[0]])
+            else:
+                why = "the batch statistics that forward returned"
+                mean = self._check_param("mean", mean, True, why)
+                variance = self._check_param("variance", variance, True, why)
         else:
             why = "a frozen layer's gradient uses the moving statistics"
             moving_mean = self._check_param("moving_mean", _one_of("moving_mean", moving_mean, "mean", mean), True, why)
@@ -231,6 +238,18 @@ class Kernel:
                 raise ValueError(f"{name}: is not aligned to its {value.itemsize}-byte values, "
                                  "which training updates in place")
             return value
+        return _c_array(value)
+
+    def _check_sample_stat(self, name: str, value, shape) -> np.ndarray:
+        """A per-sample statistic of mode 1 (mean, variance): shape x.shape[:axis], as forward returned it."""
+        if value is None:
+            raise TypeError(f"{name}: required (the per-sample statistics that forward returned)")
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy.ndarray of {self._pdtype}, got {type(value).__name__}")
+        if value.dtype != self._pdtype:
+            raise TypeError(f"{name}: dtype is {value.dtype}; statistics of a {self.spec.dtype} kernel are {self._pdtype}")
+        if value.shape != tuple(shape):
+            raise ValueError(f"{name}: shape is {value.shape}; expected {tuple(shape)}, one value per sample (x.shape[:axis])")
         return _c_array(value)
 
     def _check_out(self, out, shape) -> np.ndarray:
@@ -554,7 +573,7 @@ def _fast_backward_path(kernel: "Kernel"):
     `Kernel.backward`; None for other specs.  It runs the checked path (`Kernel.backward`)
     itself for the calls it refuses, which include every call with ``out=``."""
     spec, plan, entry = kernel.spec, kernel.plan, kernel._backward_entry
-    if entry is None or entry.name != "bn_backward":
+    if entry is None or entry.name != "bn_backward" or spec.mode == 1:  # mode 1: per-sample statistics
         return None
     layout = _fast_layout(spec)
     if layout is None:

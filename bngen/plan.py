@@ -177,7 +177,7 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backwa
 
     `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
     understands the "omp simd" pragma (with -fopenmp or -fopenmp-simd).  `backward`: also
-    export the gradient entry point where the spec has one (modes 0 and 2).  `streaming`:
+    export the gradient entry point.  `streaming`:
     large outputs bypass the caches with x86 streaming stores (needs <emmintrin.h>, so only
     for hosted builds; default: for the kinds in STREAMING_KINDS when `threaded`, which
     freestanding exports turn off).  `f16c`: the target converts float16 in hardware,
@@ -250,10 +250,8 @@ def _entries(spec: Spec, outer, inner, threaded, with_backward: bool, streaming:
 
 def _backward_entry(spec: Spec, sizes) -> Optional[Entry]:
     """Gradients of the forward: ``bn_backward`` where it normalises with batch statistics
-    (modes 0 and 2), ``bn_backward_frozen`` for mode-0 inference (a frozen layer, whose
-    statistics are constants).  Mode 1 has none."""
-    if spec.mode == 1:
-        return None
+    (training, modes 1 and 2; mode 1 takes per-sample statistics), ``bn_backward_frozen``
+    for mode-0 inference (a frozen layer, whose statistics are constants)."""
     relu = spec.activation == "relu"
     # A frozen layer's dx = dy * a needs x (and the moving mean) only for dgamma or the mask.
     reads_x = spec.uses_batch_stats or spec.scale or relu
