@@ -90,7 +90,7 @@ def assert_perturbation_fails(case, outputs):
     for key, got in outputs.items():
         i = len(got) // 2
         want = np.array(case.expected[key], np.float64).reshape(-1)
-        want[i] = got[i] + 1.5 * case.tolerance[key] + abs(got[i]) * 1e-15
+        want[i] = got[i] + 1.5 * case.tolerance[key] + abs(got[i]) * 1e-15 + 1e-300  # (a tolerance may be 0)
         moved = case._replace(expected={**case.expected, key: want})
         with pytest.raises(AssertionError, match=key):
             assert_matches(moved, {key: got})
@@ -167,15 +167,28 @@ def test_harness_checks_every_entry_point(tmp_path, board, kind):
         tol = float.fromhex(re.search(rf"{array.replace('_want_', '_tol_')} = (\S+);", vectors).group(1).rstrip("f"))
         wrong = float.fromhex(first.rstrip("f")) + 2 * tol + 1e-6 * abs(float.fromhex(first.rstrip("f")))
         literal = float(np.float32(wrong)).hex() + ("f" if first.endswith("f") else "")
-        bad = tmp_path / array
+        head = re.search(rf"{array}\[\d+\] = \{{\n    ", vectors).group(0)
+        perturbed = vectors.replace(head + first + ",", head + literal + ",", 1)
+        assert perturbed != vectors
+        bad = tmp_path / array  # the test program again, beside its perturbed vectors
         bad.mkdir()
-        shutil.copy(tmp_path / "bn_test.c", bad)
-        (bad / "bn_test_vectors.h").write_text(vectors.replace(f"{array}[", f"{array}[", 1).replace(
-            f"{array}", f"{array}", 1).replace(
-            re.search(rf"{array}\[\d+\] = \{{\n    \S+?,", vectors).group(0),
-            re.search(rf"{array}\[\d+\] = \{{\n    ", vectors).group(0) + literal + ",", 1))
-        (bad / "bn.h").write_text((tmp_path / "bn.h").read_text())
+        for file in ("bn_test.c", "bn.h"):
+            shutil.copy(tmp_path / file, bad)
+        (bad / "bn_test_vectors.h").write_text(perturbed)
         run = _run_harness(toolchain, bad, kernel, flags)
         assert run.returncode == 1, (array, run.stdout)
         failed = [line.split()[0] for line in run.stdout.splitlines() if line.endswith("FAILED") and line.startswith("  ")]
         assert failed == [output], (array, run.stdout)
+
+
+def test_a_missing_toolchain_fails_where_it_is_required(monkeypatch):
+    """Locally a missing toolchain skips its tests; with BNGEN_REQUIRE_TOOLCHAINS (CI) it fails them."""
+    from _emit_support import Toolchain
+
+    absent = Toolchain("absent", "no-such-cc", (), (), (), ("no-such-cc",))
+    monkeypatch.delenv("BNGEN_REQUIRE_TOOLCHAINS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="absent toolchain not installed"):
+        absent.require()
+    monkeypatch.setenv("BNGEN_REQUIRE_TOOLCHAINS", "1")
+    with pytest.raises(pytest.fail.Exception, match="BNGEN_REQUIRE_TOOLCHAINS"):
+        absent.require()
