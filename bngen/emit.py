@@ -10,7 +10,7 @@ float16/bfloat16 data are uint16_t bit patterns, with float parameters and arith
 the `Target` chooses how float16 is converted (the FPU's __fp16 on Arm, bits elsewhere).
 
 With ``harness=True`` it also writes a test program and reference vectors from the
-float64 oracle, so that the kernel can be checked on the board it will run on.
+float64 oracle, so that every entry point can be checked on the board it will run on.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None
     static shape the entry point is exactly ``void name(const T *x, T *y);`` (T is
     float, double, or uint16_t holding float16/bfloat16 bit patterns).
     `target`: "host", "aarch64" or "cortex-m" (single precision throughout).
-    `harness`: also write `name`_test.c and `name`_test_vectors.h, a self-check against
-    the float64 oracle that runs on the host or on a board.
+    `harness`: also write `name`_test.c and `name`_test_vectors.h, a self-check of every
+    entry point (`calls`) against the float64 oracle that runs on the host or on a board.
 
     Everything is checked before anything is written; emitting twice gives
     byte-identical files.
