@@ -454,9 +454,3 @@ def call_tag(entry: Entry, null: Tuple[str, ...]) -> str:
     """A C-identifier tag for one call of `calls`: the entry's name after "bn_", and
     "_no_moving" when its moving statistics are NULL."""
     return entry.name[len("bn_"):] + ("_no_moving" if null else "")
-
-
-def render_driver(plan: Plan) -> str:
-    """A C program that runs any entry point of `plan` on binary cases from stdin and
-    writes its outputs to stdout (templates/driver.c.j2 says the format)."""
-    return render_template("driver.c.j2", plan, name=plan.prefix)

@@ -1,7 +1,7 @@
 """Compiling and running exported kernels in the tests.
 
 A `Toolchain` compiles the emitted NAME.c strictly (-std=c99 -Wall -Wextra -Wpedantic
--Werror) and links it with the batch driver of templates/driver.c.j2; a `Program` runs
+-Werror) and links it with the batch driver of tests/c/driver.c.j2; a `Program` runs
 it (natively, under qemu-aarch64, or under qemu-arm for Cortex-M4 code) on `Case`s of
 any of its entry points and returns the outputs.  Toolchains that are not installed make
 the tests skip, except where BNGEN_REQUIRE_TOOLCHAINS is set (CI sets it): there a missing
@@ -17,15 +17,18 @@ import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import jinja2
 import numpy as np
 import pytest
 
 from hypothesis import strategies as st
 
-from bngen.emit import Case, emit, export_plan, get_target, make_cases, render_driver
+from bngen.emit import Case, emit, export_plan, get_target, make_cases
 from bngen.kernel import numpy_dtype
-from bngen.render import template_dir
+from bngen.version import __version__
 
+# C that only the tests use (the batch driver, the Arm system-call shim): not part of bngen.
+TEST_C = Path(__file__).parent / "c"
 STRICT = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror")
 # Symbols a freestanding Cortex-M object must not reference: no allocator, stdio, exit or libm.
 FORBIDDEN = {"malloc", "calloc", "realloc", "free", "printf", "fprintf", "puts", "putchar", "fwrite", "fputs",
@@ -82,11 +85,11 @@ AARCH64 = Toolchain(
     ("aarch64-linux-gnu-gcc", "qemu-aarch64", AARCH64_SYSROOT + "/lib/ld-linux-aarch64.so.1"),
 )
 # Cortex-M4 code (Thumb-2, FPv4-SP, -Os) run by qemu-arm, the Linux user-mode emulator
-# (its default CPU executes the Cortex-M4 instruction set); templates/arm_linux_shim.c
+# (its default CPU executes the Cortex-M4 instruction set); tests/c/arm_linux_shim.c
 # turns newlib's system calls into Linux ones.
 CORTEX_M = Toolchain(
     "cortex-m", "arm-none-eabi-gcc", (*CORTEX_M4, "-Os"),
-    ("--specs=nosys.specs", "-nostartfiles", str(template_dir() / "arm_linux_shim.c"), "-lm"),
+    ("--specs=nosys.specs", "-nostartfiles", str(TEST_C / "arm_linux_shim.c"), "-lm"),
     ("qemu-arm", "-cpu", "max"), ("arm-none-eabi-gcc", "qemu-arm"), libs=("nosys.specs",),
 )
 # Compiling Cortex-M4 objects and reading their symbols needs no emulator or C library.
@@ -141,6 +144,14 @@ class Program:
             outputs.append(values)
         assert offset == len(out), f"driver wrote {len(out)} bytes, expected {offset}"
         return outputs
+
+
+def render_driver(plan) -> str:
+    """A C program that runs any entry point of `plan` on binary cases from stdin and
+    writes its outputs to stdout (tests/c/driver.c.j2 says the format)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEST_C)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    return env.get_template("driver.c.j2").render(plan=plan, spec=plan.spec, name=plan.prefix, version=__version__)
 
 
 def build_program(directory: Path, spec, toolchain: Toolchain, *, name: str = "k", params=None,

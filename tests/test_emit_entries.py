@@ -7,7 +7,7 @@ NAME_backward), mode 2 and mode 1 (NAME_forward, NAME_backward); dtypes float32,
 float64 (not on the Cortex-M4, which refuses it), float16 and bfloat16.  That is 20
 exports built for the host, 20 for aarch64 and 15 for the Cortex-M4.
 
-* Driver (templates/driver.c.j2, which runs any entry point): per export, 3 hypothesis
+* Driver (tests/c/driver.c.j2, which runs any entry point): per export, 3 hypothesis
   examples, each a batch of every call of `emit.calls` on drawn sizes, data and dy run
   by one process; every output within the oracle's tolerance, and each output's check
   fails when one expected value is moved just outside it.
