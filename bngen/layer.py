@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .build import build
-from .frameworks import cumulative_update
 from .dtypes import numpy_dtype
+from .frameworks import cumulative_update
 from .kernel import Kernel
 from .spec import Spec, SpecError
 
@@ -107,7 +107,7 @@ class BatchNormalization:
         self._rng = np.random.default_rng(seed)
         self._np_dtype = numpy_dtype(self.dtype)
         self._param_dtype = np.dtype(probe.param_dtype)
-        self._kernels: Dict[Tuple[tuple, bool], Kernel] = {}
+        self._kernels: Dict[Tuple[tuple, bool], Kernel] = {}  # (shape, batch axis None; training)
         self._weights: Dict[str, np.ndarray] = {}
         self._pending: Optional[List[np.ndarray]] = None
         self._tape: Optional[dict] = None  # what the last call leaves for backward
@@ -210,21 +210,26 @@ class BatchNormalization:
 
     def _spec(self, shape: tuple, training: bool) -> Spec:
         keep = 0.0 if self.momentum is None else self.momentum  # momentum=None: updated here, not in C
-        if training and self.mode == 0 and self.unbiased:
-            n = int(np.prod([d for a, d in enumerate(shape) if a not in self._axes]))
-            if n == 1:
-                raise ValueError(f"x: shape {shape} gives one value per feature, so the unbiased variance "
-                                 "n/(n-1) is undefined (the layer has unbiased=True)")
         return Spec(shape=shape, axis=self._axes or self.axis, dtype=self.dtype,
                     training=training, mode=self.mode, epsilon=self.epsilon, momentum=keep, center=self.center,
                     scale=self.scale, unbiased=self.unbiased, activation=self.activation)
 
     def kernel(self, shape: Sequence[int], training: bool) -> Kernel:
-        """The kernel for inputs of `shape` (built on first use, then remembered)."""
-        key = (tuple(shape), bool(training) or self.mode != 0)  # modes 1 and 2 use batch statistics either way
+        """The kernel for inputs of `shape` (built on first use, then remembered).  One
+        kernel serves every batch size: the batch axis is dynamic in its spec."""
+        training = bool(training) or self.mode != 0  # modes 1 and 2 use batch statistics either way
+        shape = tuple(shape)
+        if training and self.mode == 0 and self.unbiased:
+            n = int(np.prod([d for a, d in enumerate(shape) if a not in self._axes]))
+            if n == 1:
+                raise ValueError(f"x: shape {shape} gives one value per feature, so the unbiased variance "
+                                 "n/(n-1) is undefined (the layer has unbiased=True)")
+        if len(shape) > 1 and 0 not in self._axes:
+            shape = (None,) + shape[1:]
+        key = (shape, training)
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = build(self._spec(key[0], key[1]), self.cache_dir, compiler=self.compiler)
+            kernel = self._kernels[key] = build(self._spec(shape, training), self.cache_dir, compiler=self.compiler)
         return kernel
 
     # -- calls -------------------------------------------------------------------------------

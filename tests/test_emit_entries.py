@@ -28,12 +28,12 @@ import subprocess
 
 import numpy as np
 import pytest
+from _emit_support import AARCH64, CORTEX_M, HOST, STRICT, assert_matches, build_program, draw_cases, params_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bngen
 from bngen.emit import emit
-from _emit_support import AARCH64, CORTEX_M, HOST, STRICT, assert_matches, build_program, draw_cases, params_for
 
 EXAMPLES = 3
 FP16_IEEE = ("-mfp16-format=ieee",)  # arm-none-eabi-gcc's IEEE __fp16: the FPU conversions
