@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,13 @@ DEMO_BATCH = 16
 
 def _load_spec(path: str) -> Spec:
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise SpecError(f"--spec: cannot read {path}: {exc.strerror}") from None
-    return Spec.from_json(text)
+        raise SpecError(f"--spec: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return Spec.from_json(data)  # bytes: bad UTF-8 is a SpecError too
+    except SpecError as exc:
+        raise SpecError(f"--spec: {path}: {exc}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -116,7 +120,7 @@ def cmd_bench(args) -> int:
     """Time bngen's kernels beside NumPy and PyTorch (when installed) and against the
     memory-traffic floor, on the preset cases or on a spec file; print a markdown table."""
     from . import bench
-    from .kernel import MAX_THREADS, default_threads
+    from .threads import MAX_THREADS, default_threads
 
     if args.spec:
         cases = [bench.case_from_spec(_load_spec(args.spec), args.batch)]
@@ -140,17 +144,32 @@ def cmd_bench(args) -> int:
     if unknown:
         raise SpecError(f"--kinds: {', '.join(map(repr, unknown))} not among {', '.join(bench.KINDS)}")
     progress = (lambda s: print(f"  {s}", file=sys.stderr)) if not args.quiet else (lambda s: None)
-    report = bench.run(cases, threads, repeat=args.repeat, kinds=kinds, cache_dir=args.cache_dir, progress=progress)
+    isas = [m.strip() for m in args.march.split(",") if m.strip() and m.strip() != "native"] if args.march else []
+    for isa in isas:
+        if not all(ch.isalnum() or ch in "-_." for ch in isa):
+            raise SpecError(f"--march: {isa!r} is not an -march value (e.g. x86-64-v3, skylake-avx512)")
+    report = bench.run(cases, threads, repeat=args.repeat, kinds=kinds, cache_dir=args.cache_dir, progress=progress,
+                       isas=isas, inductor=args.inductor)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(bench.markdown(report))
     return 0
 
 
-def _load_npz(option: str, path: str):
+def _load_npz(option: str, path: str) -> dict:
+    """The arrays of the .npz file at `path`, read in full; a file that is not one (missing,
+    empty, a .npy, truncated, holding pickled objects) is an OSError naming `option`."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        archive = np.load(path, allow_pickle=False)
+        if isinstance(archive, np.ndarray):
+            raise OSError(f"{option}: {path} is a .npy file (one array); expected an .npz archive of named arrays")
+        with archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise OSError(f"{option}: cannot read {path} as .npz ({exc or type(exc).__name__})") from None
+    except OSError as exc:
+        if str(exc).startswith(option):
+            raise
         raise OSError(f"{option}: cannot read {path} as .npz ({exc})") from None
 
 
@@ -166,9 +185,6 @@ def cmd_emit(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"bngen: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if params is not None:
-            params.close()
     for path in paths:
         print(path)
     return 0
@@ -184,14 +200,19 @@ def cmd_fold(args) -> int:
     except ValueError:
         print(f"bngen: error: --out-axis: {args.out_axis!r} is not an int or a comma-separated list of ints", file=sys.stderr)
         return 2
-    with _load_npz("--layer", args.layer) as layer, _load_npz("--bn", args.bn) as bn:
-        try:
-            folded = fold_npz(layer, bn, args.epsilon, axis[0] if len(axis) == 1 else axis)
-        except (ValueError, TypeError) as exc:
-            print(f"bngen: error: {exc}", file=sys.stderr)
-            return 2
-    np.savez(args.out, **folded)
-    print(args.out)
+    layer, bn = _load_npz("--layer", args.layer), _load_npz("--bn", args.bn)
+    try:
+        folded = fold_npz(layer, bn, args.epsilon, axis[0] if len(axis) == 1 else axis)
+    except (ValueError, TypeError) as exc:
+        print(f"bngen: error: {exc}", file=sys.stderr)
+        return 2
+    # np.savez adds .npz to a name without it: print the file actually written
+    out = args.out if str(args.out).endswith(".npz") else f"{args.out}.npz"
+    try:
+        np.savez(out, **folded)
+    except OSError as exc:
+        raise OSError(f"--out: cannot write {out} ({exc.strerror or exc})") from None
+    print(out)
     return 0
 
 
@@ -214,7 +235,9 @@ def cmd_cache_info(args) -> int:
 
 def cmd_cache_clear(args) -> int:
     cache = Cache(resolve_root(args.cache_dir))
-    print(f"removed {cache.clear()} entries from {cache.root}")
+    removed, skipped = cache.clear()
+    busy = f"; skipped {skipped} being rebuilt by another process" if skipped else ""
+    print(f"removed {removed} entries from {cache.root}{busy}")
     return 0
 
 
@@ -244,6 +267,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", help="comma-separated subset of: inference,training forward,backward")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated storage dtypes for the preset cases (default float32; e.g. float32,float16,bfloat16)")
+    p.add_argument("--march", metavar="LIST",
+                   help="comma-separated -march values to build and time bngen for too, in the same run "
+                        "(e.g. x86-64-v3 for the AVX2 build on an AVX-512 machine); one row each")
+    p.add_argument("--inductor", action="store_true",
+                   help="also time torch.compile (Inductor) of torch's batch norm; compile time reported apart")
     p.add_argument("--json", metavar="FILE", help="also write the full report (all statistics) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_bench)

@@ -188,6 +188,10 @@ class BatchNormalization:
         """Creates the weights for inputs of `input_shape` (the batch size may be None)."""
         shape = tuple(input_shape)
         spec = self._spec(tuple(1 if d is None else d for d in shape), training=False)  # checks axis
+        unknown = [a for a in spec.axis if shape[a] is None]
+        if unknown:  # checked before anything is set: the layer stays unbuilt
+            raise SpecError(f"axis: {self.axis!r} makes axis {unknown[0]} of input shape {shape} a feature axis, but "
+                            "its size is not known (None; the batch axis); the feature axes must have fixed sizes")
         self._ndim = len(shape)
         self._axes = spec.axis
         self._feature_shape = tuple(shape[a] for a in spec.axis)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from .entries import Arg, Entry, Phase, Role, kernel_entries
+from .entries import Arg, Entry, Phase, Role, backward_reads_x, kernel_entries
 from .spec import Spec
 from .target import DEFAULT_TUNING, Target, Tuning
 
@@ -87,6 +87,17 @@ class Plan:
     # Entries whose Python calls have a generated fast path (bngen.binder): every entry
     # the JIT calls.  Pinned by a table in the tests.
     fast_entries: Tuple[str, ...] = ()
+    # How a channels-first channel is cut into statistics / gradient blocks: "runs" (each
+    # run of `inner` values is long enough to be cut on its own), "rows" (blocks of whole
+    # runs) or "runtime" (inner is dynamic: the kernel picks one of the two per call).
+    blocking: str = "runs"
+    # The channels-last schedule's tails: a group of lanes that the channels do not fill
+    # (some tile is not a multiple of `lanes`), and a last tile narrower than the others.
+    lane_tail: bool = False
+    tile_tail: bool = False
+    # The gradient reads x: always at batch statistics; a frozen layer only for dgamma or
+    # the ReLU mask (bngen.entries.backward_reads_x).
+    reads_x: bool = True
 
     def entry(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
@@ -118,6 +129,15 @@ class Plan:
     def batch_stats(self) -> bool:
         """True when forward normalises with the input's own statistics."""
         return self.spec.uses_batch_stats
+
+    @property
+    def wide_fallback(self) -> bool:
+        """True when a statistics block whose float sums overflow is summed again in
+        double: float arithmetic on values with float's range (float32, bfloat16; float16
+        cannot overflow them) merged in double, which holds the sums of any finite values
+        (std above ~1e19, or values near FLT_MAX).  One test per block on normal data."""
+        return (self.batch_stats and self.precision.compute == "float" and self.precision.stat == "double"
+                and self.precision.half != "float16")
 
 
 def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuning] = None, *,
@@ -151,6 +171,7 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
     itemsize = _ITEMSIZE[precision.compute]
     lanes = tuning.lane_registers * target.vector_bytes // itemsize
     entries = kernel_entries(spec, outer, inner, threaded, backward, streaming)
+    channel_tile = min(channels, target.channel_tile)
     return Plan(
         spec=spec,
         precision=precision,
@@ -161,7 +182,7 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
         threaded=threaded,
         pragmas=target.simd_pragmas,
         stat_block=tuning.lane_values * lanes,
-        channel_tile=min(channels, target.channel_tile),
+        channel_tile=channel_tile,
         row_block=tuning.row_block,
         parallel_min=tuning.parallel_min,
         entries=entries,
@@ -179,4 +200,8 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
         # mode 1's gradient takes per-sample statistics, which only the checked path knows
         fast_entries=() if target.export else tuple(
             e.name for e in entries if not (spec.mode == 1 and e.phase == Phase.BACKWARD)),
+        blocking="runtime" if inner is None else "runs" if inner >= tuning.lane_values * lanes else "rows",
+        lane_tail=bool(channels % lanes or channel_tile % lanes),
+        tile_tail=channels % channel_tile != 0,
+        reads_x=backward_reads_x(spec),
     )
