@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .build import build
 from .cache import Cache, resolve_root
 from .compiler import CompileError
 from .spec import DTYPES, Spec, SpecError
+from .version import __version__
 
 DEMO_SHAPE = (None, 64, 56, 56)  # a ResNet stage-1 activation, NCHW
 DEMO_BATCH = 16

@@ -80,26 +80,35 @@ def _canonical_shape(value: Any) -> Tuple[Optional[int], ...]:
     return dims
 
 
-def _canonical_axis(value: Any, shape: Tuple[Optional[int], ...]) -> Tuple[int, ...]:
-    ndim = len(shape)
+def canonical_axes(value: Any, ndim: int, name: str = "axis", what: str = "shape", noun: str = "feature axis",
+                   error: type = None) -> Tuple[int, ...]:
+    """`value` (an int or a sequence of ints, negatives allowed) as sorted, non-negative,
+    adjacent axes of an `ndim`-dimensional array; raises `error` (default SpecError)
+    naming `name`.  The one statement of the axis rules: specs, the layer and `fold`."""
+    error = error or SpecError
     axes = (value,) if _is_int(value) else value
     if isinstance(axes, (str, bytes)) or not hasattr(axes, "__iter__"):
-        raise SpecError(f"axis: {_short(value)} is not an int or a tuple of ints")
+        raise error(f"{name}: {_short(value)} is not an int or a tuple of ints")
     axes = tuple(axes)
     if not axes:
-        raise SpecError("axis: () names no feature axis")
+        raise error(f"{name}: () names no {noun}")
     result = []
     for a in axes:
         if not _is_int(a):
-            raise SpecError(f"axis: {_short(value)} holds {_short(a)}, which is not an int")
+            raise error(f"{name}: {_short(value)} holds {_short(a)}, which is not an int")
         if not -ndim <= a < ndim:
-            raise SpecError(f"axis: {_short(a)} is out of range for a {ndim}-D shape {list(shape)}")
+            raise error(f"{name}: {_short(a)} is out of range for a {ndim}-D {what}")
         result.append(int(a) % ndim)
     result.sort()
     if len(set(result)) != len(result):
-        raise SpecError(f"axis: {_short(value)} names the same axis twice")
+        raise error(f"{name}: {_short(value)} names the same axis twice")
     if result != list(range(result[0], result[0] + len(result))):
-        raise SpecError(f"axis: {_short(value)} is not a run of adjacent axes")
+        raise error(f"{name}: {_short(value)} is not a run of adjacent axes")
+    return tuple(result)
+
+
+def _canonical_axis(value: Any, shape: Tuple[Optional[int], ...]) -> Tuple[int, ...]:
+    result = canonical_axes(value, len(shape), what=f"shape {list(shape)}")
     for a in result:
         if shape[a] is None:
             raise SpecError(
