@@ -1,7 +1,8 @@
 """bngen: a compiler for batch-normalization kernels.
 
 Describe a layer with `Spec`, `build` it into a `Kernel` (specialised C, compiled and
-cached on disk), and call it on NumPy arrays.
+cached on disk), and call it on NumPy arrays.  ``bngen.torch`` (imported on request
+only) puts the kernels behind drop-in ``torch.nn.BatchNorm*`` modules.
 """
 
 from . import frameworks, oracle  # noqa: E402

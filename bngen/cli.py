@@ -122,6 +122,8 @@ def cmd_bench(args) -> int:
     from . import bench
     from .threads import MAX_THREADS, default_threads
 
+    if args.model:
+        return _bench_model(args)
     if args.spec:
         cases = [bench.case_from_spec(_load_spec(args.spec), args.batch)]
     else:
@@ -153,6 +155,45 @@ def cmd_bench(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(bench.markdown(report))
+    return 0
+
+
+def _thread_counts(text: str, default) -> list:
+    """The thread counts of --threads, or `default` without it."""
+    from .threads import MAX_THREADS
+
+    if not text:
+        return default
+    try:
+        threads = [int(t) for t in text.split(",")]
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1 or max(threads) > MAX_THREADS:
+        raise SpecError(f"--threads: {text!r} is not a comma-separated list of counts from 1 to {MAX_THREADS}")
+    return threads
+
+
+def _bench_model(args) -> int:
+    """``bngen bench --model``: a ResNet-style training step with torch.nn.BatchNorm2d and
+    with bngen.torch, eager and compiled, at 1 and 2 threads (or --threads)."""
+    from . import bench
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("bngen bench --model: needs PyTorch (pip install bngen[torch])", file=sys.stderr)
+        return 2
+    modes = [m.strip() for m in args.modes.split(",")]
+    unknown = [m for m in modes if m not in bench.MODEL_MODES]
+    if unknown:
+        raise SpecError(f"--modes: {', '.join(map(repr, unknown))} not among {', '.join(bench.MODEL_MODES)}")
+    threads = _thread_counts(args.threads, [1, 2])
+    progress = (lambda s: print(f"  {s}", file=sys.stderr)) if not args.quiet else (lambda s: None)
+    report = bench.model_run(args.model_size, threads, modes, repeat=args.model_repeat or args.repeat,
+                             steps=args.steps, channels_last=args.channels_last, progress=progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(bench.model_markdown(report))
     return 0
 
 
@@ -279,6 +320,14 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also time torch.compile (Inductor) of torch's batch norm; compile time reported apart")
     p.add_argument("--json", metavar="FILE", help="also write the full report (all statistics) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--model", action="store_true",
+                   help="instead: time a ResNet-style training step with torch.nn.BatchNorm2d vs bngen.torch (needs torch)")
+    p.add_argument("--model-size", choices=["realistic", "tiny"], default="realistic",
+                   help="--model: batch 32 of 32x32 images, widths 32/64/128 (realistic, default) or a seconds-long check (tiny)")
+    p.add_argument("--modes", default="eager,compiled", help="--model: comma-separated subset of eager,compiled")
+    p.add_argument("--steps", type=_positive_int, default=20, help="--model: training steps whose losses are compared (default 20)")
+    p.add_argument("--model-repeat", type=_positive_int, help="--model: timed steps per implementation (default: --repeat)")
+    p.add_argument("--channels-last", action="store_true", help="--model: channels_last model and inputs")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("emit", help="write freestanding C99 source and header for a spec", description=cmd_emit.__doc__)

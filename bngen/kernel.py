@@ -141,11 +141,14 @@ class Kernel:
         ``dgamma = m * sum(dy * x_hat) + t * sum(dy)`` and dx is that of a layer whose
         gamma is ``gamma * m``.
 
-        Mode 1 (sample-wise) has no backward: TypeError.
+        Mode 1 (sample-wise): ``mean`` and ``variance`` are the per-sample statistics
+        `forward` returned (shape ``x.shape[:axis]``), and the gradients are those of
+        ``y = gamma * (x - m) / (sqrt(v + eps) + eps) + beta`` (Keras 1.2's extra epsilon)
+        with m and v each sample's mean and variance.
         """
         face = self._faces.get("backward")
         if face is None:
-            raise TypeError("backward: mode 1 (sample-wise) kernels have no backward in bngen; use mode 0 or 2")
+            raise TypeError("backward: this kernel was built without a backward")
         return binder.call_checked(self, face, dict(
             dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance, moving_mean=moving_mean,
             moving_variance=moving_variance, r=r, d=d, adjust_scale=adjust_scale, adjust_bias=adjust_bias, out=out,

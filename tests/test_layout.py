@@ -20,7 +20,8 @@ LAYERS = [
     {"kernel"},
     {"build"},
     {"fold", "emit", "distributed"},
-    {"layer", "catalogue", "bench", "torch"},
+    {"layer", "catalogue", "torch", "resnet"},
+    {"bench"},
     {"cli", "__init__", "__main__"},
 ]
 # Imports made inside a function on first use, that would otherwise close a cycle; each
