@@ -522,6 +522,10 @@ def test_ghost_bad_input_and_threads(build, rng):
     _refused(lambda: kernel.backward(dy, x, g, mean[0], var), dict(p, mean=mean, var=var), ValueError,
              r"^mean: shape is \(6,\); expected \(4, 6\)")
     _refused(lambda: kernel.backward(dy, x, g, mean, var.astype(np.float64)), dict(p, mean=mean), TypeError, "^variance: dtype")
+    out = np.empty_like(x)
+    dx, dgamma, dbeta = kernel.backward(dy * x, x, g, mean, var, out=out)
+    assert dx is out
+    np.testing.assert_array_equal(dx, kernel.backward(dy * x, x, g, mean, var)[0])
     # results do not depend on the thread count (threads take whole channels)
     one = kernel.forward(x, g, b, threads=1)
     two = kernel.forward(x, g, b, threads=2)
