@@ -48,7 +48,7 @@ def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None) ->
 def _build(spec: Spec, cache: Cache, compiler: Compiler) -> Kernel:
     features = compiler.features(cache.root)
     plan = make_plan(spec, threaded=features.openmp is not None, pragmas=features.simd is not None,
-                     f16c=features.f16c)
+                     f16c=features.f16c, split=True)
     source = render_source(plan)
     module = load_source(source, render_cdef(plan), cache, compiler, features, spec.to_json())
     return Kernel(spec, plan, source, module)

@@ -91,11 +91,12 @@ class Arg:
 
     name: str
     role: str  # data_in | data_out | param_in | param_inout | stat_out | grad_out | size | threads | flag
+    #            | stat64_in | stat64_out (double arrays whatever the dtype) | count (a double scalar)
     nullable: bool = False  # the Python side may pass NULL (C then skips that work)
 
     @property
     def is_array(self) -> bool:
-        return self.role not in ("size", "threads", "flag")
+        return self.role not in ("size", "threads", "flag", "count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,7 @@ class Plan:
 
 
 def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backward: bool = True,
-              streaming: Optional[bool] = None, f16c: bool = False) -> Plan:
+              streaming: Optional[bool] = None, f16c: bool = False, split: bool = False) -> Plan:
     """Decide how `spec` is computed.
 
     `threaded`: the compiler has OpenMP, so kernels take a thread count.  `pragmas`: it
@@ -181,7 +182,9 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backwa
     large outputs bypass the caches with x86 streaming stores (needs <emmintrin.h>, so only
     for hosted builds; default: for the kinds in STREAMING_KINDS when `threaded`, which
     freestanding exports turn off).  `f16c`: the target converts float16 in hardware,
-    so float16 plans widen and narrow their values in blocks (`Plan.staged`).
+    so float16 plans widen and narrow their values in blocks (`Plan.staged`).  `split`: the
+    specs of modes 0 and 2 that normalise with batch statistics also export the split phases
+    of training (`SPLIT_ENTRIES`, see `_split_entries`), which synchronized batch norm drives.
     """
     outer, channels, inner = spec.view
     if spec.mode == 1:
@@ -208,7 +211,8 @@ def make_plan(spec: Spec, *, threaded: bool = True, pragmas: bool = True, backwa
         channel_tile=min(channels, CHANNEL_TILE),
         row_block=ROW_BLOCK,
         parallel_min=PARALLEL_MIN,
-        entries=_entries(spec, outer, inner, threaded, backward, streaming),
+        entries=_entries(spec, outer, inner, threaded, backward, streaming)
+        + (_split_entries(spec, outer, inner, threaded) if split and backward and spec.uses_batch_stats and spec.mode != 1 else ()),
         lanes=LANE_BYTES // _ITEMSIZE[PRECISIONS[spec.dtype].compute],
         streaming=streaming,
         stream_min=STREAM_MIN_BYTES,
@@ -274,3 +278,43 @@ def _backward_entry(spec: Spec, sizes) -> Optional[Entry]:
     if spec.center:
         args.append(Arg("dbeta", "grad_out"))
     return Entry(name, tuple(args + list(sizes)))
+
+
+# The split phases of a training step, for statistics merged across processes: local
+# moments, normalisation with given (merged) moments, the gradient's local sums, and dx
+# from given (merged) sums.  Statistics cross as double arrays whatever the dtype.
+SPLIT_ENTRIES = ("bn_moments", "bn_normalize", "bn_backward_sums", "bn_backward_apply")
+
+
+def _split_entries(spec: Spec, outer, inner, threaded) -> Tuple[Entry, ...]:
+    """The entries of `SPLIT_ENTRIES`.  ``bn_normalize`` takes the forward's per-feature
+    arguments (so the moving statistics update as in ``bn_forward``) plus ``moments``,
+    (3, C) doubles: count, mean and M2 of the whole batch; the backward entries take the
+    mean and variance as doubles (the merged ones, exact)."""
+    sizes = []
+    if outer is None:
+        sizes.append(Arg("outer", "size"))
+    if inner is None:
+        sizes.append(Arg("inner", "size"))
+    if threaded:
+        sizes.append(Arg("nthreads", "threads"))
+    relu = spec.activation == "relu"
+    gamma = [Arg("gamma", "param_in")] if spec.scale else []
+    beta = [Arg("beta", "param_in")] if spec.center else []
+    stats = [Arg("mean", "stat64_in"), Arg("variance", "stat64_in")]
+    moving = []
+    if spec.updates_moving_stats:
+        moving = [Arg("moving_mean", "param_inout", True), Arg("moving_variance", "param_inout", True)]
+    moments = Entry("bn_moments", (Arg("x", "data_in"), Arg("moments", "stat64_out"), *sizes))
+    normalize = Entry("bn_normalize", (
+        Arg("x", "data_in"), Arg("y", "data_out"), *gamma, *beta, *moving,
+        Arg("mean", "stat_out", True), Arg("variance", "stat_out", True), Arg("moments", "stat64_in"), *sizes))
+    # the ReLU mask recomputes the forward output: gamma * x_hat + beta
+    mask = (gamma if relu else []) + (beta if relu else [])
+    sums = Entry("bn_backward_sums", (
+        Arg("dy", "data_in"), Arg("x", "data_in"), *mask, *stats, Arg("sums", "stat64_out"), *sizes))
+    grads = ([Arg("dgamma", "grad_out")] if spec.scale else []) + ([Arg("dbeta", "grad_out")] if spec.center else [])
+    apply = Entry("bn_backward_apply", (
+        Arg("dy", "data_in"), Arg("x", "data_in"), *gamma, *(beta if relu else []), *stats,
+        Arg("sums", "stat64_in"), Arg("count", "count"), Arg("dx", "data_out"), *grads, *sizes))
+    return moments, normalize, sums, apply
