@@ -322,3 +322,19 @@ def test_thread_ranks_with_another_spec_all_raise():
     for r in ranks:
         assert isinstance(r, bngen.distributed.SynchronizationError), r
         assert "ranks disagree" in str(r)
+
+
+def test_bench_distributed_runs_a_synchronized_step_on_n_processes(tmp_path):
+    """`bngen bench --distributed 2` runs functionally (no timing is asserted: the machine is shared)."""
+    pytest.importorskip("torch")
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(S((None, 8, 6, 6), axis=1).to_json())
+    report = tmp_path / "report.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    done = subprocess.run([sys.executable, "-m", "bngen", "bench", "--distributed", "2", "--spec", str(spec_file),
+                           "--batch", "5", "--repeat", "3", "--json", str(report), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert "| 2 processes: step |" in done.stdout
+    row = json.loads(report.read_text())["rows"][0]
+    assert row["ranks"] == 2 and row["collective_ms"] > 0 and row["kernels_ms"] > 0 and row["single_ms"] > 0
