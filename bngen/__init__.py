@@ -13,9 +13,9 @@ from .kernel import Kernel  # noqa: E402
 from .layer import BatchNormalization  # noqa: E402
 from .emit import emit  # noqa: E402
 from .fold import fold  # noqa: E402
-from . import frameworks, oracle  # noqa: E402
+from . import frameworks, oracle, statistics  # noqa: E402
 
 __all__ = [
     "Spec", "SpecError", "Plan", "make_plan", "build", "Kernel", "BatchNormalization",
-    "emit", "fold", "frameworks", "oracle", "__version__",
+    "emit", "fold", "frameworks", "oracle", "statistics", "__version__",
 ]
