@@ -14,8 +14,9 @@ from .layer import BatchNormalization  # noqa: E402
 from .emit import emit  # noqa: E402
 from .fold import fold  # noqa: E402
 from . import frameworks, oracle, statistics  # noqa: E402
+from .statistics import population_statistics  # noqa: E402
 
 __all__ = [
     "Spec", "SpecError", "Plan", "make_plan", "build", "Kernel", "BatchNormalization",
-    "emit", "fold", "frameworks", "oracle", "statistics", "__version__",
+    "emit", "fold", "frameworks", "oracle", "statistics", "population_statistics", "__version__",
 ]

@@ -319,6 +319,34 @@ class BatchNormalization:
             dy, x, tape["gamma"], tape["mean"], tape["variance"], beta=relu_beta, threads=self.threads)
         return dx
 
+    def adapt(self, data: Any) -> None:
+        """Sets the moving statistics to the population statistics of `data` (one array
+        or an iterable of batches, streamed; see `bngen.population_statistics`) over the
+        layer's axis, with its `unbiased`, across ranks when the layer is synchronized.
+        Builds the layer from the first batch's shape if needed.  On an error (a batch of
+        the wrong shape or dtype, named by its index) the weights are left as they were."""
+        from .statistics import finish, stream_moments
+
+        if self.built:
+            axis = self._axes
+        else:
+            axis = self.axis
+        communicator = None
+        if self.synchronized not in (None, False):
+            from . import distributed
+
+            communicator = self._communicator = self._communicator or distributed.resolve(self.synchronized)
+        moments, shape, _ = stream_moments(data, axis, communicator, cache_dir=self.cache_dir, compiler=self.compiler)
+        if not self.built:
+            self.build((None,) + tuple(shape[1:]) if len(shape) > 1 else shape)
+        if moments.shape[1] != self._channels:
+            raise ValueError(f"data: {moments.shape[1]} features; this layer has {self._channels}")
+        if self.unbiased and np.any(moments[0] < 2):
+            raise ValueError("data: one value per feature in all; the unbiased variance needs 2 (the layer has unbiased=True)")
+        mean, variance = finish(moments, self.unbiased)
+        self._weights["moving_mean"][...] = mean
+        self._weights["moving_variance"][...] = variance
+
     # -- synchronized batch norm -----------------------------------------------------------------
     def _sync_shape(self, shape: tuple) -> tuple:
         """The kernel shape of a synchronized layer: the batch axis dynamic, so that one kernel
