@@ -4,8 +4,7 @@ Describe a layer with `Spec`, `build` it into a `Kernel` (specialised C, compile
 cached on disk), and call it on NumPy arrays.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .spec import Spec, SpecError  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402
 from .build import build  # noqa: E402

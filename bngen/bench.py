@@ -33,8 +33,10 @@ import numpy as np
 from .build import build, load_source
 from .cache import Cache, resolve_root
 from .compiler import Compiler
-from .kernel import numpy_dtype
-from .plan import Arg, Entry, make_plan
+from .dtypes import numpy_dtype
+from .entries import probe_entries
+from .plan import make_plan
+from .target import DEFAULT_TUNING
 from .render import render_cdef, render_template
 from .spec import Spec, SpecError
 
@@ -249,13 +251,10 @@ def build_memory_probe(dtype: str, cache_dir=None, *, compiler: Optional[Compile
     # float16 moves the same bytes as bfloat16, whose conversions are a shift: its floor
     # is measured with those, so that it is memory's and not the conversions'.
     spec = Spec((None, 1), axis=1, dtype="bfloat16" if dtype == "float16" else dtype, training=True)
-    plan = make_plan(spec, threaded=features.openmp is not None, pragmas=features.simd is not None,
-                     streaming=streaming and features.openmp is not None)
-    sizes = (Arg("n", "size"),) + ((Arg("nthreads", "threads"),) if plan.threaded else ())
-    plan = dataclasses.replace(plan, entries=(
-        Entry("bn_copy", (Arg("x", "data_in"), Arg("y", "data_out")) + sizes),
-        Entry("bn_read", (Arg("x", "data_in"), Arg("sink", "stat_out")) + sizes),
-    ))
+    target = features.target(compiler.flags)
+    plan = make_plan(spec, dataclasses.replace(target, streaming_stores=streaming and target.streaming_stores),
+                     dataclasses.replace(DEFAULT_TUNING, streaming_kinds=frozenset({"channels_last training"})))
+    plan = dataclasses.replace(plan, entries=probe_entries(plan.threaded), fast_entries=())
     module = load_source(render_template("memory.c.j2", plan), render_cdef(plan), cache, compiler, features,
                          json.dumps({"probe": "memory", "dtype": dtype}))
     return plan, module

@@ -16,39 +16,46 @@ from .kernel import Kernel
 from .plan import make_plan
 from .render import render_cdef, render_source
 from .spec import Spec
+from .target import Target, Tuning
 
 _memo: dict = {}
 _memo_lock = threading.Lock()
 
 
-def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None) -> Kernel:
+def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None, target: Optional[Target] = None,
+          tuning: Optional[Tuning] = None) -> Kernel:
     """Compile (or load from the cache) the kernel for `spec`.
 
     The cache root is `cache_dir`, else ``$BNGEN_CACHE_DIR``, else the user cache
     directory.  `compiler` defaults to ``$CC`` (or ``cc``) with optimisation for this
-    machine.
+    machine.  `target` (a `bngen.target.Target`) defaults to what the compiler's probe
+    says the machine has; `tuning` (a `bngen.target.Tuning`) to the measured block sizes.
+    Both shape the generated C, so kernels built with other values are other cache entries.
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"spec: expected a bngen.Spec, got {type(spec).__name__}")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir: expected a path (str or os.PathLike) or None, got {type(cache_dir).__name__}")
+    if target is not None and not isinstance(target, Target):
+        raise TypeError(f"target: expected a bngen.target.Target or None, got {type(target).__name__}")
+    if tuning is not None and not isinstance(tuning, Tuning):
+        raise TypeError(f"tuning: expected a bngen.target.Tuning or None, got {type(tuning).__name__}")
     compiler = compiler or Compiler()
     root = resolve_root(cache_dir)
-    memo_key = (spec, str(root), compiler)
+    memo_key = (spec, str(root), compiler, target, tuning)
     kernel = _memo.get(memo_key)
     if kernel is not None:
         return kernel
     with _memo_lock:
         kernel = _memo.get(memo_key)
         if kernel is None:
-            kernel = _memo[memo_key] = _build(spec, Cache(root), compiler)
+            kernel = _memo[memo_key] = _build(spec, Cache(root), compiler, target, tuning)
     return kernel
 
 
-def _build(spec: Spec, cache: Cache, compiler: Compiler) -> Kernel:
+def _build(spec: Spec, cache: Cache, compiler: Compiler, target: Optional[Target], tuning: Optional[Tuning]) -> Kernel:
     features = compiler.features(cache.root)
-    plan = make_plan(spec, threaded=features.openmp is not None, pragmas=features.simd is not None,
-                     f16c=features.f16c, split=True)
+    plan = make_plan(spec, target or features.target(compiler.flags), tuning, split=True)
     source = render_source(plan)
     module = load_source(source, render_cdef(plan), cache, compiler, features, spec.to_json())
     return Kernel(spec, plan, source, module)

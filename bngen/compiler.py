@@ -29,6 +29,7 @@ import cffi
 from cffi.recompiler import make_c_source
 
 from .render import template_dir
+from .target import Target, host_target
 
 # -fno-math-errno: the kernels never read errno, and without it sqrt is a library call
 # behind a branch, which keeps the per-channel coefficient loops scalar.
@@ -85,7 +86,7 @@ class Compiler:
         found = Features(
             openmp=openmp,
             simd=openmp or ("-fopenmp-simd" if accepts("-fopenmp-simd") else None),
-            f16c=accepts(*self.flags, "-DBNGEN_PROBE_F16C", "-fsyntax-only"),
+            macros=_target_macros(self.argv0, identity, tuple(self.flags)),
         )
         if record is not None:
             try:
@@ -152,11 +153,27 @@ class Compiler:
 @dataclasses.dataclass(frozen=True)
 class Features:
     """What a compiler accepts: the flag for OpenMP threads and for ``omp simd``; and
-    whether, with its flags, the target converts float16 in hardware (x86 F16C)."""
+    which of the ISA macros of `TARGET_MACROS` it defines with its flags (what the
+    target CPU has)."""
 
     openmp: Optional[str]
     simd: Optional[str]
-    f16c: bool = False
+    macros: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "macros", tuple(self.macros))  # (a list, from the JSON record)
+
+    def target(self, flags: Tuple[str, ...] = ()) -> Target:
+        """The JIT target these features describe (flags: the compiler's, which may ask
+        for wider vectors than its default)."""
+        return host_target(dict.fromkeys(self.macros, "1"), flags, openmp=self.openmp is not None,
+                           simd_pragmas=self.simd is not None)
+
+
+# The predefined macros that say what the target has (read with ``cc -dM -E``).
+TARGET_MACROS = ("__x86_64__", "__i386__", "__aarch64__", "__arm__", "__SSE2__", "__AVX__", "__AVX2__", "__F16C__",
+                 "__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512BF16__", "__AVX512FP16__", "__ARM_NEON",
+                 "__ARM_FP16_FORMAT_IEEE")
 
 
 def _check(cmd: list, code: int, errors: str) -> None:
@@ -198,6 +215,18 @@ def _identity(path: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CompileError(f"cannot run C compiler {path}: {exc}") from None
     return f"{path}\n{out.stdout.strip()}"
+
+
+@functools.lru_cache(maxsize=None)
+def _target_macros(path: str, identity: str, flags: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The `TARGET_MACROS` the compiler predefines with `flags` (none if it cannot say)."""
+    try:
+        out = subprocess.run([path, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    defined = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("#define ") and len(line.split()) > 1}
+    return tuple(m for m in TARGET_MACROS if m in defined)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,57 +23,14 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 import numpy as np
 
 from . import oracle
-from .kernel import numpy_dtype
-from .plan import Arg, Entry, Plan, make_plan
+from .dtypes import numpy_dtype
+from .entries import baked_entry, runtime_sizes
+from .plan import Plan, make_plan
 
-# Channels per tile in exported channels-last kernels.  The JIT tile (plan.CHANNEL_TILE)
-# is sized for a desktop thread's stack; exported code runs on threads and boards with
-# a few KiB of stack, and 128 channels keep the tile's work arrays near 5 KiB.
-EXPORT_CHANNEL_TILE = 128
 from .render import render_template
 from .spec import Spec
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A family of machines the exported C is tuned for."""
-
-    name: str
-    description: str
-    cc: str  # the compiler named in the banner and the harness instructions
-    flags: str  # the flags suggested there
-    stat: str  # C type of merged statistics and per-channel coefficients
-    pragmas: bool  # emit `omp simd` (guarded): worth it where there are SIMD units
-    channel_tile: int  # channels per tile in the channels-last schedule (bounds stack use)
-    single_precision: bool  # float only: no double arithmetic, float64 specs refused
-    # float16 conversions: "bits" (portable integer arithmetic) or "native" (the compiler's
-    # __fp16, one FPU instruction each way, where it has an IEEE one; bits otherwise).
-    # bfloat16 is always bits: exact, a shift to load, a rounding add and shift to store.
-    half_conversion: str = "bits"
-    half_flags: str = ""  # flags that give the compiler its IEEE __fp16 (banner only)
-
-
-TARGETS: Dict[str, Target] = {
-    "host": Target(
-        "host", "the machine's own C compiler", "cc", "-std=c99 -O3 -march=native",
-        stat="double", pragmas=True, channel_tile=EXPORT_CHANNEL_TILE, single_precision=False,
-    ),
-    # AArch64 always has __fp16 and FCVT between half and single precision.
-    "aarch64": Target(
-        "aarch64", "64-bit Arm (Cortex-A, Neoverse) running Linux", "aarch64-linux-gnu-gcc", "-std=c99 -O3",
-        stat="double", pragmas=True, channel_tile=EXPORT_CHANNEL_TILE, single_precision=False, half_conversion="native",
-    ),
-    # Cortex-M4F/M7: a single-precision FPU and a few KiB of stack.  Double arithmetic
-    # would be emulated in software, so statistics are merged in float (blocks keep the
-    # two-pass accuracy) and the channel tile is small.  Their FPUs (FPv4-SP, FPv5)
-    # convert half <-> single with VCVTB; GCC's __fp16 needs -mfp16-format=ieee.
-    "cortex-m": Target(
-        "cortex-m", "Arm Cortex-M4F/M7 microcontrollers (single-precision FPU)", "arm-none-eabi-gcc",
-        "-std=c99 -mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -Os",
-        stat="float", pragmas=False, channel_tile=16, single_precision=True, half_conversion="native",
-        half_flags="-mfp16-format=ieee",
-    ),
-}
+from .target import EXPORT_TARGETS as TARGETS
+from .target import Target, get_export_target
 
 PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
 # Sizes given to dynamic dimensions in the harness (small: the vectors go to flash).
@@ -166,11 +123,7 @@ def check_no_clash(plan: Plan, files: Mapping[str, str]) -> None:
 
 def get_target(target) -> Target:
     """The `Target` preset called `target`."""
-    if isinstance(target, Target):
-        return target
-    if target not in TARGETS:
-        raise ValueError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
-    return TARGETS[target]
+    return get_export_target(target)
 
 
 def check_exportable(spec: Spec, target: Target) -> None:
@@ -231,18 +184,11 @@ def check_params(spec: Spec, params: Mapping) -> Dict[str, np.ndarray]:
 
 # -- plan and rendering --------------------------------------------------------------------
 def export_plan(spec: Spec, name: str, target: Target, baked: bool = False) -> Plan:
-    """The JIT plan of `spec` turned into an export plan for `target`."""
-    plan = make_plan(spec, threaded=False, pragmas=target.pragmas)
-    conversion = target.half_conversion if plan.precision.half == "float16" else "bits"
-    precision = dataclasses.replace(plan.precision, stat=target.stat, half_conversion=conversion)
-    entries = plan.entries
+    """The plan of `spec` exported for `target`: freestanding, symbols prefixed `name`."""
+    plan = make_plan(spec, target, prefix=name)
     if baked:
-        sizes = [a for a in plan.entries[0].args if a.role == "size"]
-        entries = (Entry("bn", (Arg("x", "data_in"), Arg("y", "data_out"), *sizes)),)
-    return dataclasses.replace(
-        plan, precision=precision, channel_tile=min(plan.channels, target.channel_tile), entries=entries,
-        export=True, prefix=name, target=target.name,
-    )
+        plan = dataclasses.replace(plan, entries=(baked_entry(runtime_sizes(plan.outer, plan.inner, plan.threaded)),))
+    return plan
 
 
 def render_files(plan: Plan, target: Target, coefficients=None) -> Dict[str, str]:

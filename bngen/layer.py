@@ -16,7 +16,8 @@ import numpy as np
 
 from .build import build
 from .frameworks import cumulative_update
-from .kernel import Kernel, numpy_dtype
+from .dtypes import numpy_dtype
+from .kernel import Kernel
 from .spec import Spec, SpecError
 
 # Keras initialiser names (and the Keras 1 spellings) for the 1-D weights of this layer.

@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .plan import Plan
 
 

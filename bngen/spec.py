@@ -130,7 +130,7 @@ class Spec:
                 f"feature axis to be the last one ({len(shape) - 1})"
             )
         n = self.values_per_feature
-        if self.updates_moving_stats and self.unbiased and n == 1:
+        if n is not None and n < self.min_values_per_feature:
             raise SpecError(
                 f"shape: {list(shape)} gives one value per feature, so the unbiased variance "
                 "n/(n-1) is undefined; use unbiased=False or a larger batch"
@@ -159,6 +159,12 @@ class Spec:
         if self.mode == 1:
             return self.channels
         return None if outer is None or inner is None else outer * inner
+
+    @property
+    def min_values_per_feature(self) -> int:
+        """The smallest batch statistic a call may take: 2 where the moving variance is
+        fed the unbiased n/(n-1) variance, which one value leaves undefined; else 1."""
+        return 2 if self.updates_moving_stats and self.unbiased else 1
 
     @property
     def param_dtype(self) -> str:

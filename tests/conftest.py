@@ -48,8 +48,8 @@ def strict_compiler():
 def build(session_cache, strict_compiler):
     """`bngen.build` into the session cache with the strict compiler."""
 
-    def _build(spec):
-        return bngen.build(spec, session_cache, compiler=strict_compiler)
+    def _build(spec, **options):
+        return bngen.build(spec, session_cache, compiler=strict_compiler, **options)
 
     return _build
 

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import bngen
 from bngen import bench, oracle
-from bngen import plan as plan_module
+from bngen.target import DEFAULT_TUNING, Tuning
 from strategies import K, assert_close, unit_roundoff
 
 S = bngen.Spec
@@ -175,16 +175,12 @@ STREAMED = [
 
 @pytest.fixture(scope="module")
 def streamed_kernels(build):
-    """The STREAMED specs built with every output streamed (threshold 0 bytes, every
-    schedule and kind).  Their
-    epsilon is unique to this module, so no kernel built elsewhere is reused."""
-    saved = plan_module.STREAM_MIN_BYTES, plan_module.STREAMING_KINDS
-    plan_module.STREAM_MIN_BYTES = 0
-    plan_module.STREAMING_KINDS = frozenset(f"{s} {k}" for s in ("channels_first", "channels_last") for k in ("training", "inference"))
-    try:
-        kernels = [build(spec) for spec in STREAMED]
-    finally:
-        plan_module.STREAM_MIN_BYTES, plan_module.STREAMING_KINDS = saved
+    """The STREAMED specs built with every output streamed: a tuning with a threshold of
+    0 bytes and every schedule and kind streaming (the tuning is part of the memo and
+    cache keys, so no kernel built elsewhere is reused)."""
+    everything = frozenset(f"{s} {k}" for s in ("channels_first", "channels_last") for k in ("training", "inference"))
+    tuning = Tuning(stream_min_bytes=0, streaming_kinds=everything)
+    kernels = [build(spec, tuning=tuning) for spec in STREAMED]
     for k in kernels:
         assert "#define STREAM_MIN_BYTES 0" in k.source
         assert k.plan.entries[0].args[-1].name == "may_stream"  # streams only into out=
@@ -231,7 +227,7 @@ def test_streaming_into_an_unaligned_output(streamed_kernels, rng):
 def test_streaming_above_the_real_threshold(build, rng):
     """One tensor above STREAM_MIN_BYTES (16 MiB) through both kinds of channels-first kernel."""
     shape = (2, 16, 368, 368)  # 17.3 MB of float32
-    assert 4 * np.prod(shape) >= plan_module.STREAM_MIN_BYTES
+    assert 4 * np.prod(shape) >= DEFAULT_TUNING.stream_min_bytes
     for training in (True, False):
         spec = S((None, 16, 368, 368), axis=1, training=training)
         x = _data(shape, np.float32, "normal", rng)
@@ -403,7 +399,7 @@ def test_kept_moving_statistics_are_checked_again(build, rng):
 def test_parameter_sets_taking_turns(build, infer, rng):
     # Layers of one spec share a kernel, so a few parameter sets take turns: older kept sets
     # are found again, and what can change in place is checked on them too.
-    from bngen.kernel import KEPT_SETS
+    from bngen.binder import KEPT_SETS
 
     x = _data((3, 8, 5), np.float32, "normal", rng)
     sets = [_params(infer.spec, rng) for _ in range(KEPT_SETS + 1)]
