@@ -8,8 +8,9 @@ that the statistics, moving averages and parameter gradients are identical bit f
 on every rank.  Specs compiled: 4 (in the parent, into the session cache, from which the
 workers load them).  Processes launched: 2 + 3 + 4 (gloo) and 3 (MPI) ranks for the
 comparisons, plus 2-rank runs for mismatched features, mismatched dtypes, a dead rank
-and synchronized=True; threads: 30 hypothesis examples on each of 2 specs.  Every launch
-has a timeout and kills its processes on failure.
+and synchronized=True, and `bngen bench --distributed 2`; threads: 30 hypothesis examples
+on each of 2 specs, mismatched specs, and one-sample ranks with unbiased=True and the
+cumulative moving average.  Every launch has a timeout and kills its processes on failure.
 """
 
 from __future__ import annotations
@@ -338,3 +339,33 @@ def test_bench_distributed_runs_a_synchronized_step_on_n_processes(tmp_path):
     assert "| 2 processes: step |" in done.stdout
     row = json.loads(report.read_text())["rows"][0]
     assert row["ranks"] == 2 and row["collective_ms"] > 0 and row["kernels_ms"] > 0 and row["single_ms"] > 0
+
+
+def test_thread_ranks_one_sample_each_unbiased_and_cumulative_moving_average():
+    """momentum=None (PyTorch's cumulative average) and unbiased=True count n over every
+    rank: ranks of one sample each (n = 1 locally, undefined alone) work together."""
+    from _sync_worker import layer_for
+
+    spec = S((None, 7), dtype="float64", unbiased=True)
+    _layer_kernel(spec)
+    xs, dys, params = problem(spec, [1, 1, 0, 1], 5)
+    group, out = ThreadGroup(4), [None] * 4
+
+    def rank_main(rank):
+        layer = layer_for(spec, {k: None if v is None else v.copy() for k, v in params.items()},
+                          group.communicator(rank))
+        layer.momentum = None  # the cumulative average, as BatchNormalization(momentum=None)
+        for _ in range(2):
+            layer(xs[rank], training=True)
+        out[rank] = (layer.moving_mean, layer.moving_variance, layer.num_batches_tracked)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    x = np.concatenate(xs)
+    for mm, mv, tracked in out:
+        assert tracked == 2 and np.array_equal(mm, out[0][0]) and np.array_equal(mv, out[0][1])
+    np.testing.assert_allclose(out[0][0], x.mean(axis=0), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(out[0][1], x.var(axis=0, ddof=1), rtol=1e-12)
