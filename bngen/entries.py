@@ -167,7 +167,8 @@ def split_entries(spec: Spec, sizes: Tuple[Arg, ...]) -> Tuple[Entry, ...]:
     dy = (Arg("dy", Role.DATA_IN),)
     sums = Entry("bn_backward_sums", dy + x + mask + stats + (Arg("sums", Role.STAT64_OUT),) + sizes,
                  Phase.BACKWARD_SUMS)
-    grads = ((Arg("dgamma", Role.GRAD_OUT),) if spec.scale else ()) + ((Arg("dbeta", Role.GRAD_OUT),) if spec.center else ())
+    grads = ((Arg("dgamma", Role.GRAD_OUT),) if spec.scale else ()) + (
+        (Arg("dbeta", Role.GRAD_OUT),) if spec.center else ())
     apply = Entry("bn_backward_apply", dy + x + gamma + (beta if relu else ()) + stats + (
         Arg("sums", Role.STAT64_IN), Arg("count", Role.COUNT), Arg("dx", Role.DATA_OUT)) + grads + sizes,
         Phase.BACKWARD_APPLY)

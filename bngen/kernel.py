@@ -32,6 +32,10 @@ class Kernel:
     C that was compiled.  ``threads=`` (default ``$OMP_NUM_THREADS`` or all CPUs; at most
     `MAX_THREADS`) sets the thread count of a call; results are identical run to run for
     a given count.
+
+    Kernels of training specs (modes 0 and 2) also have the split phases of a training
+    step, for statistics merged across processes (`bngen.distributed`): `moments`,
+    `normalize`, `backward_sums` and `backward_apply`.
     """
 
     def __init__(self, spec: Spec, plan: Plan, source: str, module: Any):
@@ -149,14 +153,18 @@ class Kernel:
         spec = self.spec
         entry = self._split_entry("bn_normalize", "normalize")
         given = [("x", x), ("gamma", gamma), ("beta", beta), ("out", out), ("moving_mean", moving_mean),
-                 ("moving_variance", moving_variance)]
+                 ("moving_variance", moving_variance), ("moments", moments)]
         x = binder.check_x(self, x, allow_empty=True)
-        gamma = binder.check_param(self, "gamma", gamma, spec.scale, "scale=True" if spec.scale else "the spec has scale=False")
-        beta = binder.check_param(self, "beta", beta, spec.center, "center=True" if spec.center else "the spec has center=False")
+        gamma = binder.check_param(self, "gamma", gamma, spec.scale,
+                                   "scale=True" if spec.scale else "the spec has scale=False")
+        beta = binder.check_param(self, "beta", beta, spec.center,
+                                  "center=True" if spec.center else "the spec has center=False")
         if spec.updates_moving_stats:
             why = "training updates them in place when given"
-            moving_mean = binder.check_param(self, "moving_mean", moving_mean, True, why, writable=True, required=False)
-            moving_variance = binder.check_param(self, "moving_variance", moving_variance, True, why, writable=True, required=False)
+            moving_mean = binder.check_param(self, "moving_mean", moving_mean, True, why, writable=True,
+                                             required=False)
+            moving_variance = binder.check_param(self, "moving_variance", moving_variance, True, why, writable=True,
+                                                 required=False)
         else:
             why = f"mode {spec.mode} keeps no moving statistics"
             binder.check_param(self, "moving_mean", moving_mean, False, why)
@@ -196,7 +204,6 @@ class Kernel:
         spec = self.spec
         entry = self._split_entry("bn_backward_sums", "backward_sums")
         relu = spec.activation == "relu"
-        given = [("dy", dy), ("x", x)]
         x = binder.check_x(self, x, allow_empty=True)
         dy = binder.check_like(self, "dy", dy, x)
         why = "activation='relu': the mask recomputes the forward output" if relu else \
@@ -206,8 +213,7 @@ class Kernel:
         mean = self._check_stat64("mean", mean, (self.plan.channels,), param_ok=True)
         variance = self._check_stat64("variance", variance, (self.plan.channels,), param_ok=True)
         nthreads = binder.check_threads(self, threads)
-        sums = np.zeros((2, self.plan.channels), np.float64)
-        del given  # nothing is written but `sums`, which is new
+        sums = np.zeros((2, self.plan.channels), np.float64)  # the only array written: new
         values = dict(self._split_sizes(x), dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance,
                       sums=sums, nthreads=nthreads)
         self._lib_call(entry, values)
@@ -226,10 +232,12 @@ class Kernel:
         spec = self.spec
         entry = self._split_entry("bn_backward_apply", "backward_apply")
         relu = spec.activation == "relu"
-        given = [("dy", dy), ("x", x), ("gamma", gamma), ("beta", beta)]
+        given = [("dy", dy), ("x", x), ("gamma", gamma), ("beta", beta), ("mean", mean), ("variance", variance),
+                 ("sums", sums)]
         x = binder.check_x(self, x, allow_empty=True)
         dy = binder.check_like(self, "dy", dy, x)
-        gamma = binder.check_param(self, "gamma", gamma, spec.scale, "scale=True" if spec.scale else "the spec has scale=False")
+        gamma = binder.check_param(self, "gamma", gamma, spec.scale,
+                                   "scale=True" if spec.scale else "the spec has scale=False")
         beta_why = ("activation='relu' with center=True: the mask recomputes the forward output, which adds beta; "
                     "pass it as beta=" if relu and spec.center
                     else "backward_apply needs beta only with activation='relu' and center=True")

@@ -343,7 +343,8 @@ class BatchNormalization:
         if moments.shape[1] != self._channels:
             raise ValueError(f"data: {moments.shape[1]} features; this layer has {self._channels}")
         if self.unbiased and np.any(moments[0] < 2):
-            raise ValueError("data: one value per feature in all; the unbiased variance needs 2 (the layer has unbiased=True)")
+            raise ValueError("data: one value per feature in all; the unbiased variance needs 2 "
+                             "(the layer has unbiased=True)")
         mean, variance = finish(moments, self.unbiased)
         self._weights["moving_mean"][...] = mean
         self._weights["moving_variance"][...] = variance

@@ -331,7 +331,8 @@ def test_bench_distributed_runs_a_synchronized_step_on_n_processes(tmp_path):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(S((None, 8, 6, 6), axis=1).to_json())
     report = tmp_path / "report.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     done = subprocess.run([sys.executable, "-m", "bngen", "bench", "--distributed", "2", "--spec", str(spec_file),
                            "--batch", "5", "--repeat", "3", "--json", str(report), "--quiet"],
                           capture_output=True, text=True, env=env, timeout=TIMEOUT)

@@ -59,7 +59,8 @@ def split_step(kernel, xs, dys, params, steps=1):
                 outs.append(kernel.normalize(x, params["gamma"], params["beta"], moments=merged))
     count = merged[0, 0]
     mean64, var64 = merged[1], np.maximum(merged[2], 0) / merged[0]
-    mask = dict(gamma=params["gamma"] if relu and spec.scale else None, beta=params["beta"] if relu and spec.center else None)
+    mask = dict(gamma=params["gamma"] if relu and spec.scale else None,
+                beta=params["beta"] if relu and spec.center else None)
     sums = sum(kernel.backward_sums(dy, x, mean64, var64, **mask) for dy, x in zip(dys, xs))
     grads = [kernel.backward_apply(dy, x, params["gamma"], mean64, var64, sums=sums, count=count,
                                    beta=mask["beta"]) for dy, x in zip(dys, xs)]
