@@ -36,9 +36,9 @@ from .compiler import Compiler
 from .dtypes import numpy_dtype
 from .entries import probe_entries
 from .plan import make_plan
-from .target import DEFAULT_TUNING
 from .render import render_cdef, render_template
 from .spec import Spec, SpecError
+from .target import DEFAULT_TUNING
 
 KINDS = ("inference", "training forward", "backward")
 # Floors: (reads of the input-sized arrays, writes), see the module docstring.

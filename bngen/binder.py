@@ -41,7 +41,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .dtypes import numpy_dtype
 from .entries import Arg, Entry, Phase, Role
 from .spec import Spec
 from .threads import MAX_THREADS

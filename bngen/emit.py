@@ -26,10 +26,8 @@ from . import oracle
 from .dtypes import numpy_dtype
 from .entries import baked_entry, runtime_sizes
 from .plan import Plan, make_plan
-
 from .render import render_template
 from .spec import Spec
-from .target import EXPORT_TARGETS as TARGETS
 from .target import Target, get_export_target
 
 PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -145,10 +143,8 @@ def fold_parameters(spec: Spec, params: Mapping) -> Tuple[np.ndarray, np.ndarray
             f"this spec has training={spec.training}, mode={spec.mode} ({why}); emit it without params"
         )
     p = check_params(spec, params)
-    gamma = p["gamma"] if spec.scale else 1.0
-    beta = p["beta"] if spec.center else 0.0
-    scale = gamma / np.sqrt(p["moving_variance"] + spec.epsilon)
-    return scale, beta - p["moving_mean"] * scale
+    return oracle.inference_coefficients(p.get("gamma"), p.get("beta"), p["moving_mean"], p["moving_variance"],
+                                         spec.epsilon)
 
 
 def check_params(spec: Spec, params: Mapping) -> Dict[str, np.ndarray]:

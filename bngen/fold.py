@@ -1,6 +1,6 @@
 """Folding an inference batch norm into the layer before it (dense or convolution).
 
-With ``s = gamma / sqrt(variance + epsilon)`` (SEMANTICS.md, "Folding"):
+With ``s = gamma / sqrt(variance + epsilon)`` (README, "Folding into the layer before"):
 ``W'[o, ...] = W[o, ...] * s[o]`` and ``b' = (b - mean) * s + beta``, where `o` runs
 along the weight's output-feature axis: 0 for PyTorch dense and convolution weights,
 1 for PyTorch transposed convolutions, -1 for Keras kernels.  The layer then computes
@@ -14,6 +14,8 @@ import numbers
 from typing import Tuple
 
 import numpy as np
+
+from .oracle import inference_coefficients
 
 
 def fold(weight, bias, gamma, beta, mean, variance, epsilon: float, out_axis=0) -> Tuple[np.ndarray, np.ndarray]:
@@ -29,7 +31,8 @@ def fold(weight, bias, gamma, beta, mean, variance, epsilon: float, out_axis=0) 
     """
     w = np.asarray(weight)
     if w.dtype.kind not in "fiu" or w.ndim == 0:
-        raise TypeError(f"weight: expected a real array with at least one axis, got {getattr(weight, 'dtype', type(weight).__name__)} of shape {w.shape}")
+        kind = getattr(weight, "dtype", type(weight).__name__)
+        raise TypeError(f"weight: expected a real array with at least one axis, got {kind} of shape {w.shape}")
     axes = _axes(out_axis, w.ndim)
     channels = math.prod(w.shape[a] for a in axes)
     if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool) or not math.isfinite(epsilon) or epsilon <= 0:
@@ -42,13 +45,13 @@ def fold(weight, bias, gamma, beta, mean, variance, epsilon: float, out_axis=0) 
     if np.any(variance + epsilon <= 0):
         raise ValueError("variance: variance + epsilon must be > 0 for every feature")
 
-    s = gamma / np.sqrt(variance + float(epsilon))
+    s, shift = inference_coefficients(gamma, beta, mean, variance, epsilon)
     shape = [1] * w.ndim
     for a in axes:
         shape[a] = w.shape[a]
     dtype = w.dtype if w.dtype.kind == "f" else np.dtype(np.float64)
     folded_weight = (w.astype(np.float64) * s.reshape(shape)).astype(dtype)
-    folded_bias = ((b - mean) * s + beta).astype(dtype)
+    folded_bias = (b * s + shift).astype(dtype)
     return folded_weight, folded_bias
 
 

@@ -1,7 +1,7 @@
 """Specs from the layer descriptions of other frameworks, so nobody translates by hand.
 
-Each framework has its own conventions (SEMANTICS.md, "Conventions of the frameworks
-users come from"): PyTorch's momentum is the weight of the NEW value and its running
+Each framework has its own conventions (README, "Conventions of the frameworks users
+come from"): PyTorch's momentum is the weight of the NEW value and its running
 variance is unbiased; Keras and ONNX keep the OLD value with weight momentum and feed
 the biased variance (except tf.keras 2's fused path).  The constructors here turn a
 layer (or a plain dict of its settings) into the `Spec` that computes what that

@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .build import build
-from .frameworks import cumulative_update
 from .dtypes import numpy_dtype
+from .frameworks import cumulative_update
 from .kernel import Kernel
 from .spec import Spec, SpecError
 
@@ -123,7 +123,7 @@ class BatchNormalization:
         self._rng = np.random.default_rng(seed)
         self._np_dtype = numpy_dtype(self.dtype)
         self._param_dtype = np.dtype(probe.param_dtype)
-        self._kernels: Dict[Tuple[tuple, bool], Kernel] = {}
+        self._kernels: Dict[Tuple[tuple, bool], Kernel] = {}  # (shape, batch axis None; training)
         self._weights: Dict[str, np.ndarray] = {}
         self._pending: Optional[List[np.ndarray]] = None
         self._tape: Optional[dict] = None  # what the last call leaves for backward
@@ -226,21 +226,26 @@ class BatchNormalization:
 
     def _spec(self, shape: tuple, training: bool) -> Spec:
         keep = 0.0 if self.momentum is None else self.momentum  # momentum=None: updated here, not in C
-        if training and self.mode == 0 and self.unbiased and None not in shape:  # (None: n counted at the call)
-            n = int(np.prod([d for a, d in enumerate(shape) if a not in self._axes]))
-            if n == 1:
-                raise ValueError(f"x: shape {shape} gives one value per feature, so the unbiased variance "
-                                 "n/(n-1) is undefined (the layer has unbiased=True)")
         return Spec(shape=shape, axis=self._axes or self.axis, dtype=self.dtype,
                     training=training, mode=self.mode, epsilon=self.epsilon, momentum=keep, center=self.center,
                     scale=self.scale, unbiased=self.unbiased, activation=self.activation)
 
     def kernel(self, shape: Sequence[int], training: bool) -> Kernel:
-        """The kernel for inputs of `shape` (built on first use, then remembered)."""
-        key = (tuple(shape), bool(training) or self.mode != 0)  # modes 1 and 2 use batch statistics either way
+        """The kernel for inputs of `shape` (built on first use, then remembered).  One
+        kernel serves every batch size: the batch axis is dynamic in its spec."""
+        training = bool(training) or self.mode != 0  # modes 1 and 2 use batch statistics either way
+        shape = tuple(shape)
+        if training and self.mode == 0 and self.unbiased and None not in shape:  # (None: n counted at the call)
+            n = int(np.prod([d for a, d in enumerate(shape) if a not in self._axes]))
+            if n == 1:
+                raise ValueError(f"x: shape {shape} gives one value per feature, so the unbiased variance "
+                                 "n/(n-1) is undefined (the layer has unbiased=True)")
+        if len(shape) > 1 and 0 not in self._axes:
+            shape = (None,) + shape[1:]
+        key = (shape, training)
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = build(self._spec(key[0], key[1]), self.cache_dir, compiler=self.compiler)
+            kernel = self._kernels[key] = build(self._spec(shape, training), self.cache_dir, compiler=self.compiler)
         return kernel
 
     # -- calls -------------------------------------------------------------------------------
@@ -351,9 +356,9 @@ class BatchNormalization:
 
     # -- synchronized batch norm -----------------------------------------------------------------
     def _sync_shape(self, shape: tuple) -> tuple:
-        """The kernel shape of a synchronized layer: the batch axis dynamic, so that one kernel
-        takes every rank's batch, an empty one too (and a batch of one with unbiased=True,
-        whose n is counted over every rank)."""
+        """The kernel shape of a synchronized call: the batch axis dynamic already, so that
+        `kernel` leaves n to the call (a rank's batch of one, with unbiased=True, is valid:
+        n is counted over every rank), and one kernel takes every rank's batch, an empty one too."""
         return shape if 0 in self._axes else (None,) + tuple(shape[1:])
 
     def _synchronized_forward(self, kernel: Kernel, x: np.ndarray, tape: dict) -> np.ndarray:

@@ -88,6 +88,18 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
     return Forward(_activate(spec, y), None, None, mm, mv)
 
 
+def inference_coefficients(gamma, beta, mean, variance, epsilon: float):
+    """The per-feature ``(scale, shift)`` of an inference batch norm, in float64:
+    ``scale = gamma / sqrt(variance + epsilon)``, ``shift = beta - mean * scale``, so that
+    ``y = x * scale + shift``.  The one statement of the fold: baked exports and
+    `bngen.fold` both use it (gamma None: 1; beta None: 0)."""
+    variance = _f64(variance)
+    gamma = 1.0 if gamma is None else _f64(gamma)
+    beta = 0.0 if beta is None else _f64(beta)
+    scale = gamma / np.sqrt(variance + float(epsilon))
+    return scale, beta - _f64(mean) * scale
+
+
 def _activate(spec: Spec, y: np.ndarray) -> np.ndarray:
     if spec.activation == "relu":
         return np.where(y < 0, 0.0, y)

@@ -12,8 +12,8 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from .version import __version__
 from .plan import Plan
+from .version import __version__
 
 
 def template_dir() -> Path:

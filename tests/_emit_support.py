@@ -17,7 +17,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
-
 from hypothesis import strategies as st
 
 from bngen.emit import Case, emit, export_plan, get_target, make_case, render_driver

@@ -1,13 +1,20 @@
-"""Shared fixtures: one session-wide temporary cache and a compiler that fails on warnings.
+"""Shared fixtures: one session-wide temporary cache and a compiler that fails on warnings,
+and the markers that say what each test needs.
 
 No test touches the user's cache: BNGEN_CACHE_DIR points at a temporary directory for
 the whole session (subprocesses inherit it), and the `build` fixture passes it
-explicitly too.
+explicitly too.  ``BNGEN_TEST_CACHE=DIR`` opts in to a persistent test cache instead,
+for fast warm reruns while developing (CI leaves it unset: every run is cold).
+
+Markers (``pytest -m 'not cross'`` and so on): `compiler` (builds C with the host
+compiler), `cross` (the aarch64 and arm-none-eabi toolchains and qemu-user), `torch`,
+`keras` (the optional frameworks), `slow` (a minute or more of work).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,10 +32,47 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+# The modules that compile nothing; every other one needs the host compiler.
+PURE_PYTHON = {"test_spec", "test_frameworks", "test_fold", "test_style"}
+# What test modules need beyond the host compiler.
+NEEDS = {
+    "test_emit_cross": ("cross",),
+    "test_emit_half": ("cross",),
+    "test_torch_parity": ("torch",),
+    "test_keras_parity": ("keras",),
+    "test_half": ("torch",),
+}
+SLOW = {"test_forward", "test_backward", "test_emit_half"}
+
+
+def pytest_configure(config):
+    for marker, meaning in [("compiler", "builds C with the host compiler"),
+                            ("cross", "needs the aarch64 / arm-none-eabi toolchains and qemu-user"),
+                            ("torch", "needs PyTorch"), ("keras", "needs Keras 3"),
+                            ("slow", "a minute or more of work")]:
+        config.addinivalue_line("markers", f"{marker}: {meaning}")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module not in PURE_PYTHON:
+            item.add_marker("compiler")
+        for marker in NEEDS.get(module, ()):
+            item.add_marker(marker)
+        if module in SLOW:
+            item.add_marker("slow")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory):
     """The cache every test builds into; also exported to subprocesses."""
-    root = tmp_path_factory.mktemp("bngen-cache")
+    persistent = os.environ.get("BNGEN_TEST_CACHE")
+    if persistent:
+        root = Path(persistent).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = tmp_path_factory.mktemp("bngen-cache")
     old = os.environ.get("BNGEN_CACHE_DIR")
     os.environ["BNGEN_CACHE_DIR"] = str(root)
     yield root

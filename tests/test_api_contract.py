@@ -1,4 +1,4 @@
-"""Regressions from an outside-style conformance audit against API.md.
+"""Regressions from an outside-style conformance audit against the public contract (the README's API).
 
 Each test is one discrepancy the audit found, checked the way an acceptance suite would:
 the error type, a message naming the argument, and every caller array left untouched.

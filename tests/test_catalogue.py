@@ -12,10 +12,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from _emit_support import CORTEX_M_OBJECTS, HOST, STRICT
 
 from bngen.catalogue import ITEMS, regenerate
 from bngen.cli import main as cli_main
-from _emit_support import CORTEX_M_OBJECTS, HOST, STRICT
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"  # the checkout's, not an installed copy's
 

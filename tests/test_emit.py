@@ -17,12 +17,12 @@ import subprocess
 
 import numpy as np
 import pytest
+from _emit_support import HOST, assert_matches, build_program, draw_case, params_for, undefined_symbols
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bngen
 from bngen.emit import emit, export_plan, get_target, make_case
-from _emit_support import HOST, assert_matches, build_program, draw_case, params_for, undefined_symbols
 
 EXAMPLES = 25
 
@@ -77,7 +77,7 @@ def test_emitted_kernel_matches_oracle(programs, case_id, data):
 
 
 def test_constant_channel_gives_exactly_beta(tmp_path):
-    """SEMANTICS: a constant channel normalises to exactly beta (here on cortex-m maths too)."""
+    """README, Semantics: a constant channel normalises to exactly beta (here on cortex-m maths too)."""
     for target in ("host", "cortex-m"):
         spec = bngen.Spec((None, 4), momentum=0.9)
         program = build_program(tmp_path / target, spec, HOST, target=target)

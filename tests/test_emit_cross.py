@@ -12,13 +12,24 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from _emit_support import (
+    AARCH64,
+    CORTEX_M,
+    CORTEX_M4,
+    CORTEX_M_OBJECTS,
+    FORBIDDEN,
+    STRICT,
+    assert_matches,
+    draw_case,
+    lazy_programs,
+    params_for,
+    undefined_symbols,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bngen
 from bngen.emit import emit
-from _emit_support import (FORBIDDEN, AARCH64, CORTEX_M, CORTEX_M4, CORTEX_M_OBJECTS, STRICT, assert_matches, lazy_programs,
-                           draw_case, params_for, undefined_symbols)
 
 EXAMPLES = 8
 CASES_PER_RUN = 3

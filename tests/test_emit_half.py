@@ -28,17 +28,27 @@ import subprocess
 
 import numpy as np
 import pytest
+from _emit_support import (
+    AARCH64,
+    CORTEX_M,
+    CORTEX_M_OBJECTS,
+    FORBIDDEN,
+    HOST,
+    STRICT,
+    build_program,
+    lazy_programs,
+    params_for,
+    undefined_symbols,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import K
+from test_half import _per_feature, assert_within_one_ulp, half_inputs
 
 import bngen
 from bngen import oracle
 from bngen.emit import Case, emit, export_plan, fold_parameters, get_target, make_case
 from bngen.kernel import numpy_dtype
-from _emit_support import (FORBIDDEN, AARCH64, CORTEX_M, CORTEX_M_OBJECTS, HOST, STRICT, build_program, lazy_programs, params_for,
-                           undefined_symbols)
-from strategies import K
-from test_half import _per_feature, assert_within_one_ulp, half_inputs
 
 HOST_EXAMPLES = 20
 CROSS_EXAMPLES = 6

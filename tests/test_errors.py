@@ -1,4 +1,4 @@
-"""Bad calls: every class of bad input API.md names raises before any C runs, with a
+"""Bad calls: every class of bad input the README names raises before any C runs, with a
 message naming the argument, and leaves every caller array untouched.
 
 Classes covered (each a case below):

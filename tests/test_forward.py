@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import K, assert_close, forward_inputs, unit_roundoff
 
 import bngen
 from bngen import oracle
-from strategies import K, assert_close, forward_inputs, unit_roundoff
 
 S = bngen.Spec
 TRAIN0 = [

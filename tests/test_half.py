@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import K, assert_close, concrete_shape
 
 import bngen
 from bngen import oracle
 from bngen.kernel import numpy_dtype
-from strategies import K, assert_close, concrete_shape
 
 MANTISSA = {"float16": 10, "bfloat16": 7}
 MIN_EXP = {"float16": -14, "bfloat16": -126}

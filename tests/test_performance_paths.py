@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import K, assert_close, unit_roundoff
 
 import bngen
 from bngen import bench, oracle
 from bngen.target import DEFAULT_TUNING, Tuning
-from strategies import K, assert_close, unit_roundoff
 
 S = bngen.Spec
 EXAMPLES = 40
@@ -77,7 +77,8 @@ def check(kernel, x, params, threads, out=None):
         assert_close("mean", mean, ref.mean, K * u * (std + np.abs(ref.mean)))
         assert_close("variance", var, ref.variance, K * u * ref.variance + K * 2.0**-53 * np.abs(ref.mean) * std)
         if mm is not None:
-            assert_close("moving_mean", mm_k, ref.moving_mean, K * u * (np.abs(ref.moving_mean) + np.abs(ref.mean)))
+            # (the batch mean carries an error relative to std, which the update passes on)
+            assert_close("moving_mean", mm_k, ref.moving_mean, K * u * (np.abs(ref.moving_mean) + np.abs(ref.mean) + std))
         # y = gamma * (x - mean) / sd + beta: its error scales with |x - mean| / sd and |beta|
         if spec.mode == 1:
             sshape = x.shape[: spec.axis[0]] + (1,) * len(spec.axis)
@@ -518,7 +519,7 @@ def test_fast_path_from_two_threads(infer, rng):
 
 
 # -- memory probes and bench ------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,streaming", [("float32", True), ("float64", False)])
+@pytest.mark.parametrize("dtype,streaming", [("float32", True), ("float64", False), ("float16", True), ("bfloat16", False)])
 def test_memory_probes(session_cache, strict_compiler, rng, dtype, streaming):
     plan, module = bench.build_memory_probe(dtype, session_cache, compiler=strict_compiler, streaming=streaming)
     assert plan.streaming == streaming
@@ -533,14 +534,17 @@ def test_memory_probes(session_cache, strict_compiler, rng, dtype, streaming):
     y = np.zeros_like(data.x)
     sink = np.zeros(1, plan.precision.param == "double" and np.float64 or np.float32)
     args = (2,) if plan.threaded else ()
-    lib.bn_copy(ffi.from_buffer(plan.precision.data + "[]", data.x), ffi.from_buffer(plan.precision.data + "[]", y, True), data.x.size, *args)
-    np.testing.assert_array_equal(y, data.x)
-    lib.bn_read(ffi.from_buffer(plan.precision.data + "[]", data.x), ffi.from_buffer(plan.precision.param + "[]", sink, True), data.x.size, *args)
-    assert sink[0] == pytest.approx(float(data.x.astype(np.float64).sum()), rel=1e-4, abs=1e-2)
+    data_ct, param_ct = plan.precision.data + "[]", plan.precision.param + "[]"
+    lib.bn_copy(ffi.from_buffer(data_ct, data.x), ffi.from_buffer(data_ct, y, True), data.x.size, *args)
+    np.testing.assert_array_equal(y.view(np.uint8), data.x.view(np.uint8))  # (float16 probes move bfloat16 bits)
+    lib.bn_read(ffi.from_buffer(data_ct, data.x), ffi.from_buffer(param_ct, sink, True), data.x.size, *args)
+    if dtype != "float16":  # (whose probe reads the bits as bfloat16: same traffic, cheaper conversions)
+        assert sink[0] == pytest.approx(float(data.x.astype(np.float64).sum()), rel=1e-3, abs=1e-2)
 
 
-def test_bench_smoke(session_cache, strict_compiler):
-    case = bench.Case("tiny", (2, 3, 4, 4), 1)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_bench_smoke(session_cache, strict_compiler, dtype):
+    case = bench.Case("tiny", (2, 3, 4, 4), 1, dtype)
     report = bench.run([case], [1, 2], repeat=3, cache_dir=session_cache, compiler=strict_compiler)
     kinds = {(r["kind"], r["threads"]) for r in report["rows"]}
     assert {("inference", 1), ("training forward", 2)} <= kinds
