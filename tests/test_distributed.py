@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _sync_support import check_backward, check_forward, near_kink, problem
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import bngen
 import bngen.distributed
-
-from _sync_support import check_backward, check_forward, near_kink, problem
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_sync_worker.py"

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_distributed import ThreadGroup
 
 import bngen
 from bngen.kernel import numpy_dtype
-
-from test_distributed import ThreadGroup
 
 
 def reference(batches, axis):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _sync_support import K, assert_close, check_backward, check_forward, near_kink, problem, unit_roundoff
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import bngen
 from bngen import oracle
 from bngen.statistics import merge_moments
-
-from _sync_support import K, assert_close, check_backward, check_forward, near_kink, problem, unit_roundoff
 
 S = bngen.Spec
 SPECS = [
