@@ -176,6 +176,7 @@ def test_synchronized_true_uses_torch_distributed(tmp_path):
     check_ranks(MODE2, config, results(tmp_path, 2, launch_torch(tmp_path, config)))
 
 
+@pytest.mark.mpi
 def test_mpi_matches_the_single_process_oracle(tmp_path):
     cmd = mpiexec()
     assert cmd
