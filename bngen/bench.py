@@ -5,19 +5,24 @@ forward, backward when the kernel has one) every implementation runs in turn, A 
 C ..., so that a slow spell of a shared machine hits all of them alike; the report gives
 medians.  In the same rotation run bngen's own memory probes (templates/memory.c.j2): a
 copy (read x, write y) and a read of the same size, with the same threads and the same
-store policy as the kernels.  From them comes each kind's memory-traffic floor, the time
-its unavoidable passes over memory take (a copy is timed with plain and with streaming
+store policy as the kernels.  From them comes each kind's memory-traffic floor: the least
+traffic the kind can get away with, timed (a copy is timed with plain and with streaming
 stores, and the faster counts):
 
 * inference reads x and writes y: one copy;
-* training forward reads x twice (statistics, then normalisation) and writes y:
-  one copy plus one read;
-* backward reads x and dy twice each (the sums, then dx) and writes dx: one copy plus
-  three reads.
+* channels-first training forward: x is read from memory once and y written once (a
+  channel's slice is re-read from L2 for the normalisation): one copy;
+* channels-last training forward: every feature's statistics need the whole tensor before
+  the first output, so x is read twice unless it stays in the last-level cache: one copy
+  plus one read;
+* channels-first backward: x and dy read once (re-read from L2), dx written: one copy
+  plus one read;
+* channels-last backward: x and dy read twice each, dx written: one copy plus three reads.
 
 ``bngen / floor`` is the kernel's time over that floor: 1.0 means it runs at the speed of
-memory; below 1.0 means it beat the floor by re-reading data from cache (the channels-first
-training schedule normalises each channel while it is still in L2).
+memory.  Other peers are opt-in: ``isas`` builds and times bngen for other -march values
+in the same rotation (an AVX2 build on an AVX-512 machine, say), ``inductor`` times
+torch.compile's generated C++ (its compile time reported apart).
 """
 
 from __future__ import annotations
@@ -41,8 +46,12 @@ from .spec import Spec, SpecError
 from .target import DEFAULT_TUNING
 
 KINDS = ("inference", "training forward", "backward")
-# Floors: (reads of the input-sized arrays, writes), see the module docstring.
-PASSES = {"inference": (1, 1), "training forward": (2, 1), "backward": (4, 1)}
+# Floors: (reads of the input-sized arrays, writes) by kind and layout, see the module docstring.
+PASSES = {
+    ("inference", False): (1, 1), ("inference", True): (1, 1),
+    ("training forward", False): (1, 1), ("training forward", True): (2, 1),
+    ("backward", False): (2, 1), ("backward", True): (4, 1),
+}
 # A timed sample is one call, or as many back-to-back calls as fill this many seconds,
 # so that the clock's resolution and the loop's own cost do not show in tiny kernels.
 SAMPLE_SECONDS = 2e-3
@@ -60,6 +69,11 @@ class Case:
     @property
     def channels_last(self) -> bool:
         return self.axis in (-1, len(self.shape) - 1) and len(self.shape) > 2
+
+    @property
+    def channels_last_layout(self) -> bool:
+        """The kernels' channels-last schedule (features innermost, dense (N, C) included)."""
+        return self.axis in (-1, len(self.shape) - 1)
 
 
 PRESETS = (
@@ -193,6 +207,30 @@ def _numpy_fns(case: Case, data: _Inputs) -> Dict[str, Callable]:
     return {"inference": inference, "training forward": training, "backward": backward}
 
 
+def _inductor_fns(case: Case, data: _Inputs, threads: int) -> Tuple[Optional[Dict[str, Callable]], float]:
+    """torch.compile'd (Inductor, CPU C++) batch norm of each kind, and the seconds its
+    compiles took; (None, 0) without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None, 0.0
+    eager = _torch_fns(case, data, threads)
+    if eager is None:
+        return None, 0.0
+    fns, spent = {}, 0.0
+    for kind, fn in eager.items():
+        compiled = torch.compile(fn, dynamic=False)
+        t = time.perf_counter()
+        try:
+            with torch.no_grad():
+                compiled()
+        except Exception:  # noqa: BLE001 - a kind Inductor cannot compile here gets no column
+            continue
+        spent += time.perf_counter() - t
+        fns[kind] = compiled
+    return fns, spent
+
+
 def _torch_fns(case: Case, data: _Inputs, threads: int) -> Optional[Dict[str, Callable]]:
     try:
         import torch
@@ -283,11 +321,18 @@ def _probe_fns(plan, module, data: _Inputs, threads: int) -> Dict[str, Callable]
     return {"copy": lambda: lib.bn_copy(px, py, n, *extra), "read": lambda: lib.bn_read(px, psink, n, *extra)}
 
 
-def floor_ms(kind: str, copy_ms: float, read_ms: float) -> float:
-    """The time of the memory passes `kind` cannot avoid (see the module docstring);
-    `copy_ms` is the faster of the plain and the streamed copy."""
-    reads, writes = PASSES[kind]
+def floor_ms(kind: str, copy_ms: float, read_ms: float, channels_last: bool = False) -> float:
+    """The time of the memory passes `kind` cannot avoid in its layout (see the module
+    docstring); `copy_ms` is the faster of the plain and the streamed copy."""
+    reads, writes = PASSES[kind, channels_last]
     return writes * copy_ms + (reads - writes) * read_ms
+
+
+def march_compiler(isa: str, base: Optional[Compiler] = None) -> Compiler:
+    """`base` (default: the default compiler) building for ``-march=isa`` instead."""
+    base = base or Compiler()
+    flags = tuple(f for f in base.flags if not f.startswith("-march="))
+    return dataclasses.replace(base, flags=flags + (f"-march={isa}",))
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -310,11 +355,17 @@ def keep_freed_memory() -> bool:
 
 
 def run(cases: Sequence[Case], threads: Sequence[int], repeat: int = 21, kinds: Sequence[str] = KINDS,
-        cache_dir=None, compiler: Optional[Compiler] = None, progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Benchmarks every case x kind x thread count; returns a JSON-ready report."""
+        cache_dir=None, compiler: Optional[Compiler] = None, progress: Callable[[str], None] = lambda s: None,
+        isas: Sequence[str] = (), inductor: bool = False) -> dict:
+    """Benchmarks every case x kind x thread count; returns a JSON-ready report.
+
+    `isas`: other ``-march`` values to build bngen for and time in the same rotation
+    (one row each); `inductor`: also time torch.compile (Inductor) of torch's batch norm."""
     warm_malloc = keep_freed_memory()
     rows = []
     probes = {}
+    builds = {"native": compiler, **{isa: march_compiler(isa, compiler) for isa in isas}}
+    compile_seconds = {}
     for case in cases:
         data = _Inputs(case)
         if case.dtype not in probes:
@@ -322,16 +373,23 @@ def run(cases: Sequence[Case], threads: Sequence[int], repeat: int = 21, kinds: 
                                        for s in (False, True))
         numpy_fns = _numpy_fns(case, data)
         for nthreads in threads:
-            bngen_fns = _bngen_fns(case, data, nthreads, cache_dir, compiler)
+            bngen_fns = {isa: _bngen_fns(case, data, nthreads, cache_dir, c) for isa, c in builds.items()}
             torch_fns = _torch_fns(case, data, nthreads)
+            inductor_fns = None
+            if inductor:
+                inductor_fns, spent = _inductor_fns(case, data, nthreads)
+                compile_seconds[f"{case.name} | {nthreads}"] = spent
             memory = _memory_fns(probes[case.dtype], data, nthreads)
             for kind in kinds:
-                if kind not in bngen_fns:
+                if kind not in bngen_fns["native"]:
                     continue
                 progress(f"{case.name} | {kind} | {nthreads} thread(s)")
-                fns = {"bngen": bngen_fns[kind], "numpy": numpy_fns[kind], **memory}
+                fns = {_bngen_name(isa): f[kind] for isa, f in bngen_fns.items()}
+                fns.update({"numpy": numpy_fns[kind], **memory})
                 if torch_fns is not None and kind in torch_fns:  # (a kind torch refused has no column)
                     fns["torch"] = torch_fns[kind]
+                if inductor_fns is not None and kind in inductor_fns:
+                    fns["inductor"] = inductor_fns[kind]
                 if torch_fns is not None:
                     import torch
 
@@ -341,17 +399,43 @@ def run(cases: Sequence[Case], threads: Sequence[int], repeat: int = 21, kinds: 
                     times = measure(fns, repeat)
                 stats = {name: summary(t) for name, t in times.items()}
                 med = {name: s["median_ms"] for name, s in stats.items()}
-                floor = floor_ms(kind, min(med["copy"], med["copy streamed"]), med["read"])
-                rows.append({
-                    "case": case.name, "shape": list(case.shape), "axis": case.axis, "dtype": case.dtype,
-                    "kind": kind, "threads": nthreads, "timings": stats, "floor_ms": floor,
-                    "torch_over_bngen": med["torch"] / med["bngen"] if "torch" in med else None,
-                    "numpy_over_bngen": med["numpy"] / med["bngen"],
-                    "bngen_over_floor": med["bngen"] / floor,
-                    "bytes": int(data.x.nbytes),
-                })
+                floor = floor_ms(kind, min(med["copy"], med["copy streamed"]), med["read"], case.channels_last_layout)
+                for isa in builds:
+                    mine = med[_bngen_name(isa)]
+                    timings = {k: v for k, v in stats.items() if not k.startswith("bngen")}
+                    timings["bngen"] = stats[_bngen_name(isa)]
+                    rows.append({
+                        "case": case.name, "shape": list(case.shape), "axis": case.axis, "dtype": case.dtype,
+                        "isa": isa, "kind": kind, "threads": nthreads, "timings": timings, "floor_ms": floor,
+                        "torch_over_bngen": med["torch"] / mine if "torch" in med else None,
+                        "inductor_over_bngen": med["inductor"] / mine if "inductor" in med else None,
+                        "numpy_over_bngen": med["numpy"] / mine,
+                        "bngen_over_floor": mine / floor,
+                        "bytes": int(data.x.nbytes),
+                    })
     return {"repeat": repeat, "threads": list(threads), "torch": torch_version(), "numpy": np.__version__,
-            "malloc_keeps_freed_memory": warm_malloc, "rows": rows}
+            "malloc_keeps_freed_memory": warm_malloc, "isas": ["native", *isas], "inductor": inductor,
+            "inductor_compile_seconds": compile_seconds, "cpu": cpu_name(), "rows": rows}
+
+
+def _bngen_name(isa: str) -> str:
+    return "bngen" if isa == "native" else f"bngen {isa}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector extension, for the report."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "scalar/SSE"
+    return f"{model} ({isa})"
 
 
 def _ms(v: float) -> str:
@@ -361,31 +445,43 @@ def _ms(v: float) -> str:
 def markdown(report: dict) -> str:
     """The report as a markdown table (median milliseconds per call)."""
     has_torch = report["torch"] is not None
-    head = ["case", "kind", "threads", "bngen ms", "spread", "numpy ms"]
+    has_isa = len(report.get("isas", ["native"])) > 1
+    has_inductor = bool(report.get("inductor"))
+    head = ["case", "kind", "threads"] + (["isa"] if has_isa else []) + ["bngen ms", "spread", "numpy ms"]
     if has_torch:
         head += ["torch ms", "torch / bngen"]
+    if has_inductor:
+        head += ["inductor ms", "inductor / bngen"]
     head += ["floor ms", "bngen / floor"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         t = row["timings"]
         b = t["bngen"]
         spread = (b["q3_ms"] - b["q1_ms"]) / b["median_ms"]
-        cells = [row["case"], row["kind"], str(row["threads"]), _ms(b["median_ms"]), f"{spread:.0%}",
-                 _ms(t["numpy"]["median_ms"])]
+        cells = [row["case"], row["kind"], str(row["threads"])] + ([row.get("isa", "native")] if has_isa else [])
+        cells += [_ms(b["median_ms"]), f"{spread:.0%}", _ms(t["numpy"]["median_ms"])]
         if has_torch and "torch" in t:
             cells += [_ms(t["torch"]["median_ms"]), f"{row['torch_over_bngen']:.2f}x"]
         elif has_torch:  # a case torch refuses (training on one value per channel)
+            cells += ["-", "-"]
+        if has_inductor and "inductor" in t:
+            cells += [_ms(t["inductor"]["median_ms"]), f"{row['inductor_over_bngen']:.2f}x"]
+        elif has_inductor:
             cells += ["-", "-"]
         cells += [_ms(row["floor_ms"]), f"{row['bngen_over_floor']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
-        f"Median of {report['repeat']} samples per cell, implementations timed in rotation; "
-        "spread = interquartile range of bngen's samples over its median. "
+        f"{report.get('cpu', 'unknown CPU')}. Median of {report['repeat']} samples per cell, implementations timed "
+        "in rotation; spread = interquartile range of bngen's samples over its median. "
         f"NumPy {report['numpy']}" + (f", PyTorch {report['torch']}" if has_torch else ", PyTorch not installed") + ". "
-        "floor = the kind's unavoidable memory passes timed with bngen's copy/read probes "
-        "(inference: 1 copy; training forward: 1 copy + 1 read; backward: 1 copy + 3 reads; "
+        "floor = the kind's least memory traffic timed with bngen's copy/read probes "
+        "(inference 1 copy; training forward 1 copy channels-first, 1 copy + 1 read channels-last; "
+        "backward 1 copy + 1 read channels-first, 1 copy + 3 reads channels-last; "
         "the faster of a plain and a streamed copy)."
+        + (" isa: the -march bngen was built for (native = this machine's)." if has_isa else "")
+        + (" inductor: torch.compile of the same torch call; compile times are in the JSON report."
+           if has_inductor else "")
         + (" malloc keeps freed memory (no page faults from one implementation's frees)."
            if report.get("malloc_keeps_freed_memory") else ""),
     ]

@@ -149,7 +149,12 @@ def cmd_bench(args) -> int:
     unknown = [k for k in args.kinds.split(",") if k not in bench.KINDS] if args.kinds else []
     if unknown:
         raise SpecError(f"--kinds: {', '.join(map(repr, unknown))} not among {', '.join(bench.KINDS)}")
-    report = bench.run(cases, threads, repeat=args.repeat, kinds=kinds, cache_dir=args.cache_dir, progress=progress)
+    isas = [m.strip() for m in args.march.split(",") if m.strip() and m.strip() != "native"] if args.march else []
+    for isa in isas:
+        if not all(ch.isalnum() or ch in "-_." for ch in isa):
+            raise SpecError(f"--march: {isa!r} is not an -march value (e.g. x86-64-v3, skylake-avx512)")
+    report = bench.run(cases, threads, repeat=args.repeat, kinds=kinds, cache_dir=args.cache_dir, progress=progress,
+                       isas=isas, inductor=args.inductor)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(bench.markdown(report))
@@ -253,6 +258,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", help="comma-separated subset of: inference,training forward,backward")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated storage dtypes for the preset cases (default float32; e.g. float32,float16,bfloat16)")
+    p.add_argument("--march", metavar="LIST",
+                   help="comma-separated -march values to build and time bngen for too, in the same run "
+                        "(e.g. x86-64-v3 for the AVX2 build on an AVX-512 machine); one row each")
+    p.add_argument("--inductor", action="store_true",
+                   help="also time torch.compile (Inductor) of torch's batch norm; compile time reported apart")
     p.add_argument("--json", metavar="FILE", help="also write the full report (all statistics) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--distributed", type=_positive_int, metavar="N",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from .entries import Arg, Entry, Phase, Role, kernel_entries, runtime_sizes, split_entries
+from .entries import Arg, Entry, Phase, Role, backward_reads_x, kernel_entries, runtime_sizes, split_entries
 from .spec import Spec
 from .target import DEFAULT_TUNING, Target, Tuning
 
@@ -87,6 +87,17 @@ class Plan:
     # Entries whose Python calls have a generated fast path (bngen.binder): every entry
     # the JIT calls.  Pinned by a table in the tests.
     fast_entries: Tuple[str, ...] = ()
+    # How a channels-first channel is cut into statistics / gradient blocks: "runs" (each
+    # run of `inner` values is long enough to be cut on its own), "rows" (blocks of whole
+    # runs) or "runtime" (inner is dynamic: the kernel picks one of the two per call).
+    blocking: str = "runs"
+    # The channels-last schedule's tails: a group of lanes that the channels do not fill
+    # (some tile is not a multiple of `lanes`), and a last tile narrower than the others.
+    lane_tail: bool = False
+    tile_tail: bool = False
+    # The gradient reads x: always at batch statistics; a frozen layer only for dgamma or
+    # the ReLU mask (bngen.entries.backward_reads_x).
+    reads_x: bool = True
 
     def entry(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
@@ -155,6 +166,7 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
     entries = kernel_entries(spec, outer, inner, threaded, backward, streaming)
     if split and backward and spec.uses_batch_stats and spec.mode != 1 and not target.export:
         entries += split_entries(spec, runtime_sizes(outer, inner, threaded))
+    channel_tile = min(channels, target.channel_tile)
     return Plan(
         spec=spec,
         precision=precision,
@@ -165,7 +177,7 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
         threaded=threaded,
         pragmas=target.simd_pragmas,
         stat_block=tuning.lane_values * lanes,
-        channel_tile=min(channels, target.channel_tile),
+        channel_tile=channel_tile,
         row_block=tuning.row_block,
         parallel_min=tuning.parallel_min,
         entries=entries,
@@ -181,4 +193,8 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
         coef_table=schedule == "channels_first" and not spec.uses_batch_stats and channels <= tuning.coef_table_max,
         stage=tuning.stage_values,
         fast_entries=() if target.export else tuple(e.name for e in entries),
+        blocking="runtime" if inner is None else "runs" if inner >= tuning.lane_values * lanes else "rows",
+        lane_tail=bool(channels % lanes or channel_tile % lanes),
+        tile_tail=channels % channel_tile != 0,
+        reads_x=backward_reads_x(spec),
     )

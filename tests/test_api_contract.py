@@ -160,6 +160,7 @@ def test_cli_counts_must_be_positive(capsys, argv, words):
 @pytest.mark.parametrize("argv, words", [
     (["bench", "--kinds", "inference,foo", "--quiet"], "--kinds: 'foo' not among"),
     (["bench", "--threads", str(MAX_THREADS + 1), "--quiet"], "--threads"),
+    (["bench", "--march", "x86-64-v3;rm", "--quiet"], "--march"),
 ])
 def test_cli_bench_rejects_bad_lists(capsys, argv, words):
     assert cli.main(argv) == 2

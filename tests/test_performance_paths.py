@@ -555,6 +555,33 @@ def test_bench_smoke(session_cache, strict_compiler, dtype):
     assert table.count("| tiny |") == len(report["rows"])
 
 
+def test_bench_other_isa_and_inductor(session_cache, strict_compiler):
+    """--march builds a second bngen (here the AVX2 baseline, x86 only) timed in the same
+    rotation, one row each; --inductor adds torch.compile's column when torch is there."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64-v3 is an x86 -march value")
+    case = bench.Case("tiny", (2, 3, 4, 4), 1)
+    report = bench.run([case], [1], repeat=2, kinds=["inference"], cache_dir=session_cache, compiler=strict_compiler,
+                       isas=["x86-64-v3"], inductor=False)
+    assert [r["isa"] for r in report["rows"]] == ["native", "x86-64-v3"]
+    native, avx2 = report["rows"]
+    assert native["timings"]["numpy"] is avx2["timings"]["numpy"]  # one rotation: peers timed once
+    assert native["timings"]["bngen"] is not avx2["timings"]["bngen"]
+    assert "| isa |" in bench.markdown(report) and "| x86-64-v3 |" in bench.markdown(report)
+    assert "AVX" in report["cpu"] or "scalar" in report["cpu"]
+
+
+def test_floors_follow_the_least_traffic():
+    copy, read = 3.0, 1.0
+    assert bench.floor_ms("inference", copy, read, False) == bench.floor_ms("inference", copy, read, True) == 3.0
+    assert bench.floor_ms("training forward", copy, read, False) == 3.0  # x read once, re-read from L2
+    assert bench.floor_ms("training forward", copy, read, True) == 4.0  # x read twice
+    assert bench.floor_ms("backward", copy, read, False) == 4.0  # x and dy once each, dx written
+    assert bench.floor_ms("backward", copy, read, True) == 6.0
+
+
 # -- the fast path of backward ----------------------------------------------------------------------
 BACKWARD = [
     S((None, 5, 7), axis=1),
