@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def run(comm, rank: int, config: dict, outdir: Path) -> None:
         for step in range(config["steps"]):
             if behaviour == "dead_rank" and rank == config["world"] - 1 and step == 1:
                 os._exit(17)  # dies between collectives: the others must fail, not hang
+            if behaviour == "stalled_rank" and rank == config["world"] - 1 and step == 1:
+                time.sleep(config["stall"])  # alive but silent: the others' collective times out
+                os._exit(18)
             y = layer(x, training=True)
         dx = layer.backward(dy)
     except bngen.distributed.SynchronizationError as error:
@@ -84,7 +88,7 @@ def main(argv) -> int:
             synchronized = True if config.get("synchronized_true") else bngen.distributed.TorchDistributed()
             run(synchronized, rank, config, Path(outdir))
         finally:
-            if config.get("behaviour") != "dead_rank":
+            if config.get("behaviour") not in ("dead_rank", "stalled_rank"):
                 dist.destroy_process_group()
         return 0
     if argv[1] == "mpi":

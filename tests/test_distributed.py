@@ -7,8 +7,8 @@ steps, dx and dgamma/dbeta with the float64 oracle on the concatenated batch, an
 that the statistics, moving averages and parameter gradients are identical bit for bit
 on every rank.  Specs compiled: 4 (in the parent, into the session cache, from which the
 workers load them).  Processes launched: 2 + 3 + 4 (gloo) and 3 (MPI) ranks for the
-comparisons, plus 2-rank runs for mismatched features, mismatched dtypes, a dead rank
-and synchronized=True, and `bngen bench --distributed 2`; threads: 30 hypothesis examples
+comparisons, plus 2-rank runs for mismatched features, mismatched dtypes, a stalled rank
+(gloo's timeout), 3 ranks with a dead one, synchronized=True, and `bngen bench --distributed 2`; threads: 30 hypothesis examples
 on each of 2 specs, mismatched specs, and one-sample ranks with unbiased=True and the
 cumulative moving average.  Every launch has a timeout and kills its processes on failure.
 """
@@ -68,12 +68,24 @@ def worker_env() -> dict:
     return env
 
 
-def wait_all(procs, timeout: float):
+def wait_all(procs, timeout: float, finished=None):
     """Waits for every process; kills them all if any exceeds the deadline.  Returns
-    [(returncode, output)], or raises AssertionError on timeout (after the kill)."""
-    deadline = time.monotonic() + timeout
+    [(returncode, output)], or raises AssertionError on timeout (after the kill).
+    `finished`: a list that gets each process's end, in seconds from now (within 0.2 s)."""
+    start = time.monotonic()
+    deadline = start + timeout
     results = []
     try:
+        if finished is not None:  # poll, so that each end is seen when it happens
+            ends = {}
+            while len(ends) < len(procs):
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired("ranks", timeout)
+                for i, p in enumerate(procs):
+                    if i not in ends and p.poll() is not None:
+                        ends[i] = time.monotonic() - start
+                time.sleep(0.2)
+            finished.extend(ends[i] for i in range(len(procs)))
         for p in procs:
             out, _ = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
             results.append((p.returncode, out))
@@ -87,7 +99,7 @@ def wait_all(procs, timeout: float):
     return results
 
 
-def launch_torch(tmp_path: Path, config: dict, timeout: float = TIMEOUT):
+def launch_torch(tmp_path: Path, config: dict, timeout: float = TIMEOUT, finished=None):
     world = config["world"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     port = free_port()
@@ -95,7 +107,7 @@ def launch_torch(tmp_path: Path, config: dict, timeout: float = TIMEOUT):
                                str(tmp_path / "config.json"), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())
              for rank in range(world)]
-    return wait_all(procs, timeout)
+    return wait_all(procs, timeout, finished)
 
 
 def mpiexec() -> list:
@@ -217,6 +229,25 @@ def test_a_dead_rank_makes_the_others_fail_within_the_timeout(tmp_path):
     for code, out in launched[:-1]:  # the others: the engine's error, not a hang and not success
         assert code != 0, out
         assert "RuntimeError" in out, out  # gloo: connection closed or reset by the dead peer
+
+
+def test_a_stalled_rank_makes_the_others_fail_after_the_gloo_timeout(tmp_path):
+    """A rank alive but silent: the others' all-gather gives up after init_process_group's
+    timeout (10 s here) with the engine's error, instead of waiting forever."""
+    pytest.importorskip("torch")
+    _layer_kernel(DENSE_F64)
+    config = config_for(DENSE_F64, [2, 2], behaviour="stalled_rank", timeout=10, stall=30)
+    finished = []
+    launched = launch_torch(tmp_path, config, finished=finished)
+    (code0, out0), (code1, _) = launched
+    assert code1 == 18 and code0 != 0 and "RuntimeError" in out0, out0
+    assert finished[0] < finished[1] - 10, finished  # rank 0 ended well before the stalled rank woke up
+
+
+def test_importing_bngen_distributed_imports_no_engine():
+    code = "import sys, bngen, bngen.distributed; print(sorted(m for m in sys.modules if m in ('torch', 'mpi4py')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(), timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_synchronized_true_without_torch_distributed_raises_at_the_first_training_call():
