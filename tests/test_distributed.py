@@ -8,9 +8,10 @@ that the statistics, moving averages and parameter gradients are identical bit f
 on every rank.  Specs compiled: 4 (in the parent, into the session cache, from which the
 workers load them).  Processes launched: 2 + 3 + 4 (gloo) and 3 (MPI) ranks for the
 comparisons, plus 2-rank runs for mismatched features, mismatched dtypes, a stalled rank
-(gloo's timeout), 3 ranks with a dead one, synchronized=True, and `bngen bench --distributed 2`; threads: 30 hypothesis examples
-on each of 2 specs, mismatched specs, and one-sample ranks with unbiased=True and the
-cumulative moving average.  Every launch has a timeout and kills its processes on failure.
+(gloo's timeout), synchronized=True and `bngen bench --distributed 2`, and 3 ranks with a
+dead one; threads: 30 hypothesis examples on each of 2 specs, mismatched specs, and
+one-sample ranks with unbiased=True and the cumulative moving average.  Every launch has
+a timeout and kills its processes on failure.
 """
 
 from __future__ import annotations
