@@ -7,8 +7,9 @@ kernels (moments, normalize, backward_sums, backward_apply) and the collectives 
 all-gathers of the moments and of the gradient sums, each with its header); the report
 gives, per case, the slowest rank's median of each beside the single-process fused
 forward + backward on the whole batch (one thread).  The collective moves O(C) values,
-so for large tensors it should cost less than the kernels; on one machine the ranks
-also share its cores, so read the kernel times as a functional check, not a speed-up.
+so for large tensors it should cost less than the kernels; its time includes waiting in
+the all-gather for the slowest rank (each step starts at a barrier).  On one machine the
+ranks share its cores, so read the kernel times as a functional check, not a speed-up.
 
 Run as a module, it is one rank: ``python -m bngen.bench_distributed PORT RANK N CONFIG OUT``.
 """
