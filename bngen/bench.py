@@ -486,3 +486,135 @@ def markdown(report: dict) -> str:
            if report.get("malloc_keeps_freed_memory") else ""),
     ]
     return "\n".join(lines + notes)
+
+
+# -- the end-to-end training step (bngen bench --model) -----------------------------------------------
+MODEL_MODES = ("eager", "compiled")
+
+
+def _is_batch_norm(name: str) -> bool:
+    """torch's aten::*batch_norm* ops and NativeBatchNormBackward nodes, bngen's custom ops
+    (bngen::batch_norm_*) and eager autograd Functions (_BatchNormTrain, ...Backward)."""
+    return "batchnorm" in name.lower().replace("_", "")
+
+
+def _bn_ms(prof) -> float:
+    """Milliseconds the profiled steps spent in batch norm: the CPU time of every
+    batch-norm event (`_is_batch_norm`) not inside another one."""
+    total = 0.0
+    for event in prof.events():
+        if not _is_batch_norm(event.name):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not _is_batch_norm(parent.name):
+            parent = parent.cpu_parent
+        if parent is None:
+            total += event.cpu_time_total
+    return total / 1e3
+
+
+def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: Sequence[str] = MODEL_MODES,
+              repeat: int = 10, steps: int = 20, profiled: int = 3, channels_last: bool = False,
+              progress: Callable[[str], None] = lambda s: None) -> dict:
+    """One training step (forward, backward, SGD) of `bngen.resnet.ResNet` with
+    torch.nn.BatchNorm2d and with ``bngen.torch.convert`` of the same model, eager and
+    compiled, per thread count; JSON-ready.
+
+    Per cell: the median step time of `repeat` steps (the two models' steps alternate),
+    and the share of a step spent in batch norm over `profiled` steps under
+    torch.profiler (None where no batch-norm operator is left to see: inductor compiles
+    torch's own batch norm into its generated code).  Before timing, both models are
+    trained `steps` steps from the same initialisation on the same batches; the largest
+    relative difference of their losses is reported.
+    """
+    import copy
+
+    import torch
+
+    from . import resnet
+    from . import torch as bnt
+
+    warm_malloc = keep_freed_memory()  # as in `run`: a warm training loop reuses freed memory
+    dims = resnet.SIZES[size]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(dims.batch, 3, dims.image, dims.image, generator=g).contiguous(memory_format=fmt),
+                torch.randint(0, dims.classes, (dims.batch,), generator=g)) for _ in range(4)]
+    old_threads = torch.get_num_threads()
+    rows, agreement = [], {}
+    try:
+        for mode in modes:
+            for nthreads in threads:
+                torch.set_num_threads(nthreads)
+                torch.manual_seed(0)
+                base = resnet.ResNet(dims).to(memory_format=fmt)
+                models = {"torch": base, "bngen": bnt.convert(copy.deepcopy(base))}
+                if mode == "compiled":
+                    torch._dynamo.reset()  # each thread count compiles afresh
+                    models = {k: torch.compile(m) for k, m in models.items()}
+                opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
+
+                def step(name, batch):
+                    x, target = batch
+                    opts[name].zero_grad(set_to_none=True)
+                    loss = torch.nn.functional.cross_entropy(models[name](x), target)
+                    loss.backward()
+                    opts[name].step()
+                    return loss.item()
+
+                progress(f"model {size} | {mode} | {nthreads} thread(s): {steps} steps for the loss check")
+                losses = {k: [step(k, batches[i % len(batches)]) for i in range(steps)] for k in models}
+                diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["bngen"], losses["torch"]))
+                agreement[f"{mode}, {nthreads} thread(s)"] = {"max_relative_difference": diff,
+                                                               "torch": losses["torch"], "bngen": losses["bngen"]}
+                progress(f"model {size} | {mode} | {nthreads} thread(s): timing")
+                times = measure({k: (lambda k=k: step(k, batches[0])) for k in models}, repeat)
+                shares = {}
+                for name in models:
+                    # one step with the profiler on but not recording: its start-up is not in the share
+                    schedule = torch.profiler.schedule(wait=0, warmup=1, active=profiled, repeat=1)
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                schedule=schedule) as prof:
+                        step(name, batches[0])
+                        prof.step()
+                        start = time.perf_counter()
+                        for _ in range(profiled):
+                            step(name, batches[0])
+                            prof.step()
+                        wall = (time.perf_counter() - start) * 1e3
+                    bn = _bn_ms(prof)
+                    shares[name] = (bn / profiled, bn / wall) if bn > 0 else (None, None)
+                for name in models:
+                    stats = summary(times[name])
+                    rows.append({"mode": mode, "threads": nthreads, "implementation": name, "step": stats,
+                                 "bn_ms": shares[name][0], "bn_share": shares[name][1],
+                                 "torch_over_bngen": summary(times["torch"])["median_ms"] / stats["median_ms"]})
+    finally:
+        torch.set_num_threads(old_threads)
+    return {"model": "bngen.resnet.ResNet", "size": dataclasses.asdict(dims), "size_name": size,
+            "channels_last": channels_last, "repeat": repeat, "steps": steps, "torch": torch.__version__,
+            "malloc_keeps_freed_memory": warm_malloc,
+            "rows": rows, "losses": agreement}
+
+
+def model_markdown(report: dict) -> str:
+    """The model report as a markdown table (median step time)."""
+    lines = ["| mode | threads | batch norm | step ms | spread | BN ms | BN share | torch / this |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        s = row["step"]
+        spread = (s["q3_ms"] - s["q1_ms"]) / s["median_ms"]
+        bn = "-" if row["bn_ms"] is None else _ms(row["bn_ms"])
+        share = "-" if row["bn_share"] is None else f"{row['bn_share']:.0%}"
+        lines.append(f"| {row['mode']} | {row['threads']} | {row['implementation']} | {_ms(s['median_ms'])} | "
+                     f"{spread:.0%} | {bn} | {share} | {row['torch_over_bngen']:.2f}x |")
+    size = report["size"]
+    worst = max((v["max_relative_difference"] for v in report["losses"].values()), default=0.0)
+    lines += ["", f"ResNet-style CNN ({report['size_name']}: batch {size['batch']}, {size['image']}x{size['image']} "
+              f"images, widths {tuple(size['widths'])}{', channels_last' if report['channels_last'] else ''}), "
+              f"one SGD training step; median of {report['repeat']} steps, the two models alternating; "
+              f"PyTorch {report['torch']}. BN ms/share: batch-norm operators under torch.profiler "
+              "('-': none left to see, inductor compiled torch's batch norm into its own code). "
+              f"Losses over {report['steps']} steps from the same initialisation agree to {worst:.1e} "
+              "(largest relative difference)."]
+    return "\n".join(lines)

@@ -316,6 +316,10 @@ def check_threads(kernel, threads) -> int:
         return kernel._threads
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
         raise ValueError(f"threads: {threads!r} must be an int >= 1 and <= {MAX_THREADS}")
+    if threads > kernel._max_threads:
+        raise ValueError(f"threads: {threads!r} in a process forked from one that had imported bngen; OpenMP's thread "
+                         "pool does not survive fork(), so a team would hang here: use 1 thread, or start workers with "
+                         "the 'spawn' or 'forkserver' method of multiprocessing")
     return int(threads)
 
 
@@ -476,7 +480,7 @@ def fast_path(kernel, face: Face, checked):
     for p in others:
         emit(f"if {p.name}.__class__ is not ndarray or ({p.name}.dtype is not dtype and {p.name}.dtype != dtype) "
              f"or {p.name}.shape != shape: raise _Refused")
-    emit("if threads is not None and (threads.__class__ is not int or not 0 < threads <= MAX_THREADS): raise _Refused")
+    emit("if threads is not None and (threads.__class__ is not int or not 0 < threads <= self._max_threads): raise _Refused")
     # the per-feature arrays, through the kept sets
     kept = [p for p in face.params if p.kind == PARAM and p.used]
     slots = [(p.arg is not None, p.required, p.arg is not None and p.arg.role == Role.PARAM_INOUT) for p in kept]

@@ -7,11 +7,14 @@ an equal spec cost a dictionary lookup.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
+from pathlib import Path
 from typing import Optional
 
 from .cache import Cache, digest, resolve_root
-from .compiler import Compiler, load_module
+from .compiler import Compiler, extension_filename, load_module
 from .kernel import Kernel
 from .plan import make_plan
 from .render import render_cdef, render_source
@@ -63,12 +66,29 @@ def _build(spec: Spec, cache: Cache, compiler: Compiler, target: Optional[Target
 
 def load_source(source: str, cdef: str, cache: Cache, compiler: Compiler, features, spec_json: str):
     """The extension module of generated C `source` (entry points declared by `cdef`):
-    from the cache, compiling it on a miss."""
+    from the cache, compiling it on a miss.  An entry whose object does not import
+    (another key's object, a damaged file that matched its manifest) is discarded and
+    rebuilt."""
     key = digest(source, cdef, compiler.fingerprint(features))
     module_name = f"_bngen_{key[:24]}"
-    shared = cache.fetch(
-        key,
-        lambda directory: compiler.compile(source, cdef, module_name, directory, features),
-        files={"kernel.c": source, "spec.json": spec_json},
-    )
-    return load_module(module_name, shared)
+    object_name = extension_filename(module_name)
+
+    def fetch():
+        return cache.fetch(
+            key,
+            lambda directory: compiler.compile(source, cdef, module_name, directory, features),
+            files={"kernel.c": source, "spec.json": spec_json},
+            object_name=object_name,
+        )
+
+    try:
+        return load_module(module_name, fetch())
+    except ImportError:
+        cache.discard(key)
+    # The damaged object may stay mapped in this process under the entry's path (the
+    # dynamic loader knows libraries by path), so the rebuilt one is loaded from a copy.
+    shared = fetch()
+    with tempfile.TemporaryDirectory(prefix="bngen-load-") as private:
+        copy = Path(private) / object_name
+        shutil.copyfile(shared, copy)
+        return load_module(module_name, copy)  # mapped now: the file can go

@@ -6,15 +6,16 @@ import argparse
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .build import build
 from .cache import Cache, resolve_root
 from .compiler import CompileError
 from .spec import DTYPES, Spec, SpecError
+from .version import __version__
 
 DEMO_SHAPE = (None, 64, 56, 56)  # a ResNet stage-1 activation, NCHW
 DEMO_BATCH = 16
@@ -22,10 +23,13 @@ DEMO_BATCH = 16
 
 def _load_spec(path: str) -> Spec:
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise SpecError(f"--spec: cannot read {path}: {exc.strerror}") from None
-    return Spec.from_json(text)
+        raise SpecError(f"--spec: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return Spec.from_json(data)  # bytes: bad UTF-8 is a SpecError too
+    except SpecError as exc:
+        raise SpecError(f"--spec: {path}: {exc}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -116,8 +120,10 @@ def cmd_bench(args) -> int:
     """Time bngen's kernels beside NumPy and PyTorch (when installed) and against the
     memory-traffic floor, on the preset cases or on a spec file; print a markdown table."""
     from . import bench
-    from .kernel import MAX_THREADS, default_threads
+    from .threads import MAX_THREADS, default_threads
 
+    if args.model:
+        return _bench_model(args)
     if args.spec:
         cases = [bench.case_from_spec(_load_spec(args.spec), args.batch)]
     else:
@@ -161,10 +167,59 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _load_npz(option: str, path: str):
+def _thread_counts(text: str, default) -> list:
+    """The thread counts of --threads, or `default` without it."""
+    from .threads import MAX_THREADS
+
+    if not text:
+        return default
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        threads = [int(t) for t in text.split(",")]
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1 or max(threads) > MAX_THREADS:
+        raise SpecError(f"--threads: {text!r} is not a comma-separated list of counts from 1 to {MAX_THREADS}")
+    return threads
+
+
+def _bench_model(args) -> int:
+    """``bngen bench --model``: a ResNet-style training step with torch.nn.BatchNorm2d and
+    with bngen.torch, eager and compiled, at 1 and 2 threads (or --threads)."""
+    from . import bench
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("bngen bench --model: needs PyTorch (pip install bngen[torch])", file=sys.stderr)
+        return 2
+    modes = [m.strip() for m in args.modes.split(",")]
+    unknown = [m for m in modes if m not in bench.MODEL_MODES]
+    if unknown:
+        raise SpecError(f"--modes: {', '.join(map(repr, unknown))} not among {', '.join(bench.MODEL_MODES)}")
+    threads = _thread_counts(args.threads, [1, 2])
+    progress = (lambda s: print(f"  {s}", file=sys.stderr)) if not args.quiet else (lambda s: None)
+    report = bench.model_run(args.model_size, threads, modes, repeat=args.model_repeat or args.repeat,
+                             steps=args.steps, channels_last=args.channels_last, progress=progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(bench.model_markdown(report))
+    return 0
+
+
+def _load_npz(option: str, path: str) -> dict:
+    """The arrays of the .npz file at `path`, read in full; a file that is not one (missing,
+    empty, a .npy, truncated, holding pickled objects) is an OSError naming `option`."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if isinstance(archive, np.ndarray):
+            raise OSError(f"{option}: {path} is a .npy file (one array); expected an .npz archive of named arrays")
+        with archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise OSError(f"{option}: cannot read {path} as .npz ({exc or type(exc).__name__})") from None
+    except OSError as exc:
+        if str(exc).startswith(option):
+            raise
         raise OSError(f"{option}: cannot read {path} as .npz ({exc})") from None
 
 
@@ -180,9 +235,6 @@ def cmd_emit(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"bngen: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if params is not None:
-            params.close()
     for path in paths:
         print(path)
     return 0
@@ -198,14 +250,19 @@ def cmd_fold(args) -> int:
     except ValueError:
         print(f"bngen: error: --out-axis: {args.out_axis!r} is not an int or a comma-separated list of ints", file=sys.stderr)
         return 2
-    with _load_npz("--layer", args.layer) as layer, _load_npz("--bn", args.bn) as bn:
-        try:
-            folded = fold_npz(layer, bn, args.epsilon, axis[0] if len(axis) == 1 else axis)
-        except (ValueError, TypeError) as exc:
-            print(f"bngen: error: {exc}", file=sys.stderr)
-            return 2
-    np.savez(args.out, **folded)
-    print(args.out)
+    layer, bn = _load_npz("--layer", args.layer), _load_npz("--bn", args.bn)
+    try:
+        folded = fold_npz(layer, bn, args.epsilon, axis[0] if len(axis) == 1 else axis)
+    except (ValueError, TypeError) as exc:
+        print(f"bngen: error: {exc}", file=sys.stderr)
+        return 2
+    # np.savez adds .npz to a name without it: print the file actually written
+    out = args.out if str(args.out).endswith(".npz") else f"{args.out}.npz"
+    try:
+        np.savez(out, **folded)
+    except OSError as exc:
+        raise OSError(f"--out: cannot write {out} ({exc.strerror or exc})") from None
+    print(out)
     return 0
 
 
@@ -228,7 +285,9 @@ def cmd_cache_info(args) -> int:
 
 def cmd_cache_clear(args) -> int:
     cache = Cache(resolve_root(args.cache_dir))
-    print(f"removed {cache.clear()} entries from {cache.root}")
+    removed, skipped = cache.clear()
+    busy = f"; skipped {skipped} being rebuilt by another process" if skipped else ""
+    print(f"removed {removed} entries from {cache.root}{busy}")
     return 0
 
 
@@ -268,6 +327,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", type=_positive_int, metavar="N",
                    help="time a synchronized training step (forward and backward) on N local processes "
                         "(torch.distributed, gloo): kernels and collectives apart, beside one process")
+    p.add_argument("--model", action="store_true",
+                   help="instead: time a ResNet-style training step with torch.nn.BatchNorm2d vs bngen.torch (needs torch)")
+    p.add_argument("--model-size", choices=["realistic", "tiny"], default="realistic",
+                   help="--model: batch 32 of 32x32 images, widths 32/64/128 (realistic, default) or a seconds-long check (tiny)")
+    p.add_argument("--modes", default="eager,compiled", help="--model: comma-separated subset of eager,compiled")
+    p.add_argument("--steps", type=_positive_int, default=20, help="--model: training steps whose losses are compared (default 20)")
+    p.add_argument("--model-repeat", type=_positive_int, help="--model: timed steps per implementation (default: --repeat)")
+    p.add_argument("--channels-last", action="store_true", help="--model: channels_last model and inputs")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("emit", help="write freestanding C99 source and header for a spec", description=cmd_emit.__doc__)

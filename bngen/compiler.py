@@ -18,6 +18,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -35,6 +36,14 @@ from .target import Target, host_target
 # behind a branch, which keeps the per-channel coefficient loops scalar.
 DEFAULT_FLAGS = ("-O3", "-march=native", "-fno-math-errno")
 STRICT_WARNINGS = ("-Wall", "-Wextra", "-Werror")
+# Seconds one compiler run may take before it is killed (a build takes about one; a
+# compiler that hangs -- waiting on a licence server, a stuck NFS mount -- must not hang
+# every process that builds a kernel).
+DEFAULT_TIMEOUT = 300.0
+# The flags the OpenMP probe can record: anything else in a compiler record was not
+# written by `Compiler.features` (and could put, say, -B<dir>/ on the compiler's argv).
+_OPENMP_FLAGS = ("-fopenmp",)
+_SIMD_FLAGS = ("-fopenmp", "-fopenmp-simd")
 
 
 class CompileError(RuntimeError):
@@ -47,17 +56,29 @@ class Compiler:
 
     ``cc`` defaults to ``$CC`` or ``cc``; ``flags`` to optimisation for this machine.
     ``warnings`` are added on top (``STRICT_WARNINGS`` turns every warning into an
-    error, which the test suite uses so that a sloppy template fails).
+    error, which the test suite uses so that a sloppy template fails).  ``timeout``:
+    seconds one compiler run may take.
     """
 
     cc: str = dataclasses.field(default_factory=lambda: os.environ.get("CC", "cc"))
     flags: Tuple[str, ...] = DEFAULT_FLAGS
     warnings: Tuple[str, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def command(self) -> list:
+        """``cc`` split like a shell would; a CompileError naming it if it is not a command."""
+        try:
+            cmd = shlex.split(self.cc)
+        except ValueError as exc:  # unbalanced quotes
+            raise CompileError(f"C compiler {self.cc!r} (CC) is not a valid command line: {exc}") from None
+        if not cmd:
+            raise CompileError(f"C compiler {self.cc!r} (CC) is empty; install gcc or clang, or set CC to one")
+        return cmd
 
     @property
     def argv0(self) -> str:
-        cmd = shlex.split(self.cc)
-        path = shutil.which(cmd[0])
+        path = shutil.which(self.command[0])
         if path is None:
             raise CompileError(f"C compiler {self.cc!r} not found; install gcc or clang, or set CC")
         return path
@@ -74,13 +95,12 @@ class Compiler:
         if store is not None:  # keyed by flags too: -march decides what the target has
             key = "\n".join([identity, *self.flags, machine_tag()])
             record = store / f"compiler-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-            try:
-                return Features(**json.loads(record.read_text()))
-            except (OSError, ValueError, TypeError):
-                pass
+            found = Features.from_record(record)
+            if found is not None:
+                return found
 
         def accepts(*args: str) -> bool:
-            return _probe(self.argv0, identity, args)
+            return _probe(self.argv0, identity, args, self.timeout)
 
         openmp = "-fopenmp" if accepts("-fopenmp") else None
         found = Features(
@@ -89,11 +109,11 @@ class Compiler:
             macros=_target_macros(self.argv0, identity, tuple(self.flags)),
         )
         if record is not None:
+            from .cache import write_private
+
             try:
-                record.parent.mkdir(parents=True, exist_ok=True)
-                tmp = record.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(dataclasses.asdict(found)))
-                os.replace(tmp, record)
+                record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_private(record, json.dumps(dataclasses.asdict(found)))
             except OSError:
                 pass  # an unwritable store only costs a probe next time
         return found
@@ -102,7 +122,7 @@ class Compiler:
         """The command lines that build the extension `output`: compile the kernel and the
         cffi wrapper (these two may run at once), then link them."""
         mode = [features.openmp or features.simd] if (features.openmp or features.simd) else []
-        cc = [*shlex.split(self.cc), *self.flags, *mode, *self.warnings, "-fPIC"]
+        cc = [*self.command, *self.flags, *mode, *self.warnings, "-fPIC"]
         return [
             [*cc, "-c", kernel_c, "-o", kernel_c + ".o"],
             [*cc, "-I", sysconfig.get_paths()["include"], "-c", wrapper_c, "-o", wrapper_c + ".o"],
@@ -137,17 +157,56 @@ class Compiler:
         kernel_c, wrapper_c = directory / f"{module_name}_kernel.c", directory / f"{module_name}.c"
         kernel_c.write_text(source)
         wrapper_c.write_text(wrapper.getvalue())
-        output = directory / f"{module_name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+        output = directory / extension_filename(module_name)
         *parallel, link = self.commands(str(kernel_c), str(wrapper_c), str(output), features)
-        processes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in parallel]
-        for cmd, process in zip(parallel, processes):
-            _, errors = process.communicate()
-            _check(cmd, process.returncode, errors)
-        result = subprocess.run(link, capture_output=True, text=True)
-        _check(link, result.returncode, result.stderr)
+        self._run(parallel)
+        self._run([link])
         for cmd in parallel:
-            Path(cmd[-1]).unlink(missing_ok=True)  # the objects: the extension has them
+            Path(cmd[cmd.index("-o") + 1]).unlink(missing_ok=True)  # the objects: the extension has them
         return output
+
+    def _run(self, commands: list) -> None:
+        """Runs `commands` at once and waits for every one (also when one fails: the
+        caller then removes the directory they write into), each within the timeout;
+        a CompileError naming the compiler unless all succeed and write their output."""
+        processes = []
+        try:
+            for cmd in commands:  # each in a process group of its own: a timeout kills the driver's children too
+                processes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                  start_new_session=True))
+            errors = [process.communicate(timeout=self.timeout)[1] for process in processes]
+        except OSError as exc:  # not executable, vanished since `which`, ...
+            _stop(processes)
+            raise CompileError(f"cannot run C compiler {self.cc!r}: {exc}") from None
+        except subprocess.TimeoutExpired:
+            _stop(processes)
+            raise CompileError(f"C compiler {self.cc!r} took more than {self.timeout:g} s; killed it "
+                               "(Compiler(timeout=...) allows longer)") from None
+        except BaseException:  # KeyboardInterrupt: the compilers are in sessions of their own
+            _stop(processes)
+            raise
+        for cmd, process, text in zip(commands, processes, errors):
+            _check(cmd, process.returncode, text)
+            output = Path(cmd[cmd.index("-o") + 1])
+            if not output.is_file():  # a "compiler" that exits 0 and writes nothing
+                raise CompileError(f"C compiler {self.cc!r} exited with status 0 but wrote no {output.name}:"
+                                   f"\n$ {' '.join(cmd)}\n{text}")
+
+
+def extension_filename(module_name: str) -> str:
+    """The file name of the compiled extension module `module_name`."""
+    return f"{module_name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+
+
+def _stop(processes: list) -> None:
+    """Kills `processes` and waits for them, so that none writes after the caller cleans up."""
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:  # already gone
+            pass
+    for process in processes:
+        process.communicate()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +227,32 @@ class Features:
         for wider vectors than its default)."""
         return host_target(dict.fromkeys(self.macros, "1"), flags, openmp=self.openmp is not None,
                            simd_pragmas=self.simd is not None)
+
+
+    @classmethod
+    def from_record(cls, path: Path) -> Optional["Features"]:
+        """The features a compiler record at `path` holds, if it is exactly what
+        `Compiler.features` writes (the three keys, values it can probe, from a file of
+        this user that nobody else can write); else None, and the compiler is probed again."""
+        from .cache import insecure  # the cache's trust rule, which the record lives under
+
+        try:
+            if insecure(path, follow=False) is not None:
+                return None
+            data = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(data, dict) or set(data) != {"openmp", "simd", "macros"}:
+            return None
+        openmp, simd, macros = data["openmp"], data["simd"], data["macros"]
+        if openmp is not None and openmp not in _OPENMP_FLAGS:
+            return None
+        if not (simd == openmp if openmp is not None else simd is None or simd in _SIMD_FLAGS):
+            return None
+        if not isinstance(macros, list) or not all(isinstance(m, str) and m in TARGET_MACROS for m in macros) \
+                or len(set(macros)) != len(macros):
+            return None
+        return cls(openmp=openmp, simd=simd, macros=tuple(macros))
 
 
 # The predefined macros that say what the target has (read with ``cc -dM -E``).
@@ -211,7 +296,7 @@ def _cpu_features() -> str:
 @functools.lru_cache(maxsize=None)
 def _identity(path: str) -> str:
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CompileError(f"cannot run C compiler {path}: {exc}") from None
     return f"{path}\n{out.stdout.strip()}"
@@ -230,10 +315,14 @@ def _target_macros(path: str, identity: str, flags: Tuple[str, ...]) -> Tuple[st
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(path: str, identity: str, args: Tuple[str, ...]) -> bool:
-    """Whether the compiler builds templates/probe.c with `args`."""
+def _probe(path: str, identity: str, args: Tuple[str, ...], timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Whether the compiler builds templates/probe.c with `args` (and writes the program)."""
     with tempfile.TemporaryDirectory(prefix="bngen-probe-") as tmp:
-        result = subprocess.run(
-            [path, *args, str(template_dir() / "probe.c"), "-o", str(Path(tmp, "probe"))], capture_output=True
-        )
-    return result.returncode == 0
+        out = Path(tmp, "probe")
+        try:
+            result = subprocess.run([path, *args, str(template_dir() / "probe.c"), "-o", str(out)],
+                                    capture_output=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        # -fsyntax-only writes nothing; otherwise a flag counts only if the program was written
+        return result.returncode == 0 and ("-fsyntax-only" in args or out.is_file())

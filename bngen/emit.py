@@ -16,6 +16,7 @@ float64 oracle, so that the kernel can be checked on the board it will run on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
@@ -23,11 +24,12 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 import numpy as np
 
 from . import oracle
+from .c_names import LIBRARY, reserved_because
 from .dtypes import numpy_dtype
 from .entries import baked_entry, runtime_sizes
 from .plan import Plan, make_plan
 from .render import render_template
-from .spec import Spec
+from .spec import Spec, SpecError
 from .target import Target, get_export_target
 
 PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -38,11 +40,12 @@ HARNESS_SEED = 20240501
 # magnitude of the terms that make up a value (see `tolerances`).
 TOLERANCE_ULPS = 16
 
-_C_KEYWORDS = frozenset(
-    "auto break case char const continue default do double else enum extern float for goto if "
-    "inline int long register restrict return short signed sizeof static struct switch typedef "
-    "union unsigned void volatile while _Bool _Complex _Imaginary".split()
-)
+# The longest name: its longest file, NAME_test_vectors.h, must fit in a file name (255
+# bytes on every common file system).
+MAX_NAME = 255 - len("_test_vectors.h")
+# What the files make of the name: the entry points, and the header's macros.
+_SYMBOL_SUFFIXES = ("", "_backward")
+_MACRO_SUFFIXES = ("_H", "_CHANNELS", "_OUTER", "_INNER", "_SIZE")
 
 
 def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None, *, target: str = "host",
@@ -65,9 +68,11 @@ def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None
         raise TypeError(f"spec: expected a bngen.Spec, got {type(spec).__name__}")
     name = check_name(name)
     tgt = get_target(target)
-    check_exportable(spec, tgt)
+    check_exportable(spec, tgt, baked=params is not None)
     coefficients = None if params is None else fold_parameters(spec, params)
     plan = export_plan(spec, name, tgt, baked=coefficients is not None)
+    if coefficients is not None:
+        check_folded(coefficients, plan.precision.compute)
     files = render_files(plan, tgt, coefficients)
     if harness:
         files.update(render_harness(plan, tgt, params))
@@ -85,21 +90,24 @@ def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None
 
 # -- checks -------------------------------------------------------------------------------
 def check_name(name) -> str:
-    """`name` if it can prefix C identifiers (symbols, macros, file names)."""
+    """`name` if it can prefix C identifiers (symbols, macros, file names): none of the
+    identifiers made from it is one C reserves (keywords, library names, _-prefixed names,
+    the future library directions) and its files' names fit a file system."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError(f"name: {name!r} is not a C identifier (letters, digits and _, not starting with a digit)")
-    if name in _C_KEYWORDS:
-        raise ValueError(f"name: {name!r} is a C keyword")
-    if name.startswith("__") or re.match(r"_[A-Z]", name):
-        raise ValueError(f"name: {name!r} is reserved in C (starts with __ or _ and a capital)")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"name: {len(name)} characters; at most {MAX_NAME}, so that {name[:8]}..._test_vectors.h "
+                         "fits in a file name")
+    made = [name + s for s in _SYMBOL_SUFFIXES] + [name.upper() + s for s in _MACRO_SUFFIXES]
+    for identifier in made:
+        why = reserved_because(identifier)
+        if why is not None:
+            gives = "" if identifier == name else f" gives {identifier!r}, which is"
+            raise ValueError(f"name: {name!r}{gives or ' is'} {why}; choose another name")
     return name
 
 
-# Names the C library and the C language keep for themselves, beside the keywords.
-_C_LIBRARY = frozenset(
-    "NULL size_t ptrdiff_t offsetof int8_t int16_t int32_t int64_t uint8_t uint16_t uint32_t uint64_t "
-    "main sqrt sqrtf fabs fabsf memset memcpy memmove memcmp malloc calloc realloc free exit abort printf puts".split()
-)
+# The names the emitted files define inside (macros, types, helpers, constants).
 _INTERNAL = re.compile(
     r"#define (\w+)|typedef [^;]*?(\w+);|^static[^;={]*?\b(\w+)\s*\(|^static const \w+ (\w+)\[|enum \{ (\w+)", re.M
 )
@@ -107,8 +115,9 @@ _INTERNAL = re.compile(
 
 def check_no_clash(plan: Plan, files: Mapping[str, str]) -> None:
     """Raises if an entry point's C name is also a name the emitted files use inside
-    (a macro, type, helper or constant) or one the C library keeps."""
-    internal = set(_C_LIBRARY)
+    (a macro, type, helper or constant) or one the C library keeps (`check_name` refuses
+    those already; kept here as well so that no path around it emits a clash)."""
+    internal = set(LIBRARY)
     for filename, text in files.items():
         if filename.endswith(".c"):
             internal.update(n for groups in _INTERNAL.findall(text) for n in groups if n)
@@ -124,13 +133,38 @@ def get_target(target) -> Target:
     return get_export_target(target)
 
 
-def check_exportable(spec: Spec, target: Target) -> None:
-    """Raises if `spec` cannot be exported for `target`."""
+def check_exportable(spec: Spec, target: Target, baked: bool = False) -> None:
+    """Raises if `spec` cannot be exported for `target` (`baked`: with folded parameters,
+    which leave epsilon out of the C)."""
     if target.single_precision and spec.dtype == "float64":
         raise ValueError(
             f"dtype: float64 on target {target.name!r}, which is single precision throughout "
             "(doubles would be emulated in software); use dtype='float32' or target='host'/'aarch64'"
         )
+    tiny = float(np.finfo(np.float32).tiny)
+    if target.stat == "float" and not baked and spec.epsilon < tiny:
+        # it would round to 0 (or a subnormal) in float: a constant feature gives 0/0 = NaN, not beta
+        raise SpecError(f"epsilon: {spec.epsilon!r} is below the smallest normal float ({tiny:.3g}), which "
+                        f"target {target.name!r} computes in; use a larger epsilon (or bake the parameters)")
+    elements = math.prod(d for d in spec.shape if d is not None)
+    limit = 2 ** (target.ptrdiff_bits - 1) - 1
+    if elements > limit:
+        raise SpecError(f"shape: {list(spec.shape)} has {elements} elements; target {target.name!r} indexes them "
+                        f"with a {target.ptrdiff_bits}-bit ptrdiff_t, which counts at most {limit}")
+
+
+def check_folded(coefficients: Tuple[np.ndarray, np.ndarray], ctype: str) -> None:
+    """Raises if a folded scale or shift overflows `ctype`, the C type it is baked in as
+    (it would be written as inf)."""
+    dtype = np.float32 if ctype == "float" else np.float64
+    biggest = float(np.finfo(dtype).max)
+    for what, values in zip(("scale", "shift"), coefficients):
+        bad = np.flatnonzero(~(np.abs(values) <= biggest))
+        if bad.size:
+            raise ValueError(
+                f"params: the folded {what} of feature {bad[0]} is {values[bad[0]]:.6g}, beyond the largest "
+                f"{ctype} ({biggest:.6g}); gamma / sqrt(moving_variance + epsilon) and beta - moving_mean * scale "
+                "must fit the kernel's arithmetic")
 
 
 def fold_parameters(spec: Spec, params: Mapping) -> Tuple[np.ndarray, np.ndarray]:
@@ -143,8 +177,9 @@ def fold_parameters(spec: Spec, params: Mapping) -> Tuple[np.ndarray, np.ndarray
             f"this spec has training={spec.training}, mode={spec.mode} ({why}); emit it without params"
         )
     p = check_params(spec, params)
-    return oracle.inference_coefficients(p.get("gamma"), p.get("beta"), p["moving_mean"], p["moving_variance"],
-                                         spec.epsilon)
+    with np.errstate(over="ignore", invalid="ignore"):  # check_folded names what overflows
+        return oracle.inference_coefficients(p.get("gamma"), p.get("beta"), p["moving_mean"], p["moving_variance"],
+                                             spec.epsilon)
 
 
 def check_params(spec: Spec, params: Mapping) -> Dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from typing import Tuple
 import numpy as np
 
 from .oracle import inference_coefficients
+from .spec import canonical_axes
 
 
 def fold(weight, bias, gamma, beta, mean, variance, epsilon: float, out_axis=0) -> Tuple[np.ndarray, np.ndarray]:
@@ -56,19 +57,12 @@ def fold(weight, bias, gamma, beta, mean, variance, epsilon: float, out_axis=0) 
 
 
 def _axes(out_axis, ndim: int) -> Tuple[int, ...]:
-    axes = (out_axis,) if isinstance(out_axis, numbers.Integral) and not isinstance(out_axis, bool) else out_axis
-    try:
-        axes = tuple(axes)
-    except TypeError:
-        raise TypeError(f"out_axis: {out_axis!r} is not an int or a tuple of ints") from None
-    if not axes or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes):
+    if not (isinstance(out_axis, numbers.Integral) or isinstance(out_axis, (tuple, list))) or isinstance(out_axis, bool):
         raise TypeError(f"out_axis: {out_axis!r} is not an int or a tuple of ints")
-    if not all(-ndim <= a < ndim for a in axes):
-        raise ValueError(f"out_axis: {out_axis!r} is out of range for a weight with {ndim} axes")
-    axes = sorted(int(a) % ndim for a in axes)
-    if axes != list(range(axes[0], axes[0] + len(axes))):
-        raise ValueError(f"out_axis: {out_axis!r} is not a run of adjacent axes")
-    return tuple(axes)
+    if isinstance(out_axis, (tuple, list)) and not all(isinstance(a, numbers.Integral) and not isinstance(a, bool)
+                                                      for a in out_axis):
+        raise TypeError(f"out_axis: {out_axis!r} is not an int or a tuple of ints")
+    return canonical_axes(out_axis, ndim, "out_axis", "weight", "output-feature axis", error=ValueError)
 
 
 def _vector(name: str, value, channels: int, out_axis, weight_shape) -> np.ndarray:

@@ -61,8 +61,21 @@ def _with_feature_size(shape: Sequence, axis: int, size: Optional[int], field: s
     return tuple(dims)
 
 
+# The packages whose objects are real layers: these must be batch norms by class, not
+# merely look like one (a torch InstanceNorm2d has every attribute a BatchNorm2d has).
+_FRAMEWORK_PACKAGES = ("torch", "keras", "tensorflow", "tf_keras")
+
+
+def _framework_object(obj: Any) -> bool:
+    return type(obj).__module__.split(".")[0] in _FRAMEWORK_PACKAGES
+
+
+def _class_names(obj: Any) -> list:
+    return [c.__name__ for c in type(obj).__mro__]
+
+
 def _check_keys(kwargs: Mapping, known: Sequence[str], what: str) -> None:
-    unknown = sorted(set(kwargs) - set(known))
+    unknown = sorted(map(str, set(kwargs) - set(known)))
     if unknown:
         raise SpecError(f"{what}: unknown setting(s) {', '.join(map(str, unknown))}; known: {', '.join(known)}")
 
@@ -99,8 +112,10 @@ def from_torch(module_or_kwargs: Any, shape: Sequence, *, axis: int = 1, trainin
     src = module_or_kwargs
     if isinstance(src, Mapping):
         _check_keys(src, _TORCH_KEYS, "torch")
-    elif not hasattr(src, "num_features") and not hasattr(src, "eps"):
-        raise SpecError(f"torch: {type(src).__name__} is neither a BatchNorm module nor a mapping of its arguments")
+    elif (_framework_object(src) and "_BatchNorm" not in _class_names(src)) or not hasattr(src, "num_features"):
+        # LayerNorm, GroupNorm and InstanceNorm normalise over other axes: their kernels would differ
+        raise SpecError(f"torch: {type(src).__name__} is not a BatchNorm module (BatchNorm1d/2d/3d, SyncBatchNorm) "
+                        "nor a mapping of its arguments")
     momentum = _get(src, "momentum", 0.1)
     track = _get(src, "track_running_stats", True)
     affine = _get(src, "affine", True)
@@ -152,6 +167,17 @@ def cumulative_update(moving_mean: np.ndarray, moving_variance: np.ndarray, mean
 
 
 # -- Keras ------------------------------------------------------------------------------------
+# The settings of Keras 1, tf.keras 2 and Keras 3 BatchNormalization configs, and those every
+# layer has.  Anything else (Dense's units, LayerNormalization's rms_scaling) is another layer.
+_KERAS_KEYS = (
+    "axis", "momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
+    "moving_mean_initializer", "moving_variance_initializer", "beta_regularizer", "gamma_regularizer",
+    "beta_constraint", "gamma_constraint", "renorm", "renorm_clipping", "renorm_momentum", "fused",
+    "virtual_batch_size", "adjustment", "synchronized", "mode",
+    "name", "trainable", "dtype", "batch_input_shape", "batch_shape", "input_shape", "input_dtype", "weights",
+)
+
+
 def from_keras(config_or_layer: Any, shape: Sequence, *, training: bool = True, dtype: Any = None,
                activation: Optional[str] = None, unbiased: Optional[bool] = None) -> Spec:
     """The spec of a Keras ``BatchNormalization`` layer, or of its ``get_config()`` dict.
@@ -172,7 +198,13 @@ def from_keras(config_or_layer: Any, shape: Sequence, *, training: bool = True, 
         get_config = getattr(config, "get_config", None)
         if get_config is None:
             raise SpecError(f"keras: {type(config).__name__} is neither a layer with get_config() nor a config dict")
+        if _framework_object(config) and not any(n.endswith("BatchNormalization") for n in _class_names(config)):
+            raise SpecError(f"keras: {type(config).__name__} is not a BatchNormalization layer")
         config = get_config()
+        if not isinstance(config, Mapping):
+            raise SpecError(f"keras: get_config() of {type(config_or_layer).__name__} returned a "
+                            f"{type(config).__name__}, not a config dict")
+    _check_keys(config, _KERAS_KEYS, "keras: not a BatchNormalization config")
     for key in ("renorm", "virtual_batch_size", "adjustment"):
         if config.get(key):
             raise SpecError(f"{key}: {config[key]!r} is not supported by bngen")

@@ -18,7 +18,7 @@ from .dtypes import numpy_dtype
 from .entries import Entry
 from .plan import Plan
 from .spec import Spec
-from .threads import MAX_THREADS, default_threads
+from .threads import MAX_THREADS, default_threads, max_threads, track
 
 __all__ = ["Kernel", "numpy_dtype", "default_threads", "MAX_THREADS"]
 
@@ -50,6 +50,7 @@ class Kernel:
         self.data_ctype = plan.precision.data + "[]"
         self.param_ctype = plan.precision.param + "[]"
         self._threads = default_threads()
+        self._max_threads = max_threads()
         self._faces = binder.faces(spec, plan.entries)
         # The fast paths become methods of a class of this kernel's own (Python looks
         # __call__ up on the type): one Python frame per call instead of two, about 0.1 us.
@@ -58,6 +59,13 @@ class Kernel:
         if fast:
             self.__class__ = type("Kernel", (Kernel,), dict(
                 fast, __doc__=Kernel.__doc__, __module__=Kernel.__module__, __qualname__=Kernel.__qualname__))
+        track(self)  # a forked child rebinds it to one thread (threads.py)
+
+    def _rebind_threads(self) -> None:
+        """Takes up a forked child's thread counts (threads.py calls it there): the default,
+        and a cap of one thread, as an OpenMP team would hang in the child."""
+        self._threads = default_threads()
+        self._max_threads = max_threads()
 
     def __repr__(self) -> str:
         return f"<bngen.Kernel {self.spec.describe()}>"

@@ -14,11 +14,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import distributed
 from .build import build
 from .dtypes import numpy_dtype
 from .frameworks import cumulative_update
 from .kernel import Kernel
+from .population import stream_moments
 from .spec import Spec, SpecError
+from .statistics import finish
 
 # Keras initialiser names (and the Keras 1 spellings) for the 1-D weights of this layer.
 _INITIALIZERS: Dict[str, Callable[[tuple, np.dtype, np.random.Generator], np.ndarray]] = {
@@ -204,6 +207,10 @@ class BatchNormalization:
         """Creates the weights for inputs of `input_shape` (the batch size may be None)."""
         shape = tuple(input_shape)
         spec = self._spec(tuple(1 if d is None else d for d in shape), training=False)  # checks axis
+        unknown = [a for a in spec.axis if shape[a] is None]
+        if unknown:  # checked before anything is set: the layer stays unbuilt
+            raise SpecError(f"axis: {self.axis!r} makes axis {unknown[0]} of input shape {shape} a feature axis, but "
+                            "its size is not known (None; the batch axis); the feature axes must have fixed sizes")
         self._ndim = len(shape)
         self._axes = spec.axis
         self._feature_shape = tuple(shape[a] for a in spec.axis)
@@ -331,16 +338,12 @@ class BatchNormalization:
         layer's axis, with its `unbiased`, across ranks when the layer is synchronized.
         Builds the layer from the first batch's shape if needed.  On an error (a batch of
         the wrong shape or dtype, named by its index) the weights are left as they were."""
-        from .statistics import finish, stream_moments
-
         if self.built:
             axis = self._axes
         else:
             axis = self.axis
         communicator = None
         if self.synchronized not in (None, False):
-            from . import distributed
-
             communicator = self._communicator = self._communicator or distributed.resolve(self.synchronized)
         moments, shape, _ = stream_moments(data, axis, communicator, cache_dir=self.cache_dir, compiler=self.compiler)
         if not self.built:
@@ -362,8 +365,6 @@ class BatchNormalization:
         return shape if 0 in self._axes else (None,) + tuple(shape[1:])
 
     def _synchronized_forward(self, kernel: Kernel, x: np.ndarray, tape: dict) -> np.ndarray:
-        from . import distributed
-
         if self._communicator is None:
             self._communicator = distributed.resolve(self.synchronized)
         w, comm = self._weights, self._communicator
@@ -390,8 +391,6 @@ class BatchNormalization:
         return y
 
     def _synchronized_backward(self, tape: dict, dy: np.ndarray, relu_beta) -> np.ndarray:
-        from . import distributed
-
         kernel, x, gamma = tape["kernel"], tape["x"], tape["gamma"]
         mean, variance = tape["mean64"], tape["variance64"]
         relu = self.activation == "relu"

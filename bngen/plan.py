@@ -130,6 +130,15 @@ class Plan:
         """True when forward normalises with the input's own statistics."""
         return self.spec.uses_batch_stats
 
+    @property
+    def wide_fallback(self) -> bool:
+        """True when a statistics block whose float sums overflow is summed again in
+        double: float arithmetic on values with float's range (float32, bfloat16; float16
+        cannot overflow them) merged in double, which holds the sums of any finite values
+        (std above ~1e19, or values near FLT_MAX).  One test per block on normal data."""
+        return (self.batch_stats and self.precision.compute == "float" and self.precision.stat == "double"
+                and self.precision.half != "float16")
+
 
 def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuning] = None, *,
               backward: bool = True, prefix: str = "bn", split: bool = False) -> Plan:

@@ -22,6 +22,11 @@ class SpecError(ValueError):
     """An invalid layer description; the message names the field and the value."""
 
 
+# The most elements a static shape may have: ptrdiff_t, which indexes them in C, is 64 bits
+# on every host bngen compiles for (targets with a narrower one check their own limit).
+MAX_ELEMENTS = 2**63 - 1
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -30,16 +35,34 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite_float(value: Any) -> Optional[float]:
+    """`value` as a finite float, or None (also for reals too large for a float, like 10**400)."""
+    try:
+        f = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut short: a hostile value (an int of 10**5 digits) makes no huge message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to convert to a decimal string
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= 80 else text[:60] + "..." + text[-10:]
+
+
 def _canonical_dtype(value: Any) -> str:
     name = getattr(value, "name", None) or getattr(value, "__name__", None) or value
     if isinstance(name, str) and name in DTYPES:
         return name
-    raise SpecError(f"dtype: {value!r} is not supported; use one of {', '.join(DTYPES)}")
+    raise SpecError(f"dtype: {_short(value)} is not supported; use one of {', '.join(DTYPES)}")
 
 
 def _canonical_shape(value: Any) -> Tuple[Optional[int], ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise SpecError(f"shape: {value!r} is not a sequence of sizes")
+        raise SpecError(f"shape: {_short(value)} is not a sequence of sizes")
     dims = tuple(value)
     if not dims:
         raise SpecError("shape: () has no dimensions; batch norm needs at least one axis")
@@ -47,32 +70,45 @@ def _canonical_shape(value: Any) -> Tuple[Optional[int], ...]:
         if dim is None:
             continue
         if not _is_int(dim):
-            raise SpecError(f"shape: dimension {i} is {dim!r}; sizes must be ints or None")
+            raise SpecError(f"shape: dimension {i} is {_short(dim)}; sizes must be ints or None")
         if dim < 1:
             raise SpecError(f"shape: dimension {i} is {dim}; sizes must be >= 1")
-    return tuple(None if d is None else int(d) for d in dims)
+    dims = tuple(None if d is None else int(d) for d in dims)
+    if math.prod(d for d in dims if d is not None) > MAX_ELEMENTS:
+        raise SpecError(f"shape: the static sizes of {_short(list(dims))} multiply to more elements than "
+                        f"ptrdiff_t can count ({MAX_ELEMENTS})")
+    return dims
 
 
-def _canonical_axis(value: Any, shape: Tuple[Optional[int], ...]) -> Tuple[int, ...]:
-    ndim = len(shape)
+def canonical_axes(value: Any, ndim: int, name: str = "axis", what: str = "shape", noun: str = "feature axis",
+                   error: type = None) -> Tuple[int, ...]:
+    """`value` (an int or a sequence of ints, negatives allowed) as sorted, non-negative,
+    adjacent axes of an `ndim`-dimensional array; raises `error` (default SpecError)
+    naming `name`.  The one statement of the axis rules: specs, the layer and `fold`."""
+    error = error or SpecError
     axes = (value,) if _is_int(value) else value
     if isinstance(axes, (str, bytes)) or not hasattr(axes, "__iter__"):
-        raise SpecError(f"axis: {value!r} is not an int or a tuple of ints")
+        raise error(f"{name}: {_short(value)} is not an int or a tuple of ints")
     axes = tuple(axes)
     if not axes:
-        raise SpecError("axis: () names no feature axis")
+        raise error(f"{name}: () names no {noun}")
     result = []
     for a in axes:
         if not _is_int(a):
-            raise SpecError(f"axis: {value!r} holds {a!r}, which is not an int")
+            raise error(f"{name}: {_short(value)} holds {_short(a)}, which is not an int")
         if not -ndim <= a < ndim:
-            raise SpecError(f"axis: {a} is out of range for a {ndim}-D shape {list(shape)}")
+            raise error(f"{name}: {_short(a)} is out of range for a {ndim}-D {what}")
         result.append(int(a) % ndim)
     result.sort()
     if len(set(result)) != len(result):
-        raise SpecError(f"axis: {value!r} names the same axis twice")
+        raise error(f"{name}: {_short(value)} names the same axis twice")
     if result != list(range(result[0], result[0] + len(result))):
-        raise SpecError(f"axis: {value!r} is not a run of adjacent axes")
+        raise error(f"{name}: {_short(value)} is not a run of adjacent axes")
+    return tuple(result)
+
+
+def _canonical_axis(value: Any, shape: Tuple[Optional[int], ...]) -> Tuple[int, ...]:
+    result = canonical_axes(value, len(shape), what=f"shape {list(shape)}")
     for a in result:
         if shape[a] is None:
             raise SpecError(
@@ -112,18 +148,20 @@ class Spec:
         for flag in ("training", "center", "scale", "unbiased"):
             v = getattr(self, flag)
             if not isinstance(v, bool):
-                raise SpecError(f"{flag}: {v!r} is not a bool")
+                raise SpecError(f"{flag}: {_short(v)} is not a bool")
         if not _is_int(self.mode) or self.mode not in MODES:
-            raise SpecError(f"mode: {self.mode!r} is not one of 0, 1, 2")
+            raise SpecError(f"mode: {_short(self.mode)} is not one of 0, 1, 2")
         put("mode", int(self.mode))
-        if not _is_real(self.epsilon) or not math.isfinite(self.epsilon) or self.epsilon <= 0:
-            raise SpecError(f"epsilon: {self.epsilon!r} must be a finite number > 0")
-        put("epsilon", float(self.epsilon))
-        if not _is_real(self.momentum) or not 0.0 <= self.momentum <= 1.0:
-            raise SpecError(f"momentum: {self.momentum!r} must be a number in [0, 1]")
-        put("momentum", float(self.momentum))
-        if self.activation not in ACTIVATIONS:
-            raise SpecError(f"activation: {self.activation!r} is not one of None, 'relu'")
+        epsilon = _finite_float(self.epsilon) if _is_real(self.epsilon) else None
+        if epsilon is None or epsilon <= 0:
+            raise SpecError(f"epsilon: {_short(self.epsilon)} must be a finite number > 0")
+        put("epsilon", epsilon)
+        momentum = _finite_float(self.momentum) if _is_real(self.momentum) else None
+        if momentum is None or not 0.0 <= momentum <= 1.0:
+            raise SpecError(f"momentum: {_short(self.momentum)} must be a number in [0, 1]")
+        put("momentum", momentum)
+        if not (self.activation is None or isinstance(self.activation, str) and self.activation in ACTIVATIONS):
+            raise SpecError(f"activation: {_short(self.activation)} is not one of None, 'relu'")
         if self.mode == 1 and self.axis[-1] != len(shape) - 1:
             raise SpecError(
                 f"axis: {list(self.axis)} with mode=1; sample-wise normalisation needs the "
@@ -200,6 +238,9 @@ class Spec:
         if not isinstance(data, Mapping):
             raise SpecError(f"spec: expected an object with the spec fields, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise SpecError(f"spec: field names must be strings, got {_short(odd[0])}")
         unknown = sorted(set(data) - names)
         if unknown:
             raise SpecError(f"spec: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
@@ -212,11 +253,20 @@ class Spec:
 
     @classmethod
     def from_json(cls, text: str) -> "Spec":
-        """Parse `to_json` output (or a hand-written JSON object with the same fields)."""
+        """Parse `to_json` output (or a hand-written JSON object with the same fields).
+
+        `text` is a str (or UTF-8 bytes); anything that is not the JSON of a valid spec
+        (bad UTF-8, numbers of thousands of digits, deep nesting, ...) is a `SpecError`."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise SpecError(f"spec: expected JSON text (str or bytes), got {type(text).__name__}")
         try:
             data = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise SpecError(f"spec: not valid JSON ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"spec: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except RecursionError:
+            raise SpecError("spec: JSON nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, and ints longer than Python converts
+            raise SpecError(f"spec: not valid JSON ({_short(str(exc))})") from None
         return cls.from_dict(data)
 
     # -- other frameworks' layers (bngen.frameworks; duck-typed, imports none of them) --

@@ -37,6 +37,7 @@ class Target:
     channel_tile: int = 1024  # channels per channels-last tile: the stack its work arrays may take
     stat: str = "double"  # C type statistics are merged and coefficients computed in
     single_precision: bool = False  # float only: no double arithmetic, float64 specs refused
+    ptrdiff_bits: int = 64  # width of its ptrdiff_t, which indexes the elements
     # float16 conversions: "bits" (portable integer arithmetic), "native" (the compiler's
     # __fp16, one FPU instruction each way, where it has an IEEE one; bits otherwise) or
     # "f16c" (x86 F16C on staged spans).  bfloat16 is always bits: a shift to load, a
@@ -118,7 +119,8 @@ EXPORT_TARGETS: Dict[str, Target] = {
     # convert half <-> single with VCVTB; GCC's __fp16 needs -mfp16-format=ieee.
     "cortex-m": Target(
         "cortex-m", "Arm Cortex-M4F/M7 microcontrollers (single-precision FPU)", vector_bytes=32, export=True,
-        channel_tile=16, stat="float", single_precision=True, half_conversion="native", cc="arm-none-eabi-gcc",
+        channel_tile=16, stat="float", single_precision=True, ptrdiff_bits=32, half_conversion="native",
+        cc="arm-none-eabi-gcc",
         flags="-std=c99 -mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -Os",
         half_flags="-mfp16-format=ieee",
     ),

@@ -36,7 +36,7 @@ import bngen
 import bngen.distributed
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "_sync_worker.py"
+WORKER = HERE / "_sync_rank.py"
 ROOT = HERE.parent
 S = bngen.Spec
 TIMEOUT = 240  # seconds per launch: torch's import alone takes seconds on a loaded 2-core machine
@@ -45,7 +45,7 @@ TIMEOUT = 240  # seconds per launch: torch's import alone takes seconds on a loa
 def _layer_kernel(spec):
     """Compiles, into the session cache, the kernel a synchronized layer of `spec` builds
     (with the default compiler, as the workers do), so that workers only load it."""
-    from _sync_worker import layer_for
+    from _sync_rank import layer_for
 
     _, _, params = problem(spec, [1], 0)
     layer = layer_for(spec, params, None)
@@ -292,7 +292,7 @@ class ThreadGroup:
 
 def run_threads(spec, sizes, seed, dist, steps, tweak=None):
     """Each rank in a thread; returns per-rank result dicts (or the exception a rank raised)."""
-    from _sync_worker import layer_for
+    from _sync_rank import layer_for
 
     group = ThreadGroup(len(sizes))
     xs, dys, params = problem(spec, sizes, seed, dist)
@@ -377,7 +377,7 @@ def test_bench_distributed_runs_a_synchronized_step_on_n_processes(tmp_path):
 def test_thread_ranks_one_sample_each_unbiased_and_cumulative_moving_average():
     """momentum=None (PyTorch's cumulative average) and unbiased=True count n over every
     rank: ranks of one sample each (n = 1 locally, undefined alone) work together."""
-    from _sync_worker import layer_for
+    from _sync_rank import layer_for
 
     spec = S((None, 7), dtype="float64", unbiased=True)
     _layer_kernel(spec)

@@ -123,6 +123,33 @@ static inline stat_t lanes_total(const acc_t *s)
     return t[0];
 }
 
+/* Whether `v` is finite (inf - inf and NaN - NaN are NaN), without libm. */
+static inline int is_finite(stat_t v)
+{
+    return v - v == 0;
+}
+
+/* moments_add_block in stat_t, value by value: for the rare block whose acc_t sums
+ * overflow (finite values whose spread passes ~1e19 square to more than float holds, and
+ * values near FLT_MAX of both signs differ by more), whose sums stat_t holds. */
+NOINLINE static void moments_add_block_wide(moments_t *acc, const data_t *x, ptrdiff_t rows, ptrdiff_t len,
+                                            ptrdiff_t stride)
+{
+    const stat_t count = (stat_t)(rows * len);
+    stat_t s = 0, s1 = 0, s2 = 0;
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t i = 0; i < len; i++)
+            s += LOAD(x[r * stride + i]);
+    const stat_t center = s / count;
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t i = 0; i < len; i++) {
+            const stat_t d = LOAD(x[r * stride + i]) - center;
+            s1 += d;
+            s2 += d * d;
+        }
+    moments_merge(acc, count, center + s1 / count, s2 - s1 * s1 / count);
+}
+
 /* Adds the moments of `rows` runs of `len` contiguous values, `stride` apart.  Two
  * passes in acc_t: the first finds the block's centre (shifted by its first value, so a
  * constant block is centred exactly), the second sums deviations from it while the
@@ -142,7 +169,12 @@ static inline void moments_add_block(moments_t *acc, const data_t *x, ptrdiff_t 
     for (ptrdiff_t r = 0; r < rows; r++)
         lanes_add_dev(s1, s2, x + r * stride, len, center, ahead ? ahead + r * stride : NULL);
     const stat_t dev = lanes_total(s1);
-    moments_merge(acc, count, center + dev / count, lanes_total(s2) - dev * dev / count);
+    const stat_t mean = center + dev / count, m2 = lanes_total(s2) - dev * dev / count;
+    if (!is_finite(mean) || !is_finite(m2)) {  /* an acc_t sum overflowed (or x holds inf/NaN) */
+        moments_add_block_wide(acc, x, rows, len, stride);
+        return;
+    }
+    moments_merge(acc, count, mean, m2);
 }
 
 /* Turns channel c's moments into its outputs: the returned batch statistics, the

@@ -1,0 +1,559 @@
+"""bngen inside PyTorch: drop-in ``torch.nn.BatchNorm*`` modules computed by bngen kernels.
+
+``import bngen.torch as bnt`` (``import bngen`` alone never imports torch) gives
+`BatchNorm1d`, `BatchNorm2d`, `BatchNorm3d` and `SyncBatchNorm`, subclasses of torch.nn's
+with the same arguments, parameters, buffers, state_dict keys, conventions and errors;
+`batch_norm`, with the signature of ``torch.nn.functional.batch_norm``; and `convert`,
+which swaps the batch norms of a model for these, keeping their parameters and buffers.
+
+The kernels are ``torch.library`` custom ops (``torch.ops.bngen.*``) with fake-tensor
+implementations and autograd formulas, so autograd and ``torch.compile`` see them as
+single operators.  They take CPU tensors of float32/float64 (parameters of the same
+dtype) or float16/bfloat16 (float32 parameters, torch's mixed precision), contiguous or
+channels_last, without a copy: a tensor's memory is handed to the kernel as a NumPy
+array of one of two shape classes,
+
+* channels-first (a contiguous ``(N, C, ...)`` tensor): ``(N, C, inner)``, feature axis 1,
+  ``inner`` the product of the spatial sizes (``(N, C)`` when there are none);
+* channels-last (a ``channels_last`` / ``channels_last_3d`` tensor): the NHWC memory as
+  ``(N*H*W, C)``, feature axis 1,
+
+with the leading size dynamic, so one compiled kernel serves every batch size (and, for
+channels-last, every spatial size).  Outputs keep the input's memory format.  Everything
+else (another device or dtype, half parameters, a strided view, an empty batch) is
+passed to ``torch.nn.functional.batch_norm``.
+
+The running statistics are updated by torch ops on the batch statistics the kernel
+returns (PyTorch's momentum of the new value, unbiased variance, ``momentum=None``
+cumulative average), so a kernel does not depend on the momentum.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .build import build
+from .dtypes import numpy_dtype
+from .kernel import Kernel
+from .spec import Spec
+from .threads import max_threads
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+# -- kernels --------------------------------------------------------------------------------
+_kernels: Dict[tuple, Kernel] = {}
+_kernels_lock = threading.Lock()
+
+
+def _kernel(training: bool, dtype: torch.dtype, channels: int, inner: int, eps: float, scale: bool,
+            center: bool) -> Kernel:
+    """The kernel of one shape class (see the module docstring), built once per process."""
+    key = (training, dtype, channels, inner, eps, scale, center)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        with _kernels_lock:
+            kernel = _kernels.get(key)
+            if kernel is None:
+                shape = (None, channels) if inner == 1 else (None, channels, inner)
+                # momentum and unbiased do not matter: the running statistics are updated in torch
+                spec = Spec(shape=shape, axis=1, dtype=_DTYPES[dtype], training=training, mode=0, epsilon=eps,
+                            momentum=0.0, center=center, scale=scale, unbiased=False)
+                kernel = _kernels[key] = build(spec)
+    return kernel
+
+
+def _channels_last(x: Tensor) -> bool:
+    """True when x is stored channels-last (and is not also plainly contiguous)."""
+    fmt = _LAST_FORMATS.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def _rows(x: Tensor, last: bool) -> Tuple[Tensor, int]:
+    """x as the kernel's view (no copy for the layouts taken) and its `inner` size."""
+    n, c = x.shape[0], x.shape[1]
+    if last:
+        return x.movedim(1, -1).reshape(-1, c), 1
+    inner = x.numel() // (n * c) if n * c else 1
+    return (x.reshape(n, c) if inner == 1 else x.reshape(n, c, inner)), inner
+
+
+def _unrows(y: Tensor, like: Tensor, last: bool) -> Tensor:
+    """The kernel's output `y` in the shape of `like`, in the same memory layout."""
+    if last:
+        shape = (like.shape[0],) + tuple(like.shape[2:]) + (like.shape[1],)
+        return y.view(shape).movedim(-1, 1)
+    return y.view(like.shape)
+
+
+def _bf16():
+    return numpy_dtype("bfloat16")
+
+
+def _numpy(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    """A NumPy array sharing `t`'s memory (bfloat16 through ml_dtypes)."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype is torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_bf16())
+    return t.numpy()
+
+
+def _torch(a: np.ndarray) -> Tensor:
+    """A tensor sharing NumPy array `a`'s memory."""
+    if a.dtype == _bf16():
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype is torch.float64 else torch.float32
+
+
+def _input(x: Tensor) -> Tuple[Tensor, bool]:
+    """x in a layout the kernels take: itself, or (only when the op is called on a strided
+    view directly, which `batch_norm` never does) a contiguous copy."""
+    last = _channels_last(x)
+    if not last and not x.is_contiguous():
+        x = x.contiguous()
+    return x, last
+
+
+def _like(t: Tensor, x: Tensor, last: bool) -> Tensor:
+    """t (the gradient dy) in x's memory layout."""
+    fmt = _LAST_FORMATS[x.dim()] if last else torch.contiguous_format
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def _empty_out(x: Tensor) -> Tensor:
+    """The output the ops return for input x (what the fake implementations promise)."""
+    return torch.empty_like(x, memory_format=_LAST_FORMATS[x.dim()] if _channels_last(x) else torch.contiguous_format)
+
+
+def _threads() -> int:
+    """torch's intra-op thread count (1 in a forked child, where OpenMP's pool is gone)."""
+    return max(1, min(torch.get_num_threads(), max_threads()))
+
+
+# -- custom ops ------------------------------------------------------------------------------
+_LIB = "bngen"
+# The ops take any strides (contiguous and channels-last without a copy) and their outputs
+# follow the input's layout (the fake implementations say how), so inductor need not copy
+# their inputs into the layout of the trace: with its default for custom ops (exact strides),
+# a graph whose convolutions inductor switches to channels-last gets two copies per batch norm.
+_TAGS = (torch.Tag.flexible_layout,)
+
+
+def _train_impl(x, weight, bias, eps):
+    """Normalise x with its own statistics: (y, batch mean, biased batch variance)."""
+    x, last = _input(x)
+    rows, inner = _rows(x, last)
+    kernel = _kernel(True, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None)
+    y, mean, var = kernel.forward(_numpy(rows), _numpy(weight), _numpy(bias), threads=_threads())
+    return _unrows(_torch(y), x, last), torch.from_numpy(mean), torch.from_numpy(var)
+
+
+_train = torch.library.custom_op(
+    f"{_LIB}::batch_norm_train", _train_impl, mutates_args=(), tags=_TAGS,
+    schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
+
+
+@_train.register_fake
+def _(x, weight, bias, eps):
+    stat = x.new_empty((x.shape[1],), dtype=_param_dtype(x.dtype))
+    return _empty_out(x), stat, torch.empty_like(stat)
+
+
+def _eval_impl(x, weight, bias, running_mean, running_var, eps):
+    """Normalise x with the running statistics."""
+    x, last = _input(x)
+    rows, inner = _rows(x, last)
+    kernel = _kernel(False, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None)
+    y = kernel(_numpy(rows), _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
+               threads=_threads())
+    return _unrows(_torch(y), x, last)
+
+
+_eval = torch.library.custom_op(
+    f"{_LIB}::batch_norm_eval", _eval_impl, mutates_args=(), tags=_TAGS,
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor")
+
+
+@_eval.register_fake
+def _(x, weight, bias, running_mean, running_var, eps):
+    return _empty_out(x)
+
+
+def _grads(kernel: Kernel, dy: Tensor, x: Tensor, last: bool, weight, mean, var, has_bias: bool):
+    rows, _ = _rows(x, last)
+    dy_rows, _ = _rows(_like(dy, x, last), last)
+    dx, dgamma, dbeta = kernel.backward(_numpy(dy_rows), _numpy(rows), _numpy(weight), _numpy(mean), _numpy(var),
+                                        threads=_threads())
+    def grad(g):  # an absent gradient is an empty tensor of its own (outputs must not alias)
+        return x.new_empty((0,), dtype=_param_dtype(x.dtype)) if g is None else torch.from_numpy(g)
+
+    return _unrows(_torch(dx), x, last), grad(dgamma), grad(dbeta)
+
+
+def _grads_fake(dy, x, weight, has_bias):
+    c = x.shape[1]
+    pdtype = _param_dtype(x.dtype)
+    return (_empty_out(x), x.new_empty((c if weight is not None else 0,), dtype=pdtype),
+            x.new_empty((c if has_bias else 0,), dtype=pdtype))
+
+
+def _train_backward_impl(dy, x, weight, mean, var, eps, has_bias):
+    """(dx, dweight, dbias) through the batch statistics; empty dweight/dbias when absent."""
+    x, last = _input(x)
+    kernel = _kernel(True, x.dtype, x.shape[1], _rows(x, last)[1], eps, weight is not None, has_bias)
+    return _grads(kernel, dy, x, last, weight, mean, var, has_bias)
+
+
+_train_backward = torch.library.custom_op(
+    f"{_LIB}::batch_norm_train_backward", _train_backward_impl, mutates_args=(), tags=_TAGS,
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, bool has_bias) "
+           "-> (Tensor, Tensor, Tensor)")
+
+
+@_train_backward.register_fake
+def _(dy, x, weight, mean, var, eps, has_bias):
+    return _grads_fake(dy, x, weight, has_bias)
+
+
+def _eval_backward_impl(dy, x, weight, running_mean, running_var, eps, has_bias):
+    """(dx, dweight, dbias) of the frozen layer (the running statistics are constants)."""
+    x, last = _input(x)
+    kernel = _kernel(False, x.dtype, x.shape[1], _rows(x, last)[1], eps, weight is not None, has_bias)
+    return _grads(kernel, dy, x, last, weight, running_mean, running_var, has_bias)
+
+
+_eval_backward = torch.library.custom_op(
+    f"{_LIB}::batch_norm_eval_backward", _eval_backward_impl, mutates_args=(), tags=_TAGS,
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, float eps, "
+           "bool has_bias) -> (Tensor, Tensor, Tensor)")
+
+
+@_eval_backward.register_fake
+def _(dy, x, weight, running_mean, running_var, eps, has_bias):
+    return _grads_fake(dy, x, weight, has_bias)
+
+
+def _train_setup(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, mean, var)
+    ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _train_grad(ctx, dy, _dmean, _dvar):
+    x, weight, mean, var = ctx.saved_tensors
+    dx, dweight, dbias = _train_backward(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
+    return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
+
+
+def _eval_setup(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(x, weight, running_mean, running_var)
+    ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
+
+
+def _eval_grad(ctx, dy):
+    x, weight, running_mean, running_var = ctx.saved_tensors
+    dx, dweight, dbias = _eval_backward(dy, x, weight, running_mean, running_var, ctx.eps, ctx.has_bias)
+    return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
+
+
+_train.register_autograd(_train_grad, setup_context=_train_setup)
+_eval.register_autograd(_eval_grad, setup_context=_eval_setup)
+
+
+# Eager calls skip the custom-op machinery (dispatch, autograd wrapper: several times the
+# cost of a small kernel) and run the same implementations under an autograd.Function;
+# under torch.compile the ops above are what the graph records.
+class _BatchNormTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var = _train_impl(x, weight, bias, eps)
+        _train_setup(ctx, (x, weight, bias, eps), (y, mean, var))
+        ctx.set_materialize_grads(False)  # no zero gradients for the statistics, which backward ignores
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        if dy is None:  # (grads are not materialised) nothing reached y
+            return None, None, None, None
+        x, weight, mean, var = ctx.saved_tensors
+        dx, dweight, dbias = _train_backward_impl(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
+        return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
+
+
+class _BatchNormEval(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+        _eval_setup(ctx, (x, weight, bias, running_mean, running_var, eps), None)
+        return _eval_impl(x, weight, bias, running_mean, running_var, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        dx, dweight, dbias = _eval_backward_impl(dy, x, weight, running_mean, running_var, ctx.eps, ctx.has_bias)
+        return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
+
+
+# -- the functional form -----------------------------------------------------------------------
+def takes(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+          momentum=0.1, eps: float = 1e-5) -> bool:
+    """True when `batch_norm` runs bngen's kernels for these arguments (else torch's)."""
+    if not (isinstance(eps, float) and 0.0 < eps < math.inf):  # torch's errors for eps <= 0; eval allows eps=0
+        return False
+    dtype = input.dtype
+    if input.device.type != "cpu" or dtype not in _DTYPES or input.layout != torch.strided or input.dim() < 2 \
+            or input.numel() == 0:
+        return False
+    if not input.is_contiguous() and not _channels_last(input):
+        return False
+    if not training and (running_mean is None or running_var is None):
+        return False
+    pdtype, channels = _param_dtype(dtype), input.shape[1]
+    for t in (weight, bias, running_mean, running_var):
+        if t is not None and (t.device.type != "cpu" or t.dtype is not pdtype or t.dim() != 1
+                              or t.shape[0] != channels or not t.is_contiguous()):
+            return False
+    return True
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum=0.1, eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.batch_norm`` computed by bngen kernels (torch's for what they do not take).
+
+    In training the batch statistics normalise the input and, when given, the running
+    statistics move toward them in place: ``running = (1 - momentum) * running +
+    momentum * batch``, with the unbiased batch variance.  Otherwise the running
+    statistics normalise it.  Raises torch's ValueError when training sees one value per
+    channel.
+    """
+    if training:
+        F._verify_batch_size(input.size())
+    if not takes(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    compiling = torch.compiler.is_compiling()
+    if not training:
+        if compiling:
+            return torch.ops.bngen.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+        return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
+    if compiling:
+        y, mean, var = torch.ops.bngen.batch_norm_train(input, weight, bias, eps)
+    else:
+        y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)
+    if running_mean is not None or running_var is not None:
+        n = input.numel() // input.shape[1]
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * n / (n - 1))
+    return y
+
+
+# -- modules -------------------------------------------------------------------------------------
+class _Forward:
+    """The forward of torch.nn's batch norms (torch.nn.modules.batchnorm._BatchNorm), on `batch_norm`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        if bn_training and self.training and self._synchronised():
+            return self._sync_forward(input, factor)
+        return batch_norm(input, self.running_mean if tracked else None, self.running_var if tracked else None,
+                          self.weight, self.bias, bn_training, factor, self.eps)
+
+    def _synchronised(self) -> bool:
+        return False
+
+
+class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` (same arguments, parameters, buffers and errors) on bngen kernels."""
+
+
+class BatchNorm2d(_Forward, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` (same arguments, parameters, buffers and errors) on bngen kernels."""
+
+
+class BatchNorm3d(_Forward, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` (same arguments, parameters, buffers and errors) on bngen kernels."""
+
+
+class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on bngen kernels, for CPU tensors too.
+
+    Without a process group of more than one rank (or in eval mode) it is `BatchNorm2d`
+    for any input rank.  With one, in training, each rank's (count, mean, M2) per
+    channel is all-gathered in float64 and merged in rank order (Chan's formula: exact,
+    and identical on every rank); the input gradient uses the all-reduced sums of dy and
+    dy * x_hat, while the weight and bias gradients stay this rank's (DistributedDataParallel
+    all-reduces them), as in torch.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)  # torch's SyncBatchNorm checks this too, after the rank
+        return super().forward(input)
+
+    def _group(self):
+        return self.process_group if self.process_group else torch.distributed.group.WORLD
+
+    def _synchronised(self) -> bool:
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self._group()) > 1
+
+    def _sync_forward(self, input: Tensor, factor: float) -> Tensor:
+        tracked = self.track_running_stats
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, self.running_mean if tracked else None,
+                                            self.running_var if tracked else None, self.eps, factor, self._group())
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Like torch's: every BatchNorm*D (torch's or bngen's) becomes a bngen SyncBatchNorm."""
+        return _convert(module, lambda m: cls if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None,
+                        process_group=process_group)
+
+
+# -- SyncBatchNorm across ranks --------------------------------------------------------------------
+def _merge_moments(parts: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
+    """Chan's merge, in rank order, of rows ``(count, mean[C], M2[C])`` (float64): (n, mean, M2)."""
+    channels = (parts.shape[1] - 1) // 2
+    n, mean, m2 = parts[0, 0], parts[0, 1:1 + channels].copy(), parts[0, 1 + channels:].copy()
+    for row in parts[1:]:
+        nb, mean_b, m2_b = row[0], row[1:1 + channels], row[1 + channels:]
+        total = n + nb
+        delta = mean_b - mean
+        mean += delta * (nb / total)
+        m2 += m2_b + delta * delta * (n * nb / total)
+        n = total
+    return n, mean, m2
+
+
+def _broadcast_shape(x: Tensor) -> tuple:
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training forward and backward of SyncBatchNorm over a process group of several ranks.
+
+    Forward: local statistics (the training kernel), all-gathered (count, mean, M2), merged;
+    the output from the inference kernel with the merged statistics as the running ones.
+    Backward: the frozen-layer kernel gives dy * gamma / std, sum(dy) and sum(dy * x_hat)
+    at the merged statistics; the sums are all-reduced and dx corrected with them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
+        dist = torch.distributed
+        x, _ = _input(x)
+        pdtype, channels = _param_dtype(x.dtype), x.shape[1]
+        count = x.numel() // channels
+        _, mean, var = torch.ops.bngen.batch_norm_train(x, None, None, eps)
+        local = torch.cat([torch.tensor([float(count)], dtype=torch.float64), mean.double(), var.double() * count])
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        n, gmean, m2 = _merge_moments(torch.stack(parts).numpy())
+        if n < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(n)} across the ranks")
+        mean = torch.from_numpy(gmean).to(pdtype)
+        var = torch.from_numpy(m2 / n).to(pdtype)
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(torch.from_numpy(gmean).to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1 - momentum).add_(torch.from_numpy(m2 / (n - 1)).to(running_var.dtype),
+                                                    alpha=momentum)
+        gamma = weight.detach() if weight is not None else torch.ones(channels, dtype=pdtype)
+        beta = bias.detach() if bias is not None else torch.zeros(channels, dtype=pdtype)
+        y = _eval(x, gamma, beta, mean, var, eps)
+        ctx.save_for_backward(x, gamma, mean, var)
+        ctx.eps, ctx.n, ctx.group = eps, n, group
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dist = torch.distributed
+        x, gamma, mean, var = ctx.saved_tensors
+        # frozen-layer gradients at the merged statistics: dy * gamma / std, sum(dy * x_hat), sum(dy)
+        dx_frozen, dgamma, dbeta = _eval_backward(dy, x, gamma, mean, var, ctx.eps, True)
+        sums = torch.cat([dbeta.double(), dgamma.double()])
+        dist.all_reduce(sums, group=ctx.group)
+        channels = x.shape[1]
+        sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
+        r = (var.double() + ctx.eps).rsqrt()
+        a = gamma.double() * r / ctx.n
+        # dx = dx_frozen - a * (sum_dy + x_hat * sum_dy_xhat), x_hat = (x - mean) * r: per channel k1 * x + k0
+        k1 = -a * r * sum_dy_xhat
+        k0 = -a * sum_dy - k1 * mean.double()
+        shape = _broadcast_shape(x)
+        work = torch.float64 if x.dtype is torch.float64 else torch.float32
+        dx = (dx_frozen.to(work) + x.to(work) * k1.to(work).view(shape) + k0.to(work).view(shape)).to(x.dtype)
+        dx = dx.contiguous(memory_format=_LAST_FORMATS[x.dim()] if _channels_last(x) else torch.contiguous_format)
+        return (dx, dgamma if ctx.has_weight else None, dbeta if ctx.has_bias else None, None, None, None, None,
+                None)
+
+
+# -- conversion ---------------------------------------------------------------------------------------
+_REPLACEMENTS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
+                 torch.nn.BatchNorm3d: BatchNorm3d, torch.nn.SyncBatchNorm: SyncBatchNorm}
+
+
+def _convert(module: torch.nn.Module, target, process_group=None) -> torch.nn.Module:
+    cls = target(module)
+    result = module
+    if cls is not None and type(module) is not cls:
+        kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
+                      track_running_stats=module.track_running_stats, device="meta")
+        if issubclass(cls, torch.nn.SyncBatchNorm):
+            kwargs["process_group"] = process_group if process_group is not None else getattr(module, "process_group", None)
+        result = cls(module.num_features, **kwargs)
+        # the same Parameter and buffer objects: optimisers and other references stay valid
+        for name in ("weight", "bias"):
+            setattr(result, name, getattr(module, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            result._buffers[name] = module._buffers.get(name)
+        result.train(module.training)
+        if hasattr(module, "qconfig"):
+            result.qconfig = module.qconfig
+    for name, child in module.named_children():
+        converted = _convert(child, target, process_group)
+        if converted is not child:
+            result.add_module(name, converted)
+    return result
+
+
+def convert(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with every torch.nn ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` replaced by bngen's.
+
+    The replacements hold the same Parameter and buffer objects (and training mode), so
+    an optimiser built before the conversion keeps working.  Children are replaced in
+    place; the result is `module` itself unless `module` is a batch norm.  Subclasses of
+    torch's batch norms (bngen's among them) are left alone.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    return _convert(module, lambda m: _REPLACEMENTS.get(type(m)))

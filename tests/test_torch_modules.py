@@ -1,0 +1,411 @@
+"""bngen.torch against torch.nn: modules, functional form, custom ops, conversion, compile.
+
+Every comparison runs torch.nn's module and bngen's from the same initialisation on the
+same data.  Feature counts are mostly 4 (2d/3d inputs 5x6 and 3x5x2) and 5 (1d), so the
+kernels built stay few: 35 specs (train and eval, four dtypes, channels-first and
+channels-last shape classes, affine or not, two epsilons), plus a few for the tiny
+benchmark model.  Batch sizes vary freely: one kernel serves them all (checked).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # small tensors; pytest -n 2 already uses both cores
+
+import bngen.torch as bnt  # noqa: E402
+
+F = torch.nn.functional
+HALF = (torch.float16, torch.bfloat16)
+# (atol, rtol) of a comparison with torch per dtype: float32 and float64 agree to rounding; half
+# dtypes round y (and the half conv weights) to 11 or 8 bits, a few ulps of which are allowed (on this
+# machine the half runs agree with torch exactly)
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3),
+       torch.bfloat16: (2e-2, 2e-2)}
+
+
+def _close(ours, theirs, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours.double(), theirs.double(), atol=atol * scale, rtol=rtol)
+
+
+def _conv_bn_relu(bn_module, dtype, fmt=torch.contiguous_format, seed=0):
+    """conv -> bn -> relu -> conv; half dtypes keep the batch norm's parameters float32 (mixed precision)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), bn_module(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 1))
+    conv_dtype = dtype
+    model[0].to(conv_dtype).to(memory_format=fmt)
+    model[3].to(conv_dtype).to(memory_format=fmt)
+    model[1].to(torch.float64 if dtype is torch.float64 else torch.float32)
+    with torch.no_grad():  # weights and statistics away from the defaults, so that mistakes show
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _train(model, batches, dtype, lr=0.1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for x, target in batches:
+        opt.zero_grad()
+        loss = F.mse_loss(model(x).double(), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _batches(dtype, fmt, steps=5, sizes=(6, 7, 5, 8, 6), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes[:steps]:
+        x = (torch.randn(n, 3, 5, 6, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+        out.append((x.contiguous(memory_format=fmt), torch.randn(n, 2, 5, 6, generator=g, dtype=torch.float64)))
+    return out
+
+
+def _compare_models(ours, theirs, dtype, scale=1.0):
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        _close(a.detach(), b.detach(), a.dtype if a.dtype in TOL else dtype, scale)
+    for (name, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers()):
+        if a.dtype is torch.int64:
+            assert torch.equal(a, b), name
+        else:
+            _close(a, b, dtype, scale)
+
+
+# -- training parity: 5 SGD steps (5 configurations x 2 layouts) -------------------------------------
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_sgd_steps_match_torch(dtype, fmt):
+    theirs = _conv_bn_relu(torch.nn.BatchNorm2d, dtype, fmt)
+    ours = bnt.convert(copy.deepcopy(theirs))
+    assert type(ours[1]) is bnt.BatchNorm2d
+    batches = _batches(dtype, fmt)
+    with torch.no_grad():
+        bn_input = ours[0](batches[0][0])
+    assert bnt.takes(bn_input, ours[1].running_mean, ours[1].running_var, ours[1].weight, ours[1].bias, True)
+    scale = 2.0 if dtype in HALF else 1.0  # half conv weights may drift apart by a rounding per step
+    np.testing.assert_allclose(_train(ours, batches, dtype), _train(theirs, batches, dtype),
+                               rtol=TOL[dtype][1] * scale, atol=TOL[dtype][0])
+    _compare_models(ours, theirs, dtype, scale)
+    assert int(ours[1].num_batches_tracked) == 5
+    # eval mode: running statistics, output in the input's memory format
+    ours.eval(), theirs.eval()
+    x = batches[0][0]
+    with torch.no_grad():
+        y_ours, y_theirs = ours[1](ours[0](x)), theirs[1](theirs[0](x))
+    assert y_ours.dtype is dtype and y_ours.is_contiguous(memory_format=fmt)
+    _close(y_ours, y_theirs, dtype)
+
+
+@pytest.mark.parametrize("kwargs", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+                                    dict(bias=False), dict(eps=1e-3, momentum=0.3)], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_module_options_match_torch(kwargs):
+    """momentum=None (cumulative average), affine=False, track_running_stats=False, bias=False (torch 2.13+),
+    other eps and momentum: 3 training steps (outputs, gradients, state) and eval."""
+    if "bias" in kwargs and "bias" not in inspect.signature(torch.nn.BatchNorm2d).parameters:
+        pytest.skip("this torch's batch norms have no bias= argument")
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(4, dtype=torch.float64, **kwargs)
+    ours = bnt.BatchNorm2d(4, dtype=torch.float64, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    for step, n in enumerate((3, 5, 4)):
+        x = torch.randn(n, 4, 5, 6, dtype=torch.float64) * 3 + 2
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        dy = torch.randn_like(ya)
+        ya.backward(dy), yb.backward(dy)
+        _close(ya, yb, torch.float64)
+        _close(xa.grad, xb.grad, torch.float64)
+        for name, p in ours.named_parameters():
+            _close(p.grad, getattr(theirs, name).grad, torch.float64)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        if value is not None:
+            assert torch.allclose(ours.state_dict()[key].double(), value.double(), atol=1e-12), key
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    _close(ours(x), theirs(x), torch.float64)
+
+
+@pytest.mark.parametrize("cls,theirs_cls,shape", [
+    (bnt.BatchNorm1d, torch.nn.BatchNorm1d, (6, 5)),
+    (bnt.BatchNorm1d, torch.nn.BatchNorm1d, (6, 5, 7)),
+    (bnt.BatchNorm3d, torch.nn.BatchNorm3d, (3, 4, 3, 5, 2)),
+], ids=["1d-2d", "1d-3d", "3d"])
+def test_1d_and_3d_modules_match_torch(cls, theirs_cls, shape):
+    torch.manual_seed(0)
+    theirs = theirs_cls(shape[1])
+    ours = cls(shape[1])
+    ours.load_state_dict(theirs.state_dict())
+    layouts = [torch.contiguous_format] + ([torch.channels_last_3d] if len(shape) == 5 else [])
+    for fmt in layouts:
+        x = (torch.randn(*shape) * 2 + 1).contiguous(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        assert ya.is_contiguous(memory_format=fmt)
+        (ya * ya).sum().backward(), (yb * yb).sum().backward()
+        _close(ya, yb, torch.float32)
+        _close(xa.grad, xb.grad, torch.float32, scale=5)
+    _close(ours.running_var, theirs.running_var, torch.float32)
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_no_grad_and_inference_mode(context):
+    torch.manual_seed(0)
+    theirs, ours = torch.nn.BatchNorm2d(4), bnt.BatchNorm2d(4)
+    x = torch.randn(3, 4, 5, 6)
+    with context():
+        for training in (True, False):
+            theirs.train(training), ours.train(training)
+            _close(ours(x), theirs(x), torch.float32)
+    _close(ours.running_var, theirs.running_var, torch.float32)
+
+
+# -- errors: torch's own ------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,shape", [(bnt.BatchNorm1d, (2, 3, 4, 5)), (bnt.BatchNorm2d, (2, 3, 4)),
+                                       (bnt.BatchNorm3d, (2, 3, 4, 5)), (bnt.SyncBatchNorm, (3,))])
+def test_bad_rank_raises_torchs_error(cls, shape):
+    theirs_cls = getattr(torch.nn, cls.__name__)
+    with pytest.raises(ValueError) as theirs:
+        theirs_cls(3)(torch.randn(*shape))
+    with pytest.raises(ValueError) as ours:
+        cls(3)(torch.randn(*shape))
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1)])
+def test_one_value_per_channel_in_training_raises_torchs_error(shape):
+    cls = bnt.BatchNorm1d if len(shape) == 2 else bnt.BatchNorm2d
+    with pytest.raises(ValueError) as theirs:
+        getattr(torch.nn, cls.__name__)(3)(torch.randn(*shape))
+    with pytest.raises(ValueError) as ours:
+        cls(3)(torch.randn(*shape))
+    assert str(ours.value) == str(theirs.value)
+    assert cls(3).eval()(torch.randn(*shape)).shape == shape  # eval mode takes it
+
+
+# -- what the kernels take, and the fallback -----------------------------------------------------------
+def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes():
+    bn = bnt.BatchNorm2d(4)
+    x = torch.randn(3, 4, 5, 6)
+    for t, last in ((x, False), (x.contiguous(memory_format=torch.channels_last), True)):
+        rows, _ = bnt._rows(t, bnt._channels_last(t))
+        assert bnt._channels_last(t) is last
+        assert rows.data_ptr() == t.data_ptr() and bnt._numpy(rows).__array_interface__["data"][0] == t.data_ptr()
+    before = set(bnt._kernels)
+    for n in (1, 2, 7, 16):
+        y = bn(torch.randn(n, 4, 5, 6))
+        assert y.shape == (n, 4, 5, 6)
+        bn(torch.randn(n, 4, 3, 2).contiguous(memory_format=torch.channels_last))  # any H, W: one (N*H*W, C) class
+    # (training, dtype, C, inner, eps, scale, center): one class per layout, whatever N, H and W
+    expected = {(True, torch.float32, 4, 30, 1e-5, True, True), (True, torch.float32, 4, 1, 1e-5, True, True)}
+    assert expected <= set(bnt._kernels) and set(bnt._kernels) - before <= expected
+
+
+@pytest.mark.parametrize("case", ["half_params", "strided", "eps0_eval", "running_stats_float64"])
+def test_fallback_to_torch_matches_torch(case):
+    """What the kernels do not take runs torch's own batch norm, with torch's results."""
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(4, eps=0.0 if case == "eps0_eval" else 1e-5).train(case != "eps0_eval")
+    x = torch.randn(3, 4, 6, 6)
+    if case == "half_params":
+        theirs, x = theirs.half(), x.half()  # .half() on the module: half parameters, torch's own kernel
+    elif case == "strided":
+        x = x[:, :, ::2]
+    elif case == "eps0_eval":  # bngen needs eps > 0; torch allows 0 in eval
+        theirs.running_var.fill_(2.0)
+    else:
+        theirs.running_mean = theirs.running_mean.double()
+    ours = bnt.convert(copy.deepcopy(theirs))
+    assert not bnt.takes(x, ours.running_mean, ours.running_var, ours.weight, ours.bias, ours.training, ours.momentum,
+                         ours.eps)
+    if case == "running_stats_float64":  # torch refuses it, and so does bngen, with torch's error
+        with pytest.raises(RuntimeError) as theirs_error:
+            theirs(x)
+        with pytest.raises(RuntimeError) as ours_error:
+            ours(x)
+        assert str(ours_error.value) == str(theirs_error.value)
+        return
+    ya, yb = ours(x), theirs(x)
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_functional_batch_norm_matches_torch():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 3, 2, dtype=torch.float64)
+    w, b = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    rm, rv = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    for training in (True, False):
+        ya = bnt.batch_norm(x, rm, rv, w, b, training, 0.2, 1e-3)
+        yb = F.batch_norm(x, rm2, rv2, w, b, training, 0.2, 1e-3)
+        _close(ya, yb, torch.float64)
+        _close(rm, rm2, torch.float64)
+        _close(rv, rv2, torch.float64)
+    # weight without bias and the reverse; training without running statistics
+    _close(bnt.batch_norm(x, None, None, w, None, True), F.batch_norm(x, None, None, w, None, True), torch.float64)
+    _close(bnt.batch_norm(x, rm, rv, None, b), F.batch_norm(x, rm, rv, None, b), torch.float64)
+
+
+# -- autograd ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_gradcheck(training, affine, fmt, path):
+    """float64 gradcheck of the eager path (autograd.Function) and of the custom ops'
+    autograd registration (what torch.compile records)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    params = (torch.rand(4, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, dtype=torch.float64, requires_grad=True)) if affine else ()
+
+    def fn(x, *p):
+        w, b = p if affine else (None, None)
+        if path == "eager":
+            return bnt.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
+        if training:
+            return torch.ops.bngen.batch_norm_train(x, w, b, 1e-5)[0]
+        return torch.ops.bngen.batch_norm_eval(x, w, b, rm, rv, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, (x,) + params)
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schemas, fake implementations, autograd registration."""
+    x = torch.randn(3, 4, 5, 6)
+    w, b, rm, rv = torch.rand(4), torch.rand(4), torch.rand(4), torch.rand(4) + 0.5
+    ops = torch.ops.bngen
+    for args in ((x, w, b, 1e-5), (x.contiguous(memory_format=torch.channels_last), None, None, 1e-5)):
+        torch.library.opcheck(ops.batch_norm_train.default, args)
+    torch.library.opcheck(ops.batch_norm_eval.default, (x, w, b, rm, rv, 1e-5))
+    _, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(ops.batch_norm_train_backward.default, (dy, x, w, mean, var, 1e-5, True))
+    torch.library.opcheck(ops.batch_norm_eval_backward.default, (dy, x, w, rm, rv, 1e-5, True))
+    # inductor may hand them channels-last tensors without a copy into the traced layout
+    for name in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward"):
+        assert torch.Tag.flexible_layout in getattr(ops, name).default.tags, name
+
+
+# -- torch.compile --------------------------------------------------------------------------------------------
+def test_compile_has_no_graph_breaks_and_matches_eager():
+    torch.manual_seed(0)
+    theirs = _conv_bn_relu(torch.nn.BatchNorm2d, torch.float32)
+    eager = bnt.convert(copy.deepcopy(theirs))
+    compiled_model = bnt.convert(copy.deepcopy(theirs))
+    x = torch.randn(6, 3, 5, 6)
+    explanation = torch._dynamo.explain(copy.deepcopy(compiled_model))(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert "bngen.batch_norm_train" in explanation.graphs[0].code  # the custom op, traced as one node
+    compiled = torch.compile(compiled_model)
+    batches = _batches(torch.float32, torch.contiguous_format, steps=3, sizes=(6, 6, 6))
+    np.testing.assert_allclose(_train(compiled, batches, torch.float32), _train(eager, batches, torch.float32),
+                               rtol=1e-5)
+    _compare_models(compiled_model, eager, torch.float32)
+    compiled.eval(), eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), atol=2e-5, rtol=2e-5)
+
+
+# -- state_dict, conversion -----------------------------------------------------------------------------------
+def test_state_dict_round_trips_both_ways():
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(4, momentum=0.3)
+    theirs(torch.randn(3, 4, 2, 2))
+    ours = bnt.BatchNorm2d(4, momentum=0.3)
+    ours.load_state_dict(theirs.state_dict())
+    ours(torch.randn(3, 4, 2, 2))
+    back = torch.nn.BatchNorm2d(4, momentum=0.3)
+    back.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert int(back.num_batches_tracked) == 2
+    assert [n for n, _ in ours.named_parameters()] == ["weight", "bias"]
+    assert isinstance(ours, torch.nn.BatchNorm2d)  # code that looks for torch's batch norms finds bngen's
+
+
+def test_convert_replaces_every_batch_norm_keeping_parameters_and_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "one": torch.nn.BatchNorm1d(5), "two": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)),
+        "three": torch.nn.BatchNorm3d(4, affine=False), "sync": torch.nn.SyncBatchNorm(4, momentum=None),
+        "untracked": torch.nn.BatchNorm2d(4, track_running_stats=False), "other": torch.nn.LayerNorm(4),
+    })
+    model["two"][1].eval()
+    before = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    reference = copy.deepcopy(model)
+    converted = bnt.convert(model)
+    assert converted is model
+    kinds = {name: type(m) for name, m in converted.named_modules()}
+    assert kinds["one"] is bnt.BatchNorm1d and kinds["two.1"] is bnt.BatchNorm2d
+    assert kinds["three"] is bnt.BatchNorm3d and kinds["sync"] is bnt.SyncBatchNorm
+    assert kinds["untracked"] is bnt.BatchNorm2d and kinds["other"] is torch.nn.LayerNorm
+    after = {name: t for name, t in list(converted.named_parameters()) + list(converted.named_buffers())}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # the same objects
+    assert not converted["two"][1].training and converted["one"].training
+    assert converted["sync"].momentum is None and converted["untracked"].running_mean is None
+    assert bnt.convert(converted) is converted and type(converted["one"]) is bnt.BatchNorm1d
+    assert type(bnt.convert(torch.nn.BatchNorm2d(3))) is bnt.BatchNorm2d  # a batch norm itself
+    inputs = {"one": torch.randn(6, 5), "two": torch.randn(2, 3, 4, 4), "three": torch.randn(2, 4, 3, 2, 2),
+              "sync": torch.randn(3, 4, 2, 2), "untracked": torch.randn(3, 4, 2, 2)}
+    for name, x in inputs.items():
+        torch.testing.assert_close(converted[name](x), reference[name](x))
+    with pytest.raises(TypeError, match="module"):
+        bnt.convert("not a module")
+
+
+def test_sync_batch_norm_in_one_process_is_batch_norm():
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(4)
+    ours = bnt.SyncBatchNorm(4)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 4, 5, 6)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    converted = bnt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
+    assert type(converted[0]) is bnt.SyncBatchNorm
+
+
+# -- import isolation -----------------------------------------------------------------------------------------
+def test_import_bngen_does_not_import_torch():
+    code = "import sys, bngen; bngen.Spec(shape=(None, 3)); assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- the end-to-end benchmark, functionally ------------------------------------------------------------------
+def test_bench_model_runs_and_losses_agree(tmp_path, capsys):
+    """`bngen bench --model` at the tiny size, eager, one thread (no timing conclusions drawn)."""
+    import json
+
+    from bngen.cli import main
+
+    out = tmp_path / "model.json"
+    assert main(["bench", "--model", "--model-size", "tiny", "--modes", "eager", "--threads", "1", "--repeat", "2",
+                 "--steps", "4", "--quiet", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["mode"], r["threads"], r["implementation"]) for r in report["rows"]] == [
+        ("eager", 1, "torch"), ("eager", 1, "bngen")]
+    assert all(r["bn_share"] is not None and 0 < r["bn_share"] < 1 for r in report["rows"])
+    losses = report["losses"]["eager, 1 thread(s)"]
+    assert len(losses["bngen"]) == 4 and losses["max_relative_difference"] < 1e-4
+    assert "| eager | 1 | bngen |" in capsys.readouterr().out
+    assert main(["bench", "--model", "--modes", "lazy"]) == 2
+    assert "--modes: 'lazy'" in capsys.readouterr().err
