@@ -48,6 +48,7 @@ from .threads import MAX_THREADS
 KEPT_SETS = 4  # a few layers sharing one kernel take turns without a full check each
 
 DATA, PARAM, OUT, THREADS = "data", "param", "out", "threads"
+SAMPLE = "sample"  # one value per sample, shape x.shape[:axis]: mode 1's statistics (checked path only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Param:
     """One Python parameter of a kernel method."""
 
     name: str
-    kind: str  # DATA (shaped like x) | PARAM (one value per feature) | OUT | THREADS
+    kind: str  # DATA (shaped like x) | PARAM (one value per feature) | SAMPLE | OUT | THREADS
     arg: Optional[Arg] = None  # the C argument it fills; None: checked only (or unused)
     used: bool = True  # False: the kernel takes no such value; it must be None
     required: bool = True
@@ -132,11 +133,14 @@ def _backward_face(spec: Spec, entry: Entry) -> Face:
               else "backward needs beta only with activation='relu' and center=True"),
     ]
     if entry.phase == Phase.BACKWARD:
-        unused = f"{'mode 2' if spec.mode == 2 else 'training'} gradients are taken at the statistics forward used"
+        unused = f"{f'mode {spec.mode}' if spec.mode else 'training'} gradients are taken at the statistics forward used"
         why = "the batch statistics that forward returned"
+        kind = SAMPLE if spec.mode == 1 else PARAM
+        if spec.mode == 1:
+            why = "the per-sample statistics that forward returned"
         params += [
-            Param("mean", PARAM, a("mean"), why=why),
-            Param("variance", PARAM, a("variance"), why=why),
+            Param("mean", kind, a("mean"), why=why),
+            Param("variance", kind, a("variance"), why=why),
             Param("moving_mean", PARAM, used=False, required=False, why=unused + "; pass the batch mean as mean="),
             Param("moving_variance", PARAM, used=False, required=False,
                   why=unused + "; pass the batch variance as variance="),
@@ -177,8 +181,11 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
                 written.add(p.name)
             checked[p.name] = check_param(kernel, p.name, values.get(p.name), p.used, p.why, writable=writes,
                                           required=p.required)
-    nthreads = check_threads(kernel, values.get("threads"))
     first, last = spec.axis[0], spec.axis[-1]
+    for p in face.params:
+        if p.kind == SAMPLE:
+            checked[p.name] = check_sample_stat(kernel, p.name, values.get(p.name), p.why, x.shape[:first])
+    nthreads = check_threads(kernel, values.get("threads"))
     outer = int(np.prod(x.shape[:first], dtype=np.int64))
     inner = int(np.prod(x.shape[last + 1:], dtype=np.int64))
     if outer * inner < spec.min_values_per_feature:
@@ -196,7 +203,7 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
     streams = values.get("out") is not None and target is out
     c_values = {"outer": outer, "inner": inner, "nthreads": nthreads, "may_stream": int(streams)}
     for p in face.params:
-        if p.arg is not None and p.kind in (DATA, PARAM):
+        if p.arg is not None and p.kind in (DATA, PARAM, SAMPLE):
             c_values[p.arg.name] = checked[p.name]
     c_values[out_param.arg.name] = target
     results: Dict[str, Any] = {}
@@ -289,6 +296,20 @@ def check_param(kernel, name: str, value, used: bool, why: str, writable: bool =
         if not value.flags.aligned:
             raise ValueError(f"{name}: is not aligned to its {value.itemsize}-byte values, which training updates in place")
         return value
+    return _c_array(value)
+
+
+def check_sample_stat(kernel, name: str, value, why: str, shape) -> np.ndarray:
+    """A per-sample statistic of mode 1 (mean, variance): shape x.shape[:axis], as forward returned it."""
+    if value is None:
+        raise TypeError(f"{name}: required ({why})")
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray of {kernel.param_dtype}, got {type(value).__name__}")
+    _refuse_masked(name, value)
+    if value.dtype != kernel.param_dtype:
+        raise TypeError(f"{name}: dtype is {value.dtype}; statistics of a {kernel.spec.dtype} kernel are {kernel.param_dtype}")
+    if value.shape != tuple(shape):
+        raise ValueError(f"{name}: shape is {value.shape}; expected {tuple(shape)}, one value per sample (x.shape[:axis])")
     return _c_array(value)
 
 

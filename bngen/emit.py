@@ -10,7 +10,7 @@ float16/bfloat16 data are uint16_t bit patterns, with float parameters and arith
 the `Target` chooses how float16 is converted (the FPU's __fp16 on Arm, bits elsewhere).
 
 With ``harness=True`` it also writes a test program and reference vectors from the
-float64 oracle, so that the kernel can be checked on the board it will run on.
+float64 oracle, so that every entry point can be checked on the board it will run on.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from . import oracle
 from .c_names import LIBRARY, reserved_because
 from .dtypes import numpy_dtype
-from .entries import baked_entry, runtime_sizes
+from .entries import Entry, baked_entry, runtime_sizes
 from .plan import Plan, make_plan
 from .render import render_template
 from .spec import Spec, SpecError
@@ -58,8 +58,8 @@ def emit(spec: Spec, out_dir, name: str = "bn", params: Optional[Mapping] = None
     static shape the entry point is exactly ``void name(const T *x, T *y);`` (T is
     float, double, or uint16_t holding float16/bfloat16 bit patterns).
     `target`: "host", "aarch64" or "cortex-m" (single precision throughout).
-    `harness`: also write `name`_test.c and `name`_test_vectors.h, a self-check against
-    the float64 oracle that runs on the host or on a board.
+    `harness`: also write `name`_test.c and `name`_test_vectors.h, a self-check of every
+    entry point (`calls`) against the float64 oracle that runs on the host or on a board.
 
     Everything is checked before anything is written; emitting twice gives
     byte-identical files.
@@ -243,7 +243,7 @@ def kind_text(plan: Plan, baked: bool) -> str:
     if not spec.uses_batch_stats:
         return "Inference, runtime parameters"
     if spec.training:
-        return "Training forward" + (" (backward to follow)" if plan.entry("bn_backward") is None else " and backward")
+        return "Training forward" + ("" if plan.entry("bn_backward") is None else " and backward")
     return "Forward with batch statistics"
 
 
@@ -256,10 +256,17 @@ class Case(NamedTuple):
     inputs: Dict[str, np.ndarray]  # by argument name, in the entry's dtypes
     expected: Dict[str, np.ndarray]  # float64, by output argument name
     tolerance: Dict[str, float]
+    entry: Optional[str] = None  # the entry point's name in the plan (None: the first one)
+    null: Tuple[str, ...] = ()  # nullable arguments passed as NULL (their outputs are not expected)
 
 
 def harness_case(plan: Plan, params: Optional[Mapping] = None, seed: int = HARNESS_SEED) -> Case:
     """Deterministic inputs for the first entry point of `plan` and what it must return."""
+    return harness_cases(plan, params, seed)[0]
+
+
+def harness_cases(plan: Plan, params: Optional[Mapping] = None, seed: int = HARNESS_SEED) -> List[Case]:
+    """Deterministic calls of every entry point of `plan` (`calls`) and what they must return."""
     spec = plan.spec
     shape = tuple(HARNESS_DYNAMIC_SIZE if d is None else d for d in spec.shape)
     rng = np.random.default_rng(seed)
@@ -279,35 +286,92 @@ def harness_case(plan: Plan, params: Optional[Mapping] = None, seed: int = HARNE
             "moving_mean": rng.normal(0, 0.5, c), "moving_variance": rng.uniform(0.5, 2, c),
         }
         values = {k: v.astype(pdtype) for k, v in values.items()}
-    return make_case(plan, x, values)
+    dy = rng.standard_normal(shape).astype(dtype) if plan.backward else None
+    return make_cases(plan, x, values, dy)
 
 
-def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray]) -> Case:
-    """The `Case` of calling the first entry of `plan` on `x` and parameter `values`
-    (the parameters the entry does not take are ignored)."""
+def calls(plan: Plan) -> List[Tuple[Entry, Tuple[str, ...]]]:
+    """The calls that exercise every entry point of `plan`: ``(entry, arguments passed as
+    NULL)``, each entry once with every argument, and a training forward a second time
+    without its moving statistics."""
+    result = []
+    for entry in plan.entries:
+        result.append((entry, ()))
+        moving = tuple(a.name for a in entry.args if a.nullable and a.role == "param_inout")
+        if moving:
+            result.append((entry, moving))
+    return result
+
+
+def make_cases(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray], dy: Optional[np.ndarray] = None) -> List[Case]:
+    """The `Case` of every call in `calls(plan)` on `x`, parameter `values` and (for the
+    gradient entry points) the incoming gradient `dy`.  With a fused ReLU, dy is zeroed
+    where the forward output before the ReLU is within twice its tolerance of 0: there
+    the kernel (which recomputes that output) and the oracle may mask differently, and
+    with dy = 0 the gradient does not depend on the mask."""
     spec = plan.spec
-    entry = plan.entries[0]
+    if dy is not None and spec.activation == "relu":
+        plain = spec.replace(activation=None)
+        gamma, beta = values.get("gamma") if spec.scale else None, values.get("beta") if spec.center else None
+        mm, mv = (values.get("moving_mean"), values.get("moving_variance")) if spec.mode == 0 else (None, None)
+        ref = oracle.forward(plain, x, gamma, beta, mm, mv)
+        edge = np.abs(ref.y) <= 2 * tolerances(spec, x, values, ref)["y"]
+        dy = np.where(edge, np.zeros((), dy.dtype), dy)
+    return [make_case(plan, x, values, entry=entry.name, dy=dy, null=null) for entry, null in calls(plan)]
+
+
+def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray], entry: Optional[str] = None,
+              dy: Optional[np.ndarray] = None, null: Tuple[str, ...] = ()) -> Case:
+    """The `Case` of calling the entry point `entry` (default: the first) of `plan` on `x`
+    and parameter `values` (the parameters the entry does not take are ignored), with the
+    nullable arguments `null` passed as NULL.  A gradient entry point also takes `dy`,
+    and the statistics a training forward returns, rounded to the parameter dtype."""
+    spec = plan.spec
+    entry_ = plan.entries[0] if entry is None else plan.entry(entry)
+    if entry_ is None:
+        raise ValueError(f"entry: {entry!r} is not an entry point of this plan")
     first, last = spec.axis[0], spec.axis[-1]
     outer = int(np.prod(x.shape[:first], dtype=np.int64))
     inner = int(np.prod(x.shape[last + 1:], dtype=np.int64))
-    inputs = {"x": x}
-    for arg in entry.args:
-        if arg.role in ("param_in", "param_inout"):
-            inputs[arg.name] = values[arg.name]
     ref = oracle.forward(
         spec, x,
         values.get("gamma") if spec.scale else None, values.get("beta") if spec.center else None,
         values.get("moving_mean") if spec.mode == 0 else None, values.get("moving_variance") if spec.mode == 0 else None,
     )
-    expected = {"y": ref.y}
-    if spec.uses_batch_stats:
-        expected.update(mean=ref.mean, variance=ref.variance)
-    if spec.updates_moving_stats:
-        expected.update(moving_mean=ref.moving_mean, moving_variance=ref.moving_variance)
-    names = {a.name for a in entry.args if a.role in ("data_out", "stat_out", "param_inout")}
+    inputs = {}
+    for arg in entry_.args:
+        if arg.name == "x":
+            inputs["x"] = x
+        elif arg.name == "dy":
+            inputs["dy"] = dy
+        elif arg.role == "param_in" and arg.name in ("mean", "variance") and entry_.name == "bn_backward":
+            inputs[arg.name] = getattr(ref, arg.name).reshape(-1).astype(spec.param_dtype)  # as forward returned them
+        elif arg.role in ("param_in", "param_inout"):  # (also when passed as NULL: the driver reads every input)
+            inputs[arg.name] = values[arg.name]
+    if entry_.name in ("bn_backward", "bn_backward_frozen"):
+        beta = values.get("beta") if spec.center and spec.activation == "relu" else None
+        gamma = values.get("gamma") if spec.scale else None
+        if entry_.name == "bn_backward":  # the kernel corrects the mean's rounding from x: the exact mean
+            grads = oracle.backward(spec, dy, x, gamma, None, inputs["variance"], beta=beta)
+        else:
+            grads = oracle.backward(spec, dy, x, gamma, values["moving_mean"], values["moving_variance"], beta=beta)
+        expected = {"dx": grads.dx, "dgamma": grads.dgamma, "dbeta": grads.dbeta}
+        tolerance = gradient_tolerances(spec, x, dy, values, grads)
+    else:
+        expected = {"y": ref.y}
+        if spec.uses_batch_stats:
+            expected.update(mean=ref.mean, variance=ref.variance)
+        if spec.updates_moving_stats:
+            expected.update(moving_mean=ref.moving_mean, moving_variance=ref.moving_variance)
+        tolerance = tolerances(spec, x, values, ref)
+    names = {a.name for a in entry_.args if a.role in OUTPUT_ROLES and a.name not in null}
     expected = {k: v for k, v in expected.items() if k in names}
-    tolerance = tolerances(spec, x, values, ref)
-    return Case(outer, inner, inputs, expected, {k: tolerance[k] for k in expected})
+    return Case(outer, inner, inputs, expected, {k: tolerance[k] for k in expected},
+                None if entry is None else entry_.name, tuple(null))
+
+
+# Roles of the arguments an entry point writes.
+OUTPUT_ROLES = ("data_out", "stat_out", "param_inout", "grad_out")
 
 
 def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
@@ -345,6 +409,38 @@ def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
     return tol
 
 
+def gradient_tolerances(spec: Spec, x, dy, values, grads) -> Dict[str, float]:
+    """Absolute tolerances of dx, dgamma and dbeta, in the manner of `tolerances`: each
+    output's terms are at most |gamma| r |dy| (1 + 2 x_hat^2) for dx (r = 1 / sqrt(variance
+    + epsilon)), n |dy| |x_hat| for dgamma and n |dy| for dbeta (n values summed); and
+    x_hat = (x - mean) * r itself is known to |x| r units of the arithmetic (the mean of
+    values far from 0 is rounded like them), which its factors carry into dx and dgamma."""
+    eps = float(np.finfo(np.dtype(spec.param_dtype)).eps) * TOLERANCE_ULPS
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    axes = oracle.reduce_axes(spec)
+    if spec.uses_batch_stats:
+        mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    else:
+        bshape = [x.shape[a] if a in spec.axis else 1 for a in range(x.ndim)]
+        mean = np.asarray(values["moving_mean"], np.float64).reshape(bshape)
+        var = np.asarray(values["moving_variance"], np.float64).reshape(bshape)
+    r = 1 / np.sqrt(var + spec.epsilon)
+    gamma = float(np.max(np.abs(np.asarray(values["gamma"], np.float64)))) if spec.scale else 1.0
+    dy_scale = float(np.max(np.abs(dy)))
+    xhat_scale = float(np.max(np.abs((x - mean) * r))) + 1
+    n = x.size // spec.channels  # values per dgamma and dbeta sum
+    xhat_error = float(np.max(np.abs(x) * r)) + 1  # in units of the arithmetic
+    tol = {
+        "dx": eps * gamma * float(np.max(r)) * dy_scale * (1 + 2 * xhat_scale**2 + 4 * xhat_scale * xhat_error),
+        "dgamma": eps * n * dy_scale * (xhat_scale + xhat_error),
+        "dbeta": eps * n * dy_scale,
+    }
+    if spec.dtype in ("float16", "bfloat16"):
+        storage = ml_finfo(spec.dtype)
+        tol["dx"] += float(storage.eps) * float(np.max(np.abs(grads.dx))) + float(storage.smallest_subnormal)
+    return tol
+
+
 def ml_finfo(dtype: str):
     """`finfo` of a half-precision storage dtype (bfloat16 from ml_dtypes)."""
     import ml_dtypes
@@ -353,23 +449,50 @@ def ml_finfo(dtype: str):
 
 
 def render_harness(plan: Plan, target: Target, params: Optional[Mapping] = None) -> Dict[str, str]:
-    """{file name: text} of the test program and its reference vectors."""
-    case = harness_case(plan, params)
+    """{file name: text} of the test program and its reference vectors: every call of
+    `calls(plan)`.  The first call's arrays are NAME_in_ARG, NAME_want_ARG and NAME_tol_ARG;
+    a later call's carry its tag (NAME_backward_want_dx, ...), and an input equal to one
+    already written is not written again."""
     name = plan.prefix
     half = plan.precision.half
-    inputs = {k: [float(v) for v in np.asarray(a).reshape(-1)] for k, a in case.inputs.items()}
-    expected = {k: [float(v) for v in np.asarray(a).reshape(-1)] for k, a in case.expected.items()}
-    if half:  # x as bit patterns; y rounded to the storage type (then exact in float)
-        inputs["x"] = [int(v) for v in case.inputs["x"].view(np.uint16).reshape(-1)]
-        expected["y"] = [float(v) for v in case.expected["y"].astype(numpy_dtype(half)).reshape(-1)]
-    extra = dict(name=name, target=target, case=case, entry=plan.entries[0], inputs=inputs, expected=expected)
+    T, P = plan.precision.data, plan.precision.param
+    arrays: List[Tuple[str, list, str]] = []  # (C name, values, C type), in file order
+    written: Dict[tuple, str] = {}  # (C type, values) -> the C name of an input already written
+    runs = []
+    for case, (entry, null) in zip(harness_cases(plan, params), calls(plan)):
+        tag = "" if not runs else "_" + call_tag(entry, null)
+        inputs = {}
+        for key, a in case.inputs.items():
+            data = key in ("x", "dy")
+            if data and half:  # bit patterns
+                values = [int(v) for v in np.asarray(a).view(np.uint16).reshape(-1)]
+            else:
+                values = [float(v) for v in np.asarray(a).reshape(-1)]
+            ctype = T if data else P
+            cname = written.get((ctype, tuple(values)))
+            if cname is None:
+                cname = written[(ctype, tuple(values))] = f"{name}{tag}_in_{key}"
+                arrays.append((cname, values, ctype))
+            inputs[key] = cname
+        expected = {}
+        for key, a in case.expected.items():
+            if half and key in ("y", "dx"):  # rounded to the storage type (then exact in float)
+                a = np.asarray(a).astype(numpy_dtype(half))
+            expected[key] = [float(v) for v in np.asarray(a).reshape(-1)]
+        runs.append(dict(entry=entry, null=null, tag=tag, case=case, inputs=inputs, expected=expected,
+                         note=" (moving statistics NULL)" if null else ""))
+    lengths = list(dict.fromkeys(a.name for run in runs for a in run["entry"].args if a.is_array))  # every array, once
+    outputs = list({a.name: a for run in runs for a in run["entry"].args if a.role in OUTPUT_ROLES}.values())
+    symbols = list(dict.fromkeys(plan.symbol(run["entry"]) for run in runs))
+    extra = dict(name=name, target=target, runs=runs, arrays=arrays, case=runs[0]["case"], lengths=lengths,
+                 outputs=outputs, symbols=symbols)
     return {
         f"{name}_test.c": render_template("harness.c.j2", plan, **extra),
         f"{name}_test_vectors.h": render_template("harness_vectors.h.j2", plan, **extra),
     }
 
 
-def render_driver(plan: Plan) -> str:
-    """A C program that runs the first entry point of `plan` on binary cases from stdin
-    and writes its outputs to stdout (templates/driver.c.j2 says the format)."""
-    return render_template("driver.c.j2", plan, name=plan.prefix)
+def call_tag(entry: Entry, null: Tuple[str, ...]) -> str:
+    """A C-identifier tag for one call of `calls`: the entry's name after "bn_", and
+    "_no_moving" when its moving statistics are NULL."""
+    return entry.name[len("bn_"):] + ("_no_moving" if null else "")

@@ -183,10 +183,8 @@ def backward_reads_x(spec: Spec) -> bool:
 
 def backward_entry(spec: Spec, sizes: Tuple[Arg, ...]) -> Optional[Entry]:
     """Gradients of the forward: ``bn_backward`` where it normalises with batch statistics
-    (modes 0 and 2), ``bn_backward_frozen`` for mode-0 inference (a frozen layer, whose
-    statistics are constants).  Mode 1 has none."""
-    if spec.mode == 1:
-        return None
+    (training, modes 1 and 2; mode 1 takes per-sample statistics), ``bn_backward_frozen``
+    for mode-0 inference (a frozen layer, whose statistics are constants)."""
     relu = spec.activation == "relu"
     reads_x = backward_reads_x(spec)
     args = [Arg("dy", Role.DATA_IN)] + ([Arg("x", Role.DATA_IN)] if reads_x else [])

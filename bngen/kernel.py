@@ -124,11 +124,14 @@ class Kernel:
         positive.  That output depends on beta, so with ``center=True`` pass ``beta=``
         (keyword); it is an error to pass it otherwise.
 
-        Mode 1 (sample-wise) has no backward: TypeError.
+        Mode 1 (sample-wise): ``mean`` and ``variance`` are the per-sample statistics
+        `forward` returned (shape ``x.shape[:axis]``), and the gradients are those of
+        ``y = gamma * (x - m) / (sqrt(v + eps) + eps) + beta`` (Keras 1.2's extra epsilon)
+        with m and v each sample's mean and variance.
         """
         face = self._faces.get("backward")
         if face is None:
-            raise TypeError("backward: mode 1 (sample-wise) kernels have no backward in bngen; use mode 0 or 2")
+            raise TypeError("backward: this kernel was built without a backward")
         return binder.call_checked(self, face, dict(
             dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance, moving_mean=moving_mean,
             moving_variance=moving_variance, out=out, threads=threads))

@@ -289,9 +289,7 @@ class BatchNormalization:
                     beta=None if beta is None else beta.copy())
         if synced:
             y = self._synchronized_forward(kernel, x, tape)
-        elif self.mode == 1:
-            y = kernel(x, gamma, beta, threads=self.threads)
-        elif self.mode == 2:
+        elif self.mode in (1, 2):
             y, tape["mean"], tape["variance"] = kernel.forward(x, gamma, beta, threads=self.threads)
         elif not training:
             y = kernel(x, gamma, beta, w["moving_mean"], w["moving_variance"], threads=self.threads)
@@ -314,11 +312,9 @@ class BatchNormalization:
 
         After a training call (or any call in mode 2) these are the gradients through
         the batch statistics; after an inference call in mode 0, those of the frozen
-        layer.  Mode 1 has no backward.
+        layer; in mode 1, through each sample's statistics.
         """
         tape = self._tape
-        if self.mode == 1:
-            raise TypeError("backward: mode 1 (sample-wise) layers have no backward in bngen")
         if tape is None:
             raise RuntimeError("backward: call the layer first; backward differentiates its last call")
         dy = self._as_array("dy", dy)

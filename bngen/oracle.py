@@ -115,14 +115,15 @@ class Backward(NamedTuple):
 def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=None) -> Backward:
     """The gradients `Kernel.backward` computes, in float64.
 
-    Batch-statistics specs (training, mode 2): `mean` and `variance` default to the
-    exact statistics of `x` (the true gradient of the forward); given, they are used as
-    they are.  Mode-0 inference (a frozen layer): `mean` and `variance` are the moving
-    statistics, and are required.  `beta` is needed only for a fused ReLU with
-    ``center=True`` (the mask depends on the forward's output).
+    Batch-statistics specs (training, modes 1 and 2): `mean` and `variance` default to
+    the exact statistics of `x` (the true gradient of the forward); given, they are used
+    as they are (mode 1: per sample, shape ``x.shape[:axis]``).  Mode-0 inference (a
+    frozen layer): `mean` and `variance` are the moving statistics, and are required.
+    `beta` is needed only for a fused ReLU with ``center=True`` (the mask depends on the
+    forward's output).
     """
     if spec.mode == 1:
-        raise TypeError("backward: mode 1 (sample-wise) has no backward in bngen")
+        return _backward_per_sample(spec, _f64(dy), _f64(x), gamma, mean, variance, beta)
     x, dy = _f64(x), _f64(dy)
     bshape = _bshape(spec, x.ndim)
     g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
@@ -217,3 +218,36 @@ def _mask(spec: Spec, dy, x_hat, gamma, beta, bshape):
     g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
     b = _f64(beta).reshape(bshape) if spec.center else 0.0
     return np.where(g * x_hat + b <= 0, 0.0, dy)
+
+
+def _backward_per_sample(spec: Spec, dy, x, gamma, mean, variance, beta) -> Backward:
+    """Mode 1: the gradient of y = gamma * (x - m) / (sqrt(v + eps) + eps) + beta, with m
+    and v each sample's mean and biased variance over its n features (Keras 1.2's extra
+    epsilon included).  With s = sqrt(v + eps), d = s + eps, u = x - m, gdy = gamma * dy:
+    dx = gdy / d - sum(gdy) / (n d) - u sum(gdy u) / (n s d^2), the sums over the sample;
+    dgamma = sum(dy * u / d) and dbeta = sum(dy) over the samples."""
+    bshape = _bshape(spec, x.ndim)
+    lead = x.shape[: spec.axis[0]]
+    features = tuple(range(spec.axis[0], x.ndim))  # the feature axes: the trailing ones
+    samples = tuple(range(spec.axis[0]))
+    exact_mean, exact_variance = statistics(spec, x)
+    sshape = lead + (1,) * len(spec.axis)
+    m = _f64(exact_mean if mean is None else mean).reshape(sshape)
+    v = _f64(exact_variance if variance is None else variance).reshape(sshape)
+    g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
+    b = _f64(beta).reshape(bshape) if spec.center and spec.activation == "relu" else 0.0
+    n = spec.channels
+    s = np.sqrt(v + spec.epsilon)
+    d = s + spec.epsilon
+    u = x - m
+    if spec.activation == "relu":
+        dy = np.where(g * u / d + b <= 0, 0.0, dy)
+    gdy = g * dy
+    sum_gdy = gdy.sum(axis=features, keepdims=True)
+    sum_gdy_u = (gdy * u).sum(axis=features, keepdims=True)
+    dx = gdy / d - sum_gdy / (n * d) - u * sum_gdy_u / (n * s * d * d)
+    return Backward(
+        dx,
+        (dy * u / d).sum(axis=samples).reshape(-1) if spec.scale else None,
+        dy.sum(axis=samples).reshape(-1) if spec.center else None,
+    )

@@ -149,7 +149,7 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
     kernels in ``tuning.streaming_kinds``), how float16 is converted (F16C plans widen and
     narrow their values in blocks: `Plan.staged`), the type statistics are merged in, the
     channel tile (its stack) and, with the tuning, the number of independent partial sums.
-    `backward`: also make the gradient entry point where the spec has one (modes 0 and 2).
+    `backward`: also make the gradient entry point.
     An export target (``target.export``) gives freestanding C whose symbols start with
     `prefix`.  `split`: specs of modes 0 and 2 that normalise with batch statistics also
     get the split phases of a training step (`entries.split_entries`), which synchronized
@@ -201,7 +201,9 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
         stream_chunk=tuning.stream_chunk,
         coef_table=schedule == "channels_first" and not spec.uses_batch_stats and channels <= tuning.coef_table_max,
         stage=tuning.stage_values,
-        fast_entries=() if target.export else tuple(e.name for e in entries),
+        # mode 1's gradient takes per-sample statistics, which only the checked path knows
+        fast_entries=() if target.export else tuple(
+            e.name for e in entries if not (spec.mode == 1 and e.phase == Phase.BACKWARD)),
         blocking="runtime" if inner is None else "runs" if inner >= tuning.lane_values * lanes else "rows",
         lane_tail=bool(channels % lanes or channel_tile % lanes),
         tile_tail=channels % channel_tile != 0,

@@ -1,9 +1,11 @@
 """Compiling and running exported kernels in the tests.
 
 A `Toolchain` compiles the emitted NAME.c strictly (-std=c99 -Wall -Wextra -Wpedantic
--Werror) and links it with the batch driver of templates/driver.c.j2; a `Program` runs
-it (natively, under qemu-aarch64, or under qemu-arm for Cortex-M4 code) on `Case`s and
-returns the outputs.  Toolchains that are not installed make the tests skip.
+-Werror) and links it with the batch driver of tests/c/driver.c.j2; a `Program` runs
+it (natively, under qemu-aarch64, or under qemu-arm for Cortex-M4 code) on `Case`s of
+any of its entry points and returns the outputs.  Toolchains that are not installed make
+the tests skip, except where BNGEN_REQUIRE_TOOLCHAINS is set (CI sets it): there a missing
+toolchain fails the test.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import jinja2
 import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from bngen.emit import Case, emit, export_plan, get_target, make_case, render_driver
+from bngen.emit import Case, emit, export_plan, get_target, make_cases
 from bngen.kernel import numpy_dtype
-from bngen.render import template_dir
+from bngen.version import __version__
 
+# C that only the tests use (the batch driver, the Arm system-call shim): not part of bngen.
+TEST_C = Path(__file__).parent / "c"
 STRICT = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror")
 # Symbols a freestanding Cortex-M object must not reference: no allocator, stdio, exit or libm.
 FORBIDDEN = {"malloc", "calloc", "realloc", "free", "printf", "fprintf", "puts", "putchar", "fwrite", "fputs",
@@ -53,10 +58,14 @@ class Toolchain:
         return missing
 
     def require(self) -> None:
-        """Skips the calling test when a part of this toolchain is not installed."""
+        """Skips the calling test when a part of this toolchain is not installed (fails
+        it instead where BNGEN_REQUIRE_TOOLCHAINS is set, as in CI)."""
         missing = self.missing()
         if missing:
-            pytest.skip(f"{self.name} toolchain not installed (missing {', '.join(missing)})")
+            message = f"{self.name} toolchain not installed (missing {', '.join(missing)})"
+            if os.environ.get("BNGEN_REQUIRE_TOOLCHAINS"):
+                pytest.fail(message + "; BNGEN_REQUIRE_TOOLCHAINS is set, so it must be")
+            pytest.skip(message)
 
     def compile(self, sources: Sequence[Path], output: Path, *, warnings: Sequence[str] = STRICT,
                 extra: Sequence[str] = (), link: bool = False) -> Path:
@@ -75,11 +84,11 @@ AARCH64 = Toolchain(
     ("aarch64-linux-gnu-gcc", "qemu-aarch64", AARCH64_SYSROOT + "/lib/ld-linux-aarch64.so.1"),
 )
 # Cortex-M4 code (Thumb-2, FPv4-SP, -Os) run by qemu-arm, the Linux user-mode emulator
-# (its default CPU executes the Cortex-M4 instruction set); templates/arm_linux_shim.c
+# (its default CPU executes the Cortex-M4 instruction set); tests/c/arm_linux_shim.c
 # turns newlib's system calls into Linux ones.
 CORTEX_M = Toolchain(
     "cortex-m", "arm-none-eabi-gcc", (*CORTEX_M4, "-Os"),
-    ("--specs=nosys.specs", "-nostartfiles", str(template_dir() / "arm_linux_shim.c"), "-lm"),
+    ("--specs=nosys.specs", "-nostartfiles", str(TEST_C / "arm_linux_shim.c"), "-lm"),
     ("qemu-arm", "-cpu", "max"), ("arm-none-eabi-gcc", "qemu-arm"), libs=("nosys.specs",),
 )
 # Compiling Cortex-M4 objects and reading their symbols needs no emulator or C library.
@@ -87,7 +96,7 @@ CORTEX_M_OBJECTS = Toolchain("cortex-m", "arm-none-eabi-gcc", (*CORTEX_M4, "-Os"
 
 
 class Program:
-    """An exported kernel linked with its batch driver."""
+    """An exported kernel linked with its batch driver, which runs any of its entry points."""
 
     def __init__(self, plan, path: Path, toolchain: Toolchain):
         self.plan = plan
@@ -96,15 +105,20 @@ class Program:
         self.entry = plan.entries[0]
 
     def run(self, cases: Sequence[Case], masks: Optional[Sequence[int]] = None) -> List[Dict[str, np.ndarray]]:
-        """The outputs of each case, by argument name (NULL-skipped ones absent)."""
+        """The outputs of each case, by argument name (NULL-skipped ones absent).  A case
+        runs the entry point it names (`Case.entry`, default the first) with its `null`
+        arguments passed as NULL, or those of `masks` (bit k: the k-th nullable argument)."""
         spec = self.plan.spec
-        masks = list(masks) if masks is not None else [0] * len(cases)
-        nullable = [a.name for a in self.entry.args if a.nullable]
         data_dt, param_dt = numpy_dtype(spec.dtype), np.dtype(spec.param_dtype)
-        chunks = []
-        for case, mask in zip(cases, masks):
-            chunks.append(np.array([case.outer, case.inner, mask], np.int64).tobytes())
-            for arg in self.entry.args:
+        chunks, runs = [], []
+        for k, case in enumerate(cases):
+            index = 0 if case.entry is None else [e.name for e in self.plan.entries].index(case.entry)
+            entry = self.plan.entries[index]
+            nullable = [a.name for a in entry.args if a.nullable]
+            mask = masks[k] if masks is not None else sum(1 << nullable.index(n) for n in case.null)
+            runs.append((entry, nullable, mask))
+            chunks.append(np.array([index, case.outer, case.inner, mask], np.int64).tobytes())
+            for arg in entry.args:
                 if arg.role in ("data_in", "param_in", "param_inout"):
                     dt = data_dt if arg.role == "data_in" else param_dt
                     chunks.append(np.ascontiguousarray(case.inputs[arg.name], dt).tobytes())
@@ -112,23 +126,31 @@ class Program:
         if result.returncode != 0:
             raise AssertionError(f"{self.path.name} failed ({result.returncode}): {result.stderr.decode(errors='replace')}")
         out, offset, outputs = result.stdout, 0, []
-        for case, mask in zip(cases, masks):
+        for case, (entry, nullable, mask) in zip(cases, runs):
             values = {}
-            for arg in self.entry.args:
-                if arg.role not in ("data_out", "stat_out", "param_inout"):
+            for arg in entry.args:
+                if arg.role not in ("data_out", "stat_out", "param_inout", "grad_out"):
                     continue
                 if arg.nullable and mask >> nullable.index(arg.name) & 1:
                     continue
                 if arg.role == "data_out":
                     count, dt = case.outer * self.plan.channels * case.inner, data_dt
                 else:
-                    count = case.outer if (spec.mode == 1 and arg.role == "stat_out") else self.plan.channels
+                    count = case.outer if (spec.mode == 1 and arg.name in ("mean", "variance")) else self.plan.channels
                     dt = param_dt
                 values[arg.name] = np.frombuffer(out, dt, count, offset).astype(np.float64)
                 offset += count * dt.itemsize
             outputs.append(values)
         assert offset == len(out), f"driver wrote {len(out)} bytes, expected {offset}"
         return outputs
+
+
+def render_driver(plan) -> str:
+    """A C program that runs any entry point of `plan` on binary cases from stdin and
+    writes its outputs to stdout (tests/c/driver.c.j2 says the format)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEST_C)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    return env.get_template("driver.c.j2").render(plan=plan, spec=plan.spec, name=plan.prefix, version=__version__)
 
 
 def build_program(directory: Path, spec, toolchain: Toolchain, *, name: str = "k", params=None,
@@ -177,7 +199,15 @@ def params_for(c, seed=7, scale=True, center=True):
 
 
 def draw_case(data, plan, params=None):
-    """A `Case` for `plan`: dynamic sizes, data offset and spread drawn by hypothesis."""
+    """A `Case` of the first entry point of `plan`: dynamic sizes, data offset and spread
+    drawn by hypothesis."""
+    return draw_cases(data, plan, params)[0]
+
+
+def draw_cases(data, plan, params=None):
+    """A `Case` of every call of `emit.calls(plan)` (every entry point, a training forward
+    also without its moving statistics), all on one x, with dy for the gradients:
+    dynamic sizes, data offset and spread drawn by hypothesis."""
     spec = plan.spec
     shape = [data.draw(st.integers(1, 6), label=f"dim{i}") if d is None else d for i, d in enumerate(spec.shape)]
     if spec.updates_moving_stats and spec.unbiased:
@@ -198,7 +228,8 @@ def draw_case(data, plan, params=None):
             "moving_mean": centre + rng.normal(0, 1, c) * spread, "moving_variance": spread**2 * rng.uniform(0.5, 2, c),
         }
         params = {k: v.astype(spec.param_dtype) for k, v in params.items()}
-    return make_case(plan, x, params)  # baked: the float64 values its constants were folded from
+    dy = (rng.standard_normal(shape) * 10 ** rng.uniform(-2, 2)).astype(numpy_dtype(spec.dtype))
+    return make_cases(plan, x, params, dy)  # baked: the float64 values its constants were folded from
 
 
 def lazy_programs(tmp_path_factory, toolchain: "Toolchain", cases, target):

@@ -38,12 +38,13 @@ PURE_PYTHON = {"test_spec", "test_frameworks", "test_fold", "test_style"}
 NEEDS = {
     "test_emit_cross": ("cross",),
     "test_emit_half": ("cross",),
+    "test_emit_entries": ("cross",),
     "test_torch_parity": ("torch",),
     "test_keras_parity": ("keras",),
     "test_half": ("torch",),
     "test_distributed": ("torch",),  # (its MPI test is marked mpi too)
 }
-SLOW = {"test_forward", "test_backward", "test_emit_half", "test_distributed"}
+SLOW = {"test_forward", "test_backward", "test_emit_half", "test_emit_entries", "test_distributed"}
 
 
 def pytest_configure(config):

@@ -1,10 +1,12 @@
 """Kernel.backward against the float64 oracle and against central finite differences.
 
-Specs compiled: 11 (8 float64, 3 float32) covering both schedules, single and
-multi-axis features, static and dynamic sizes, modes 0 and 2, the frozen (inference)
-backward, center/scale on and off and the fused ReLU.  Examples: 40 per spec against the
-oracle, 30 per float64 spec against finite differences, plus a threaded determinism check
-on 2 of the specs: about 700 kernel calls in all.
+Specs compiled: 15 (10 float64, 5 float32) covering the three schedules (channels-first,
+channels-last, per-sample), single and multi-axis features, static and dynamic sizes,
+modes 0, 1 and 2, the frozen (inference) backward, center/scale on and off and the
+fused ReLU.  Examples: 40 per spec against the oracle, 30 per float64 spec against
+finite differences, plus a threaded determinism check on 3 of the specs: about 1000
+kernel calls in all.  Mode 1 (sample-wise, Keras 1.2's extra epsilon) also: a constant
+sample (v = 0) gives finite gradients.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ F64_SPECS = [
     S((None, 4, None), axis=1, training=False, activation="relu", dtype="float64"),  # frozen, channels-first
     S((None, 5), training=False, scale=False, dtype="float64"),  # frozen, channels-last, no gamma
     S((None, 3, 5), axis=-1, training=False, activation="relu", center=False, dtype="float64"),  # frozen, relu without beta
+    S((None, 3, 4), axis=(1, 2), mode=1, activation="relu", dtype="float64"),  # sample-wise, two feature axes
+    S((None, 6), mode=1, center=False, dtype="float64", epsilon=0.1),  # sample-wise, no beta, a large epsilon
 ]
 F32_SPECS = [
     S((None, 8, None), axis=1, activation="relu"),
     S((None, 130)),  # a partial channel tile
     S((None, 7), training=False, activation="relu", center=False),
+    S((None, 1030), mode=1),  # sample-wise, a partial feature tile after a whole one
+    S((None, 2, 9), mode=1, activation="relu", scale=False),  # sample-wise, no gamma
 ]
 
 
@@ -55,7 +61,9 @@ def problems(draw, spec):
     bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
     centers = (offset * rng.standard_normal(c)).reshape(bshape)
     x = centers + spread * rng.standard_normal(shape)
-    if constant:  # the first feature constant over the batch: variance exactly 0
+    if constant and spec.mode == 1:  # the first sample constant: its variance exactly 0
+        x.reshape(-1, c)[0] = centers.reshape(-1)[0]
+    elif constant:  # the first feature constant over the batch: variance exactly 0
         flat = x.reshape(-1, c, int(np.prod(shape[spec.axis[-1] + 1:], dtype=int)))
         flat[:, 0, :] = centers.reshape(-1)[0]
     dy = rng.standard_normal(shape) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
@@ -201,12 +209,12 @@ def test_backward_matches_finite_differences(build, spec):
     check()
 
 
-@pytest.mark.parametrize("spec", [F32_SPECS[0], F32_SPECS[1]], ids=_ids)
+@pytest.mark.parametrize("spec", [F32_SPECS[0], F32_SPECS[1], F32_SPECS[3]], ids=_ids)
 def test_threaded_backward_is_deterministic_and_right(build, spec):
     """Sizes big enough to use threads: the same bits run to run for a thread count, and
     the oracle's answer for 1 and 2 threads."""
     kernel = build(spec)
-    shape = (64, 8, 96) if spec.ndim == 3 else (400, 130)
+    shape = (64, 8, 96) if spec.ndim == 3 else (400, spec.channels)
     rng = np.random.default_rng(7)
     x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -252,8 +260,8 @@ def test_backward_of_sum_is_zero_and_constant_channel_is_finite(build):
 
 
 def test_plan_exports_the_backward_each_spec_has():
-    """bn_backward for batch statistics, bn_backward_frozen for mode-0 inference, none in
-    mode 1; arguments only for what the spec uses; no C for features it turned off."""
+    """bn_backward for batch statistics (mode 1: per-sample ones), bn_backward_frozen for
+    mode-0 inference; arguments only for what the spec uses; no C for features it turned off."""
     from bngen.plan import make_plan
     from bngen.render import render_source
 
@@ -266,8 +274,56 @@ def test_plan_exports_the_backward_each_spec_has():
         "bn_backward", ["dy", "x", "beta", "mean", "variance", "dx", "dbeta"])
     assert names(S((None, 4), training=False, scale=False)) == (
         "bn_backward_frozen", ["dy", "moving_variance", "dx", "dbeta"])
-    assert names(S((None, 4), mode=1)) is None
+    assert names(S((None, 4), mode=1)) == ("bn_backward", ["dy", "x", "gamma", "mean", "variance", "dx", "dgamma", "dbeta"])
     assert make_plan(S((None, 4)), backward=False).backward is None
     plain = render_source(make_plan(S((None, 3, None), axis=1, center=False, scale=False)))
     assert "dbeta" not in plain and "dgamma" not in plain and "<= 0 ?" not in plain
     assert "<= 0 ?" in render_source(make_plan(S((None, 3, None), axis=1, activation="relu")))
+
+
+# -- mode 1 (sample-wise) -------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_constant_sample_gives_finite_gradients(build, dtype):
+    """A sample whose features are all equal has v = 0: the forward divides by
+    sqrt(eps) + eps, and the gradients are finite and the oracle's."""
+    spec = S((None, 2, 8), axis=(1, 2), mode=1, dtype=dtype)
+    kernel = build(spec)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 8))
+    x[1] = 4.5  # a constant sample
+    x = x.astype(numpy_dtype(dtype))
+    dy = rng.standard_normal(x.shape).astype(numpy_dtype(dtype))
+    pd = spec.param_dtype
+    gamma, beta = rng.standard_normal(2 * 8).astype(pd), rng.standard_normal(2 * 8).astype(pd)
+    _, mean, var = kernel.forward(x, gamma, beta)
+    assert var[1] == 0
+    dx, dgamma, dbeta = kernel.backward(dy, x, gamma, mean, var)
+    ref = oracle.backward(spec, dy, x, gamma)
+    for got, want in zip((dx, dgamma, dbeta), ref):
+        got = got.astype(np.float64)
+        assert np.all(np.isfinite(got))
+        tol = 1e-12 if dtype == "float64" else 2e-5 if dtype == "float32" else 1e-2
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * (np.abs(want).max() + 1))
+    # With v = 0 the sample's x_hat is 0: alone, it adds nothing to dgamma.
+    assert np.all(oracle.backward(spec, dy[1:2], x[1:2], gamma).dgamma == 0)
+
+
+def test_mode1_backward_checks_its_statistics(build):
+    """mean and variance are per sample (shape x.shape[:axis]): per-feature ones, or a
+    wrong dtype, are refused before any C runs, naming the argument."""
+    spec = S((None, 5), mode=1)
+    kernel = build(spec)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 5)).astype(np.float32)  # outer == C: only the shape names the mistake
+    gamma = np.ones(5, np.float32)
+    _, mean, var = kernel.forward(x, gamma, np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="mean: shape"):
+        kernel.backward(x, x, gamma, mean[:4], var)
+    with pytest.raises(TypeError, match="variance: dtype"):
+        kernel.backward(x, x, gamma, mean, var.astype(np.float64))
+    with pytest.raises(TypeError, match="mean: required"):
+        kernel.backward(x, x, gamma, None, var)
+    with pytest.raises(TypeError, match="moving_mean"):
+        kernel.backward(x, x, gamma, mean, var, moving_mean=mean)
+    dx, dgamma, dbeta = kernel.backward(x, x, gamma, mean, var)
+    np.testing.assert_allclose(dx, oracle.backward(spec, x, x, gamma).dx, atol=1e-5)

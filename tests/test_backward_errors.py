@@ -3,7 +3,7 @@ exception with a message naming the argument, before any C runs, and leave every
 caller array untouched.
 
 Specs compiled: 4 (a training kernel with a fused ReLU, a frozen one, a scale/center-off
-one and a mode-1 one); one call per case (27 cases).
+one and a mode-1 one); one call per case (28 cases).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ CASES = [
     (PLAIN, "gamma-extra", lambda a: dict(a, gamma=np.ones(3, np.float32)), TypeError, "gamma"),
     (PLAIN, "beta-extra", lambda a: dict(a, beta=np.ones(3, np.float32)), TypeError, "beta"),
     (PLAIN, "stats-wrong-length", lambda a: dict(a, mean=np.zeros(4, np.float32)), ValueError, "mean"),
-    (SAMPLEWISE, "mode1", lambda a: a, TypeError, "mode 1"),
+    (SAMPLEWISE, "mode1-per-feature-stats", lambda a: dict(a, mean=np.zeros(3, np.float32)), ValueError, "mean"),
+    (SAMPLEWISE, "mode1-moving-given", lambda a: dict(a, moving_variance=a["variance"]), TypeError, "moving_variance"),
 ]
 
 

@@ -63,7 +63,9 @@ def test_fast_path_table(build, spec, methods):
     kernel = build(spec)
     fast = {name for name in ("__call__", "forward", "backward") if name in type(kernel).__dict__}
     assert fast == methods
-    assert set(kernel.plan.fast_entries) == {e.name for e in kernel.plan.entries}
+    # mode 1's backward takes per-sample statistics, which only the checked path checks
+    slow = {"bn_backward"} if spec.mode == 1 else set()
+    assert set(kernel.plan.fast_entries) == {e.name for e in kernel.plan.entries} - slow
 
 
 @pytest.mark.parametrize("spec, methods", FAST_PATHS, ids=[s.describe()[:60] for s, _ in FAST_PATHS])

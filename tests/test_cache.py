@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -146,10 +145,8 @@ def test_read_only_cache_directory_falls_back(tmp_path, strict_compiler):
 def test_repeated_build_is_memoised(tmp_path, strict_compiler):
     spec = bngen.Spec((None, 4), epsilon=0.0625)
     first = bngen.build(spec, tmp_path, compiler=strict_compiler)
-    t = time.perf_counter()
     again = bngen.build(bngen.Spec((None, 4), epsilon=0.0625), tmp_path, compiler=strict_compiler)
-    assert again is first
-    assert time.perf_counter() - t < 0.01
+    assert again is first  # a rebuild (or a reload from disk) would make a new Kernel
 
 
 def test_key_covers_compiler_flags(tmp_path):

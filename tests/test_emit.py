@@ -17,7 +17,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from _emit_support import HOST, assert_matches, build_program, draw_case, params_for, undefined_symbols
+from _emit_support import HOST, assert_matches, build_program, draw_cases, params_for, undefined_symbols
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -66,14 +66,26 @@ def programs(tmp_path_factory):
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
 def test_emitted_kernel_matches_oracle(programs, case_id, data):
+    """Every entry point of the export (emit.calls), the first with a drawn set of NULL
+    arguments, in one driver process per example."""
     program, params = programs(case_id)
-    case = draw_case(data, program.plan, params)
+    cases = draw_cases(data, program.plan, params)
     nullable = [a.name for a in program.entry.args if a.nullable]
     mask = data.draw(st.integers(0, 2 ** len(nullable) - 1), label="null_mask") if nullable else 0
-    (outputs,) = program.run([case], [mask])
+    masks = [mask] + [_mask(program, c) for c in cases[1:]]
+    results = program.run(cases, masks)
     skipped = {name for k, name in enumerate(nullable) if mask >> k & 1}
-    assert set(outputs) == set(case.expected) - skipped
-    assert_matches(case, outputs)
+    assert set(results[0]) == set(cases[0].expected) - skipped
+    assert_matches(cases[0], results[0])
+    for case, outputs in zip(cases[1:], results[1:]):
+        assert set(outputs) == set(case.expected)
+        assert_matches(case, outputs)
+
+
+def _mask(program, case):
+    """The null_mask of a case's own NULL arguments."""
+    nullable = [a.name for a in program.plan.entry(case.entry).args if a.nullable]
+    return sum(1 << nullable.index(name) for name in case.null)
 
 
 def test_constant_channel_gives_exactly_beta(tmp_path):

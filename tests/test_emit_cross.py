@@ -1,10 +1,11 @@
 """Exported kernels on Arm: aarch64 under qemu-aarch64, Cortex-M4 code under qemu-arm,
 and Cortex-M4 objects checked with arm-none-eabi-nm.  Each test skips when its
-toolchain is not installed.
+toolchain is not installed (fails under BNGEN_REQUIRE_TOOLCHAINS, as in CI).
 
 Property tests: 3 aarch64 kernels and 3 Cortex-M4 kernels, 8 hypothesis examples each,
-every example a batch of 3 cases run by one emulated process.  Plus: the harness on both
-emulators, and the symbols of 6 Cortex-M4 objects (kinds x layouts).
+every example a batch of 3 draws of every entry point's calls (emit.calls) run by one
+emulated process.  Plus: the harness on both emulators, and the symbols of 6 Cortex-M4
+objects (kinds x layouts).  tests/test_emit_entries.py runs every kind and dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from _emit_support import (
     FORBIDDEN,
     STRICT,
     assert_matches,
-    draw_case,
+    draw_cases,
     lazy_programs,
     params_for,
     undefined_symbols,
@@ -58,7 +59,7 @@ def cortex_m_programs(tmp_path_factory):
 
 
 def _check_batch(program, params, data):
-    cases = [draw_case(data, program.plan, params) for _ in range(CASES_PER_RUN)]
+    cases = [case for _ in range(CASES_PER_RUN) for case in draw_cases(data, program.plan, params)]
     for case, outputs in zip(cases, program.run(cases)):
         assert set(outputs) == set(case.expected)
         assert_matches(case, outputs)

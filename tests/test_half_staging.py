@@ -9,9 +9,9 @@ and target less F16C (-mno-f16c).  test_half.py holds the
 default (staged, on such a machine) kernels to the oracle.
 
 Specs: 7, each built twice (staged and portable), covering every staged loop: the
-channels-first, channels-last and per-sample forward, the training and frozen backward
-of both layouts (with and without the fused ReLU and the parameter sums).  Examples: 40
-per spec (280 in all) with odd dynamic sizes, NaN, infinities, subnormals and values
+channels-first, channels-last and per-sample forward and backward, the training and
+frozen backward of both layouts (with and without the fused ReLU and the parameter
+sums).  Examples: 40 per spec (280 in all) with odd dynamic sizes, NaN, infinities, subnormals and values
 that overflow; plus one forward large enough to take the streaming-store path.
 """
 
@@ -101,10 +101,8 @@ def _run(kernel, x, dy, params):
     mask_beta = p["beta"] if spec.activation == "relu" else None  # backward takes beta only for the ReLU mask
     if spec.uses_batch_stats:
         y, mean, var = kernel.forward(x, p["gamma"], p["beta"], p["moving_mean"], p["moving_variance"])
-        outs = [y, mean, var]
-        if spec.mode != 1:
-            dx, dgamma, dbeta = kernel.backward(dy, x, p["gamma"], mean, var, beta=mask_beta)
-            outs += [dx, dgamma, dbeta]
+        dx, dgamma, dbeta = kernel.backward(dy, x, p["gamma"], mean, var, beta=mask_beta)
+        outs = [y, mean, var, dx, dgamma, dbeta]
         if p["moving_mean"] is not None:
             outs += [p["moving_mean"], p["moving_variance"]]
         return outs

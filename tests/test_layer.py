@@ -180,10 +180,6 @@ def test_bad_calls_name_the_argument_and_touch_nothing(make):
     np.testing.assert_array_equal(x, x_before)
     for a, b in zip(weights, layer.get_weights()):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(TypeError, match="mode 1"):
-        sample = make(mode=1)
-        sample(x.reshape(3, 8), training=True)
-        sample.backward(np.ones((3, 8), np.float32))
 
 
 def test_unbiased_with_one_value_per_feature_names_x(make):
@@ -191,3 +187,26 @@ def test_unbiased_with_one_value_per_feature_names_x(make):
     with pytest.raises(ValueError, match="x"):
         layer(np.ones((1, 3), np.float32), training=True)
     assert layer(np.ones((2, 3), np.float32), training=True).shape == (2, 3)
+
+
+def test_mode1_backward_through_the_layer(make):
+    """After a mode-1 call, layer.backward(dy) gives the oracle's sample-wise gradients
+    (with the extra epsilon of Keras 1.2) and sets dgamma and dbeta."""
+    layer = make(mode=1, dtype="float64", epsilon=0.01)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 5)) * 2 + 1
+    x[3] = 2.0  # a constant sample
+    layer.build((None, 5))
+    gamma, beta, mm, mv = layer.get_weights()
+    layer.set_weights([rng.uniform(0.5, 2, 5), rng.standard_normal(5), mm, mv])
+    for training in (True, False):  # mode 1 uses each sample's statistics either way
+        y = layer(x, training=training)
+        dy = rng.standard_normal(x.shape)
+        dx = layer.backward(dy)
+        g, b = layer.get_weights()[:2]
+        spec = bngen.Spec((None, 5), mode=1, dtype="float64", epsilon=0.01)
+        np.testing.assert_allclose(y, bngen.oracle.forward(spec, x, g, b).y, atol=1e-12)
+        ref = bngen.oracle.backward(spec, dy, x, g)
+        np.testing.assert_allclose(dx, ref.dx, atol=1e-12)
+        np.testing.assert_allclose(layer.dgamma, ref.dgamma, atol=1e-12)
+        np.testing.assert_allclose(layer.dbeta, ref.dbeta, atol=1e-12)

@@ -21,7 +21,8 @@ LAYERS = [
     {"build"},
     {"fold", "emit", "distributed"},
     {"population"},
-    {"layer", "catalogue", "bench", "torch"},
+    {"layer", "catalogue", "torch", "resnet"},
+    {"bench"},
     {"bench_distributed"},
     {"cli", "__init__", "__main__"},
 ]

@@ -5,7 +5,8 @@ Layouts: NCHW, channels-last (NHWC arrays; torch computes on a channels_last ten
 2-D, 3-D and 5-D inputs.  Per layout, float64: training output, running statistics over
 three steps and autograd gradients (x, weight, bias); eval output and eval-mode
 gradients.  Plus float32 NCHW, a fused ReLU, affine=False, track_running_stats=False
-and momentum=None.  Specs compiled: 16.  Examples: 12 per hypothesis test (12 of them,
+and momentum=None.  Mode 1 (no torch module): autograd of its formula written in torch
+ops.  Specs compiled: 19.  Examples: 12 per hypothesis test (12 of them,
 three steps each in training: about 400 torch/bngen call pairs in all).
 """
 
@@ -207,3 +208,34 @@ def test_from_torch_reads_module_settings():
     assert bngen.Spec.from_torch(module.eval(), (None, 8, 7, 7)).training is False
     half = torch.nn.BatchNorm2d(8, dtype=torch.float16)
     assert bngen.Spec.from_torch(half, (None, 8, 7, 7)).dtype == "float16"
+
+
+@pytest.mark.parametrize("dtype,relu", [("float64", False), ("float64", True), ("float32", True)],
+                         ids=["f64", "f64-relu", "f32-relu"])
+def test_mode1_gradients_match_autograd_of_the_keras1_formula(build, dtype, relu):
+    """Mode 1 has no PyTorch module: its forward is written out in torch ops,
+    y = gamma * (x - m) / (sqrt(v + eps) + eps) + beta with m, v per sample (Keras 1.2),
+    and autograd's gradients of sum(dy * y) are bngen's.  One sample is constant (v = 0).
+    3 specs, one call each."""
+    rng = np.random.default_rng(11)
+    eps = 1e-3
+    spec = bngen.Spec((None, 4, 6), axis=(1, 2), mode=1, dtype=dtype, epsilon=eps, activation="relu" if relu else None)
+    kernel = build(spec)
+    x = (rng.standard_normal((5, 4, 6)) * 3 + 1).astype(dtype)
+    x[2] = 0.75
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 2, (4, 6)).astype(dtype), rng.standard_normal((4, 6)).astype(dtype)
+    tx, tg, tb = (torch.tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    m = tx.mean(dim=(1, 2), keepdim=True)
+    v = tx.var(dim=(1, 2), unbiased=False, keepdim=True)
+    ty = tg * (tx - m) / (torch.sqrt(v + eps) + eps) + tb
+    if relu:
+        ty = torch.relu(ty)
+    (ty * torch.tensor(dy)).sum().backward()
+    y, mean, var = kernel.forward(x, gamma.reshape(-1), beta.reshape(-1))
+    dx, dgamma, dbeta = kernel.backward(dy, x, gamma.reshape(-1), mean, var, beta=beta.reshape(-1) if relu else None)
+    rtol = 1e-10 if dtype == "float64" else 1e-4
+    _close(y, ty.detach().numpy(), rtol)
+    _close(dx, tx.grad.numpy(), rtol)
+    _close(dgamma, tg.grad.numpy().reshape(-1), rtol)
+    _close(dbeta, tb.grad.numpy().reshape(-1), rtol)
