@@ -48,7 +48,7 @@ from .threads import MAX_THREADS
 KEPT_SETS = 4  # a few layers sharing one kernel take turns without a full check each
 
 DATA, PARAM, OUT, THREADS = "data", "param", "out", "threads"
-SAMPLE = "sample"  # one value per sample, shape x.shape[:axis]: mode 1's statistics (checked path only)
+SAMPLE = "sample"  # one value per sample, shape x.shape[:axis]: mode 1's statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,6 +528,12 @@ def fast_path(kernel, face: Face, checked):
     for p in data:
         emit(f"if not {p.name}.flags.aligned: raise _Refused")
         emit(f"c_{p.name} = from_buffer(data_ct, {p.name})")
+    # per-sample statistics (mode 1's backward): new arrays every step, checked inline
+    samples = [p for p in face.params if p.kind == SAMPLE]
+    for p in samples:
+        emit(f"if {p.name}.__class__ is not ndarray or {p.name}.dtype is not pdtype or {p.name}.shape != shape[:{first}] "
+             f"or not {p.name}.flags.aligned: raise _Refused")
+        emit(f"c_{p.name} = from_buffer(param_ct, {p.name})")
     out = face.param("out")
     y = out.arg.name
     emit("if out is None:")
@@ -551,6 +557,8 @@ def fast_path(kernel, face: Face, checked):
     emit(f"        if {' or '.join(f'c_{y} < e_{p.name} and c_{p.name} < e_{y}' for p in data)}: raise _Refused")
     emit("        for start in pointers:")
     emit(f"            if start is not null and start < e_{y} and c_{y} < start + channels: raise _Refused")
+    for p in samples:
+        emit(f"        if c_{p.name} < e_{y} and c_{y} < c_{p.name} + {p.name}.size: raise _Refused")
     body = ["    try:"] + ["        " + line for line in lines]
     body += ["    except (_Refused, ValueError):  # ValueError: from_buffer's refusals",
              "        pass  # the checked path runs below, outside this handler, so its errors chain to nothing",
@@ -562,6 +570,8 @@ def fast_path(kernel, face: Face, checked):
     contiguous = kept_args == [a.name for a in entry.args if a.name in kept_args] and _adjacent(entry, kept_args)
     for arg in entry.args:
         if arg.role.is_data:
+            call.append(f"c_{arg.name}")
+        elif any(p.arg is arg for p in samples):
             call.append(f"c_{arg.name}")
         elif arg.role in (Role.PARAM_IN, Role.PARAM_INOUT):
             if contiguous:

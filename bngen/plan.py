@@ -201,9 +201,7 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
         stream_chunk=tuning.stream_chunk,
         coef_table=schedule == "channels_first" and not spec.uses_batch_stats and channels <= tuning.coef_table_max,
         stage=tuning.stage_values,
-        # mode 1's gradient takes per-sample statistics, which only the checked path knows
-        fast_entries=() if target.export else tuple(
-            e.name for e in entries if not (spec.mode == 1 and e.phase == Phase.BACKWARD)),
+        fast_entries=() if target.export else tuple(e.name for e in entries),
         blocking="runtime" if inner is None else "runs" if inner >= tuning.lane_values * lanes else "rows",
         lane_tail=bool(channels % lanes or channel_tile % lanes),
         tile_tail=channels % channel_tile != 0,

@@ -25,7 +25,7 @@ FAST_PATHS = [
     (S((None, 6), mode=2, activation="relu"), {"__call__", "forward", "backward"}),
     (S((None, 5, 3), axis=1, training=False), {"__call__", "backward"}),
     (S((None, 5, 3), axis=1, training=False, scale=False), {"__call__", "backward"}),  # frozen: reads no x
-    (S((None, 12), mode=1), {"__call__", "forward"}),
+    (S((None, 12), mode=1), {"__call__", "forward", "backward"}),
     (S((4, 3), unbiased=True), {"__call__", "forward", "backward"}),
 ]
 
@@ -63,9 +63,7 @@ def test_fast_path_table(build, spec, methods):
     kernel = build(spec)
     fast = {name for name in ("__call__", "forward", "backward") if name in type(kernel).__dict__}
     assert fast == methods
-    # mode 1's backward takes per-sample statistics, which only the checked path checks
-    slow = {"bn_backward"} if spec.mode == 1 else set()
-    assert set(kernel.plan.fast_entries) == {e.name for e in kernel.plan.entries} - slow
+    assert set(kernel.plan.fast_entries) == {e.name for e in kernel.plan.entries}
 
 
 @pytest.mark.parametrize("spec, methods", FAST_PATHS, ids=[s.describe()[:60] for s, _ in FAST_PATHS])
@@ -214,3 +212,24 @@ def test_faces_cover_every_entry_argument():
             filled = {p.arg.name for f in faces.values() if f.entry is entry for p in f.params if p.arg is not None}
             produced = {a.name for a in entry.args if a.role in ("stat_out", "grad_out", "size", "threads", "flag")}
             assert {a.name for a in entry.args} <= filled | produced, entry.name
+
+
+def test_mode1_backward_checks_break_a_call(build):
+    # per-sample statistics on the fast path: each wrong one is refused there and named by the checked path
+    spec = S((None, 12), mode=1)
+    kernel = build(spec)
+    rng = np.random.default_rng(10)
+    x, p = _args(spec, rng, (4,))
+    _, mean, variance = kernel.forward(x, **p)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    cases = [
+        ("mean", ValueError, dict(mean=mean[:3])),
+        ("variance", TypeError, dict(variance=variance.astype(np.float64))),
+        ("mean", TypeError, dict(mean=np.ma.masked_array(mean))),
+        ("out", ValueError, dict(out=dy)),
+    ]
+    for name, error, change in cases:
+        kwargs = dict(dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=variance)
+        kwargs.update(change)
+        with pytest.raises(error, match=f"^{name}:"):
+            kernel.backward(**kwargs)
