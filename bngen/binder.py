@@ -273,7 +273,8 @@ def _c_arguments(kernel, entry: Entry, values: Dict[str, Any]) -> list:
         elif value is None:
             args.append(ffi.NULL)
         else:
-            ctype = kernel.data_ctype if arg.role.is_data else kernel.param_ctype
+            ctype = kernel.data_ctype if arg.role.is_data else \
+                "double[]" if arg.role in (Role.STAT64_IN, Role.STAT64_OUT) else kernel.param_ctype
             args.append(ffi.from_buffer(ctype, value, require_writable=arg.role.writes))
     return args
 
@@ -284,8 +285,10 @@ def _refuse_masked(name: str, value) -> None:
                         "pass a plain ndarray (e.g. np.ma.filled(value, fill))")
 
 
-def check_x(kernel, x) -> np.ndarray:
-    """x: an ndarray of the kernel's dtype and the spec's shape, as C can read it."""
+def check_x(kernel, x, allow_empty: bool = False) -> np.ndarray:
+    """x: an ndarray of the kernel's dtype and the spec's shape, as C can read it;
+    `allow_empty`: a zero-sized batch is valid (the split phases: another process may
+    hold the whole batch)."""
     spec = kernel.spec
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
@@ -294,7 +297,7 @@ def check_x(kernel, x) -> np.ndarray:
         raise TypeError(f"x: dtype is {x.dtype}, but the kernel was built for {spec.dtype}")
     if x.ndim != spec.ndim or any(want is not None and got != want for got, want in zip(x.shape, spec.shape)):
         raise ValueError(f"x: shape {x.shape} does not match the spec's shape {_shape_text(spec.shape)}")
-    if x.size == 0:
+    if x.size == 0 and not allow_empty:
         raise ValueError(f"x: shape {x.shape} has a zero-sized dimension; every size must be >= 1")
     return _c_array(x)
 

@@ -58,7 +58,7 @@ def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None, ta
 
 def _build(spec: Spec, cache: Cache, compiler: Compiler, target: Optional[Target], tuning: Optional[Tuning]) -> Kernel:
     features = compiler.features(cache.root)
-    plan = make_plan(spec, target or features.target(compiler.flags), tuning)
+    plan = make_plan(spec, target or features.target(compiler.flags), tuning, split=True)
     source = render_source(plan)
     module = load_source(source, render_cdef(plan), cache, compiler, features, spec.to_json())
     return Kernel(spec, plan, source, module)

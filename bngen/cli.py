@@ -141,11 +141,20 @@ def cmd_bench(args) -> int:
             raise SpecError(f"--threads: {args.threads!r} is not a comma-separated list of counts from 1 to {MAX_THREADS}")
     else:
         threads = sorted({1, default_threads()})
+    progress = (lambda s: print(f"  {s}", file=sys.stderr)) if not args.quiet else (lambda s: None)
+    if args.distributed:  # a synchronized training step on N local processes (torch.distributed)
+        from . import bench_distributed
+
+        report = bench_distributed.run(cases, args.distributed, repeat=args.repeat, cache_dir=args.cache_dir,
+                                       progress=progress)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        print(bench_distributed.markdown(report))
+        return 0
     kinds = [k for k in bench.KINDS if k in args.kinds.split(",")] if args.kinds else list(bench.KINDS)
     unknown = [k for k in args.kinds.split(",") if k not in bench.KINDS] if args.kinds else []
     if unknown:
         raise SpecError(f"--kinds: {', '.join(map(repr, unknown))} not among {', '.join(bench.KINDS)}")
-    progress = (lambda s: print(f"  {s}", file=sys.stderr)) if not args.quiet else (lambda s: None)
     isas = [m.strip() for m in args.march.split(",") if m.strip() and m.strip() != "native"] if args.march else []
     for isa in isas:
         if not all(ch.isalnum() or ch in "-_." for ch in isa):
@@ -320,6 +329,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also time torch.compile (Inductor) of torch's batch norm; compile time reported apart")
     p.add_argument("--json", metavar="FILE", help="also write the full report (all statistics) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--distributed", type=_positive_int, metavar="N",
+                   help="time a synchronized training step (forward and backward) on N local processes "
+                        "(torch.distributed, gloo): kernels and collectives apart, beside one process")
     p.add_argument("--model", action="store_true",
                    help="instead: time a ResNet-style training step with torch.nn.BatchNorm2d vs bngen.torch (needs torch)")
     p.add_argument("--model-size", choices=["realistic", "tiny"], default="realistic",

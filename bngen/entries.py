@@ -30,12 +30,15 @@ class Role(str, enum.Enum):
     THREADS = "threads"  # the OpenMP team size (int)
     FLAG = "flag"  # a yes/no hint (int)
     SCALAR = "scalar"  # a call-time number (the parameter type)
+    STAT64_IN = "stat64_in"  # statistics read as doubles whatever the dtype (merged across processes)
+    STAT64_OUT = "stat64_out"  # statistics written as doubles (a rank's partial moments or sums)
+    COUNT = "count"  # a call-time count of values, a double (it may exceed float's exact integers)
 
     __str__ = str.__str__  # renders as its value in templates and messages
 
     @property
     def is_array(self) -> bool:
-        return self not in (Role.SIZE, Role.THREADS, Role.FLAG, Role.SCALAR)
+        return self not in (Role.SIZE, Role.THREADS, Role.FLAG, Role.SCALAR, Role.COUNT)
 
     @property
     def is_data(self) -> bool:
@@ -45,7 +48,7 @@ class Role(str, enum.Enum):
     @property
     def writes(self) -> bool:
         """The entry writes through this pointer."""
-        return self in (Role.DATA_OUT, Role.PARAM_INOUT, Role.STAT_OUT, Role.GRAD_OUT)
+        return self in (Role.DATA_OUT, Role.PARAM_INOUT, Role.STAT_OUT, Role.GRAD_OUT, Role.STAT64_OUT)
 
 
 class Phase(str, enum.Enum):
@@ -57,6 +60,11 @@ class Phase(str, enum.Enum):
     BACKWARD_FROZEN = "backward_frozen"  # gradients of the frozen (inference) layer
     BAKED = "baked"  # inference with the folded parameters compiled in (export)
     PROBE = "probe"  # a memory-traffic probe of the bench
+    # The split phases of a training step (synchronized batch norm, population statistics):
+    MOMENTS = "moments"  # count, mean and M2 per feature of this batch
+    NORMALIZE = "normalize"  # FORWARD with given (merged) moments
+    BACKWARD_SUMS = "backward_sums"  # this batch's sum(dy) and sum(dy * x_hat)
+    BACKWARD_APPLY = "backward_apply"  # dx, dgamma, dbeta from given (summed) sums and count
 
     __str__ = str.__str__
 
@@ -139,6 +147,37 @@ def forward_entry(spec: Spec, sizes: Tuple[Arg, ...], streaming: bool) -> Entry:
                      Phase.FORWARD)
     moving = (Arg("moving_mean", Role.PARAM_IN), Arg("moving_variance", Role.PARAM_IN))
     return Entry("bn_inference", io + affine + moving + sizes + flags, Phase.INFERENCE)
+
+
+def split_entries(spec: Spec, sizes: Tuple[Arg, ...]) -> Tuple[Entry, ...]:
+    """The split phases of a training step (modes 0 and 2), cut where statistics and
+    gradient sums cross processes: ``bn_moments`` ((3, C) doubles: count, mean, M2),
+    ``bn_normalize`` (the forward's arguments plus the merged ``moments``, so the moving
+    statistics update as in ``bn_forward``), ``bn_backward_sums`` ((2, C) doubles) and
+    ``bn_backward_apply`` (the summed ``sums`` and the total ``count``).  The backward
+    phases take mean and variance as doubles: the merged ones, exact."""
+    relu = spec.activation == "relu"
+    gamma = (Arg("gamma", Role.PARAM_IN),) if spec.scale else ()
+    beta = (Arg("beta", Role.PARAM_IN),) if spec.center else ()
+    stats = (Arg("mean", Role.STAT64_IN), Arg("variance", Role.STAT64_IN))
+    moving = ()
+    if spec.updates_moving_stats:
+        moving = (Arg("moving_mean", Role.PARAM_INOUT, True), Arg("moving_variance", Role.PARAM_INOUT, True))
+    x = (Arg("x", Role.DATA_IN),)
+    moments = Entry("bn_moments", x + (Arg("moments", Role.STAT64_OUT),) + sizes, Phase.MOMENTS)
+    normalize = Entry("bn_normalize", x + (Arg("y", Role.DATA_OUT),) + gamma + beta + moving + (
+        Arg("mean", Role.STAT_OUT, True), Arg("variance", Role.STAT_OUT, True), Arg("moments", Role.STAT64_IN)) + sizes,
+        Phase.NORMALIZE)
+    mask = (gamma + beta) if relu else ()  # the ReLU mask recomputes the forward output gamma * x_hat + beta
+    dy = (Arg("dy", Role.DATA_IN),)
+    sums = Entry("bn_backward_sums", dy + x + mask + stats + (Arg("sums", Role.STAT64_OUT),) + sizes,
+                 Phase.BACKWARD_SUMS)
+    grads = ((Arg("dgamma", Role.GRAD_OUT),) if spec.scale else ()) + (
+        (Arg("dbeta", Role.GRAD_OUT),) if spec.center else ())
+    apply = Entry("bn_backward_apply", dy + x + gamma + (beta if relu else ()) + stats + (
+        Arg("sums", Role.STAT64_IN), Arg("count", Role.COUNT), Arg("dx", Role.DATA_OUT)) + grads + sizes,
+        Phase.BACKWARD_APPLY)
+    return moments, normalize, sums, apply
 
 
 def backward_reads_x(spec: Spec) -> bool:

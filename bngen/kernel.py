@@ -8,6 +8,7 @@ entry points: a checked path and, for well-formed calls, a generated fast path.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,10 @@ class Kernel:
     C that was compiled.  ``threads=`` (default ``$OMP_NUM_THREADS`` or all CPUs; at most
     `MAX_THREADS`) sets the thread count of a call; results are identical run to run for
     a given count.
+
+    Kernels of training specs (modes 0 and 2) also have the split phases of a training
+    step, for statistics merged across processes (`bngen.distributed`): `moments`,
+    `normalize`, `backward_sums` and `backward_apply`.
     """
 
     def __init__(self, spec: Spec, plan: Plan, source: str, module: Any):
@@ -153,3 +158,171 @@ class Kernel:
             dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance, moving_mean=moving_mean,
             moving_variance=moving_variance, r=r, d=d, adjust_scale=adjust_scale, adjust_bias=adjust_bias, out=out,
             threads=threads))
+
+    # -- split phases: a training step cut where statistics cross processes ----------------------
+    def moments(self, x, *, threads=None) -> np.ndarray:
+        """This batch's moments per feature: a float64 array of shape (3, C) holding the
+        count, the mean and M2 (the sum of squared deviations from the mean), computed
+        with the blocked accuracy of `forward`.  Moments of several batches merge with
+        Chan's formula (`bngen.statistics.merge_moments`) into those of their union;
+        `normalize` takes the merged ones.  x may have an empty batch (count 0).
+        """
+        entry = self._split_entry("bn_moments", "moments")
+        x = binder.check_x(self, x, allow_empty=True)
+        nthreads = binder.check_threads(self, threads)
+        moments = np.zeros((3, self.plan.channels), np.float64)
+        values = dict(self._split_sizes(x), x=x, moments=moments, nthreads=nthreads)
+        self._lib_call(entry, values)
+        return moments
+
+    def normalize(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, moments,
+                  out=None, threads=None):
+        """`forward` with the statistics of `moments` (shape (3, C), float64: count,
+        mean, M2, e.g. merged over every process's batch) instead of x's own; returns
+        ``(y, mean, variance)`` (the merged mean and biased variance, in the parameter
+        dtype).  Mode 0 training updates `moving_mean` / `moving_variance` in place when
+        given, ``unbiased=True`` with the merged count.  x may have an empty batch: the
+        moving statistics are still updated, as on every other process.
+        """
+        spec = self.spec
+        entry = self._split_entry("bn_normalize", "normalize")
+        given = [("x", x), ("gamma", gamma), ("beta", beta), ("out", out), ("moving_mean", moving_mean),
+                 ("moving_variance", moving_variance), ("moments", moments)]
+        x = binder.check_x(self, x, allow_empty=True)
+        gamma = binder.check_param(self, "gamma", gamma, spec.scale,
+                                   "scale=True" if spec.scale else "the spec has scale=False")
+        beta = binder.check_param(self, "beta", beta, spec.center,
+                                  "center=True" if spec.center else "the spec has center=False")
+        if spec.updates_moving_stats:
+            why = "training updates them in place when given"
+            moving_mean = binder.check_param(self, "moving_mean", moving_mean, True, why, writable=True,
+                                             required=False)
+            moving_variance = binder.check_param(self, "moving_variance", moving_variance, True, why, writable=True,
+                                                 required=False)
+        else:
+            why = f"mode {spec.mode} keeps no moving statistics"
+            binder.check_param(self, "moving_mean", moving_mean, False, why)
+            binder.check_param(self, "moving_variance", moving_variance, False, why)
+        moments = self._check_stat64("moments", moments, (3, self.plan.channels))
+        count = moments[0]
+        if not (np.all(np.isfinite(count)) and np.all(count > 0)):
+            raise ValueError("moments: the counts (row 0) must be finite and > 0: the merged batch is empty")
+        if spec.updates_moving_stats and spec.unbiased and np.any(count <= 1):
+            raise ValueError("moments: a count (row 0) of 1 value per feature leaves the unbiased variance "
+                             "n/(n-1) undefined (the spec has unbiased=True)")
+        nthreads = binder.check_threads(self, threads)
+        y = binder.check_out(self, out, x.shape)
+        binder._check_no_overlap(given, written={"out", "moving_mean", "moving_variance"})
+        mean = np.empty(self.plan.channels, self.param_dtype)
+        variance = np.empty(self.plan.channels, self.param_dtype)
+        target = binder._aligned_target(y)
+        values = dict(self._split_sizes(x), x=x, y=target, gamma=gamma, beta=beta, moving_mean=moving_mean,
+                      moving_variance=moving_variance, mean=mean, variance=variance, moments=moments,
+                      nthreads=nthreads)
+        self._lib_call(entry, values)
+        if target is not y:
+            y[...] = target
+        return y, mean, variance
+
+    def backward_sums(self, dy, x, mean, variance, *, gamma=None, beta=None, threads=None) -> np.ndarray:
+        """This batch's share of the gradient sums: a float64 array of shape (2, C) with
+        sum(dy) and sum(dy * x_hat), ``x_hat = (x - mean) / sqrt(variance + eps)``.
+        Summed over every process (in a fixed order), they go to `backward_apply`.
+
+        `mean` and `variance`: the statistics `normalize` used, as it returned them or,
+        more exactly, as float64 arrays (the merged mean and M2 / count): float32
+        gradients then stay accurate when ``|mean| >> std``.  With
+        ``activation="relu"`` dy is masked where the forward output was not positive,
+        which needs ``gamma=`` (with ``scale=True``) and ``beta=`` (with ``center=True``).
+        """
+        spec = self.spec
+        entry = self._split_entry("bn_backward_sums", "backward_sums")
+        relu = spec.activation == "relu"
+        x = binder.check_x(self, x, allow_empty=True)
+        dy = binder.check_like(self, "dy", dy, x)
+        why = "activation='relu': the mask recomputes the forward output" if relu else \
+            "backward_sums needs it only for the mask of activation='relu'"
+        gamma = binder.check_param(self, "gamma", gamma, relu and spec.scale, why)
+        beta = binder.check_param(self, "beta", beta, relu and spec.center, why)
+        mean = self._check_stat64("mean", mean, (self.plan.channels,), param_ok=True)
+        variance = self._check_stat64("variance", variance, (self.plan.channels,), param_ok=True)
+        nthreads = binder.check_threads(self, threads)
+        sums = np.zeros((2, self.plan.channels), np.float64)  # the only array written: new
+        values = dict(self._split_sizes(x), dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance,
+                      sums=sums, nthreads=nthreads)
+        self._lib_call(entry, values)
+        return sums
+
+    def backward_apply(self, dy, x, gamma=None, mean=None, variance=None, *, sums, count, out=None, beta=None,
+                       threads=None):
+        """dx of this batch, dgamma and dbeta from the gradient sums of the whole batch:
+        `sums` (2, C) float64, sum(dy) and sum(dy * x_hat) added over every process, and
+        `count`, the number of values per feature over every process.  Returns ``(dx,
+        dgamma, dbeta)`` as `backward` does, with ``dgamma = sums[1]`` and ``dbeta = sums[0]``
+        in the parameter dtype and ``dx = gamma * r / n * (n*dy - sum(dy) - x_hat *
+        sum(dy*x_hat))`` with n = count.  `mean` and `variance` as in `backward_sums`;
+        ``beta=`` for a fused ReLU with ``center=True``.
+        """
+        spec = self.spec
+        entry = self._split_entry("bn_backward_apply", "backward_apply")
+        relu = spec.activation == "relu"
+        given = [("dy", dy), ("x", x), ("gamma", gamma), ("beta", beta), ("mean", mean), ("variance", variance),
+                 ("sums", sums)]
+        x = binder.check_x(self, x, allow_empty=True)
+        dy = binder.check_like(self, "dy", dy, x)
+        gamma = binder.check_param(self, "gamma", gamma, spec.scale,
+                                   "scale=True" if spec.scale else "the spec has scale=False")
+        beta_why = ("activation='relu' with center=True: the mask recomputes the forward output, which adds beta; "
+                    "pass it as beta=" if relu and spec.center
+                    else "backward_apply needs beta only with activation='relu' and center=True")
+        beta = binder.check_param(self, "beta", beta, relu and spec.center, beta_why)
+        mean = self._check_stat64("mean", mean, (self.plan.channels,), param_ok=True)
+        variance = self._check_stat64("variance", variance, (self.plan.channels,), param_ok=True)
+        sums = self._check_stat64("sums", sums, (2, self.plan.channels))
+        local = x.size // self.plan.channels
+        if isinstance(count, bool) or not isinstance(count, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(count) or count <= 0 or count < local:
+            raise ValueError(f"count: {count!r} must be a number > 0 and at least this batch's {local} values "
+                             "per feature (the values per feature over every process)")
+        nthreads = binder.check_threads(self, threads)
+        dx = binder.check_out(self, out, x.shape)
+        binder._check_no_overlap(given + [("out", dx)], written={"out"})
+        dgamma = np.empty(self.plan.channels, self.param_dtype) if spec.scale else None
+        dbeta = np.empty(self.plan.channels, self.param_dtype) if spec.center else None
+        target = binder._aligned_target(dx)
+        values = dict(self._split_sizes(x), dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance,
+                      sums=sums, count=float(count), dx=target, dgamma=dgamma, dbeta=dbeta, nthreads=nthreads)
+        self._lib_call(entry, values)
+        if target is not dx:
+            dx[...] = target
+        return dx, dgamma, dbeta
+
+    def _split_entry(self, name: str, method: str) -> Entry:
+        entry = self.plan.entry(name)
+        if entry is None:
+            raise TypeError(f"{method}: only kernels of specs that normalise with batch statistics (training, or "
+                            "mode 2) built by bngen.build have split phases; this one is "
+                            f"{'mode 1' if self.spec.mode == 1 else 'mode-0 inference'}")
+        return entry
+
+    def _split_sizes(self, x: np.ndarray) -> dict:
+        first, last = self.spec.axis[0], self.spec.axis[-1]
+        return {"outer": int(np.prod(x.shape[:first], dtype=np.int64)),
+                "inner": int(np.prod(x.shape[last + 1:], dtype=np.int64))}
+
+    def _check_stat64(self, name: str, value, shape, param_ok: bool = False) -> np.ndarray:
+        """A float64 array of `shape` (with `param_ok`, one in the parameter dtype too,
+        converted), C-contiguous for C."""
+        kinds = "float64" + (f" (or {self.param_dtype})" if param_ok and self.param_dtype != np.float64 else "")
+        if value is None:
+            raise TypeError(f"{name}: required, a numpy.ndarray of {kinds} with shape {shape}")
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy.ndarray of {kinds}, got {type(value).__name__}")
+        if value.dtype != np.float64 and not (param_ok and value.dtype == self.param_dtype):
+            raise TypeError(f"{name}: dtype is {value.dtype}; expected {kinds}")
+        if value.shape != tuple(shape):
+            raise ValueError(f"{name}: shape is {value.shape}; expected {tuple(shape)}")
+        return binder._c_array(value.astype(np.float64, copy=False))
+
+    def _lib_call(self, entry: Entry, values: dict) -> None:
+        self.entry_function(entry)(*binder._c_arguments(self, entry, values))

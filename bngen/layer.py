@@ -14,11 +14,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import distributed
 from .build import build
 from .dtypes import numpy_dtype
 from .frameworks import cumulative_update
 from .kernel import Kernel
+from .population import stream_moments
 from .spec import Spec, SpecError, check_renorm_clipping
+from .statistics import finish
 
 # Keras initialiser names (and the Keras 1 spellings) for the 1-D weights of this layer.
 _INITIALIZERS: Dict[str, Callable[[tuple, np.dtype, np.random.Generator], np.ndarray]] = {
@@ -86,6 +89,14 @@ class BatchNormalization:
 
     ``trainable=False`` makes training calls inference calls, as in Keras 2.1+.
     ``cache_dir``, ``compiler`` and ``threads`` are passed to `bngen.build` and the kernels.
+
+    ``synchronized``: batch statistics over the union of every process's batch
+    (data-parallel training).  A communicator (`bngen.distributed.TorchDistributed`,
+    `bngen.distributed.MPI`, or any object with ``allgather(array) -> list of arrays``
+    in rank order), or True for torch.distributed's default group (which must be
+    initialised by the first training call).  Every rank then gets the same statistics,
+    moving averages, dgamma and dbeta, bit for bit; dx is the gradient for this rank's
+    x.  Ranks may hold different batch sizes, including none.
     """
 
     def __init__(self, axis: Any = -1, momentum: Optional[float] = 0.99, epsilon: float = 1e-3, center: bool = True,
@@ -96,7 +107,7 @@ class BatchNormalization:
                  seed: Optional[int] = None, threads: Optional[int] = None, cache_dir: Any = None,
                  compiler: Any = None, renorm: bool = False, renorm_clipping: Optional[dict] = None,
                  renorm_momentum: float = 0.99, virtual_batch_size: Optional[int] = None,
-                 adjustment: Optional[Callable] = None, trainable: bool = True):
+                 adjustment: Optional[Callable] = None, trainable: bool = True, synchronized: Any = None):
         if not (isinstance(axis, numbers.Integral) and not isinstance(axis, bool)) and not (
             isinstance(axis, (tuple, list)) and axis and all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis)
         ):
@@ -122,6 +133,17 @@ class BatchNormalization:
         self.epsilon, self.center, self.scale, self.mode = probe.epsilon, center, scale, probe.mode
         self.unbiased, self.activation, self.dtype = unbiased, activation, probe.dtype
         self.threads, self.cache_dir, self.compiler = threads, cache_dir, compiler
+        if synchronized is not None and not isinstance(synchronized, bool) and not callable(
+                getattr(synchronized, "allgather", None)):
+            raise TypeError(f"synchronized: {type(synchronized).__name__} has no allgather(array) method; pass None, "
+                            "True (torch.distributed) or a communicator such as bngen.distributed.MPI()")
+        if synchronized not in (None, False) and probe.mode == 1:
+            raise ValueError("synchronized: mode 1 normalises each sample by itself; there is nothing to synchronise")
+        if synchronized not in (None, False) and (renorm or virtual_batch_size or adjustment is not None):
+            raise ValueError("synchronized: not combinable with renorm, virtual_batch_size or adjustment in bngen; "
+                             "their split-phase kernels are not built")
+        self.synchronized = synchronized
+        self._communicator: Any = None  # resolved at the first training call (synchronized=True)
         self._initializers = {
             "gamma": _initializer(gamma_initializer, "gamma_initializer"),
             "beta": _initializer(beta_initializer, "beta_initializer"),
@@ -270,7 +292,7 @@ class BatchNormalization:
         kernel serves every batch size: the batch axis is dynamic in its spec."""
         training = bool(training) or self.mode != 0  # modes 1 and 2 use batch statistics either way
         shape = tuple(shape)
-        if training and self.mode == 0 and self.unbiased:
+        if training and self.mode == 0 and self.unbiased and None not in shape:  # (None: n counted at the call)
             n = int(np.prod([d for a, d in enumerate(shape) if a not in self._axes]))
             if n == 1:
                 raise ValueError(f"x: shape {shape} gives one value per feature, so the unbiased variance "
@@ -308,13 +330,16 @@ class BatchNormalization:
         if x.ndim != self._ndim or tuple(x.shape[a] for a in self._axes) != self._feature_shape:
             raise ValueError(f"x: shape {x.shape} does not fit this layer, built for {self._ndim}-D inputs with "
                              f"feature shape {self._feature_shape} on axis {self._axes}")
-        kernel = self.kernel(x.shape, training)
+        synced = self.synchronized not in (None, False) and (training or self.mode == 2)
+        kernel = self.kernel(self._sync_shape(x.shape) if synced else x.shape, training)
         w = self._weights
         gamma, beta = w.get("gamma"), w.get("beta")
         self._tape = None
         tape = dict(kernel=kernel, x=x, gamma=None if gamma is None else gamma.copy(),
                     beta=None if beta is None else beta.copy())
-        if self.mode in (1, 2):
+        if synced:
+            y = self._synchronized_forward(kernel, x, tape)
+        elif self.mode in (1, 2):
             y, tape["mean"], tape["variance"] = kernel.forward(x, gamma, beta, threads=self.threads)
         elif not training:
             y = kernel(x, gamma, beta, w["moving_mean"], w["moving_variance"], threads=self.threads)
@@ -380,9 +405,82 @@ class BatchNormalization:
         if dy.shape != x.shape:
             raise ValueError(f"dy: shape {dy.shape} does not match the last call's output shape {x.shape}")
         relu_beta = tape["beta"] if self.activation == "relu" else None
+        if "moments" in tape:  # a synchronized step: the gradient sums of every rank
+            return self._synchronized_backward(tape, dy, relu_beta)
         variants = {n: tape[n] for n in ("r", "d", "adjust_scale", "adjust_bias") if n in tape}
         dx, self.dgamma, self.dbeta = tape["kernel"].backward(
             dy, x, tape["gamma"], tape["mean"], tape["variance"], beta=relu_beta, threads=self.threads, **variants)
+        return dx
+
+    def adapt(self, data: Any) -> None:
+        """Sets the moving statistics to the population statistics of `data` (one array
+        or an iterable of batches, streamed; see `bngen.population_statistics`) over the
+        layer's axis, with its `unbiased`, across ranks when the layer is synchronized.
+        Builds the layer from the first batch's shape if needed.  On an error (a batch of
+        the wrong shape or dtype, named by its index) the weights are left as they were."""
+        if self.built:
+            axis = self._axes
+        else:
+            axis = self.axis
+        communicator = None
+        if self.synchronized not in (None, False):
+            communicator = self._communicator = self._communicator or distributed.resolve(self.synchronized)
+        moments, shape, _ = stream_moments(data, axis, communicator, cache_dir=self.cache_dir, compiler=self.compiler)
+        if not self.built:
+            self.build((None,) + tuple(shape[1:]) if len(shape) > 1 else shape)
+        if moments.shape[1] != self._channels:
+            raise ValueError(f"data: {moments.shape[1]} features; this layer has {self._channels}")
+        if self.unbiased and np.any(moments[0] < 2):
+            raise ValueError("data: one value per feature in all; the unbiased variance needs 2 "
+                             "(the layer has unbiased=True)")
+        mean, variance = finish(moments, self.unbiased)
+        self._weights["moving_mean"][...] = mean
+        self._weights["moving_variance"][...] = variance
+        if self.renorm:  # (renorm_mean and renorm_stddev are left as they were, as in Keras)
+            self._weights["moving_stddev"][...] = np.sqrt(variance + self.epsilon)
+
+    # -- synchronized batch norm -----------------------------------------------------------------
+    def _sync_shape(self, shape: tuple) -> tuple:
+        """The kernel shape of a synchronized call: the batch axis dynamic already, so that
+        `kernel` leaves n to the call (a rank's batch of one, with unbiased=True, is valid:
+        n is counted over every rank), and one kernel takes every rank's batch, an empty one too."""
+        return shape if 0 in self._axes else (None,) + tuple(shape[1:])
+
+    def _synchronized_forward(self, kernel: Kernel, x: np.ndarray, tape: dict) -> np.ndarray:
+        if self._communicator is None:
+            self._communicator = distributed.resolve(self.synchronized)
+        w, comm = self._weights, self._communicator
+        local = kernel.moments(x, threads=self.threads)
+        merged = distributed.allreduce_moments(comm, kernel.spec, local)
+        count = float(merged[0, 0])
+        if count == 0:
+            raise ValueError("x: every rank's batch is empty; there are no statistics to normalise with")
+        if self.mode == 0 and self.unbiased and count == 1:
+            raise ValueError("x: the ranks' batches hold one value per feature in all, so the unbiased variance "
+                             "n/(n-1) is undefined (the layer has unbiased=True)")
+        cumulative = self.mode == 0 and self.momentum is None
+        moving = (w["moving_mean"], w["moving_variance"]) if self.mode == 0 and not cumulative else ()
+        y, mean, variance = kernel.normalize(x, w.get("gamma"), w.get("beta"), *moving, moments=merged,
+                                             threads=self.threads)
+        if self.mode == 0:
+            self.num_batches_tracked += 1
+        if cumulative:
+            cumulative_update(w["moving_mean"], w["moving_variance"], mean, variance, self.num_batches_tracked,
+                              int(count), self.unbiased)
+        # The backward takes the merged statistics in float64 (exact even when |mean| >> std).
+        tape.update(mean=mean, variance=variance, moments=merged, count=count, mean64=merged[1].copy(),
+                    variance64=np.maximum(merged[2], 0.0) / merged[0], communicator=comm)
+        return y
+
+    def _synchronized_backward(self, tape: dict, dy: np.ndarray, relu_beta) -> np.ndarray:
+        kernel, x, gamma = tape["kernel"], tape["x"], tape["gamma"]
+        mean, variance = tape["mean64"], tape["variance64"]
+        relu = self.activation == "relu"
+        local = kernel.backward_sums(dy, x, mean, variance, gamma=gamma if relu else None, beta=relu_beta,
+                                     threads=self.threads)
+        sums = distributed.allreduce_sums(tape["communicator"], kernel.spec, local)
+        dx, self.dgamma, self.dbeta = kernel.backward_apply(dy, x, gamma, mean, variance, sums=sums,
+                                                            count=tape["count"], beta=relu_beta, threads=self.threads)
         return dx
 
     # -- configuration -------------------------------------------------------------------------

@@ -264,6 +264,71 @@ def backward(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, beta=No
     )
 
 
+# -- the split phases of a training step (synchronized batch norm) ----------------------------
+def moments(spec: Spec, x) -> np.ndarray:
+    """``Kernel.moments``: (3, C) float64, the count, mean and M2 of each feature of `x`
+    (zeros for an empty batch)."""
+    x = _f64(x)
+    n = x.size // spec.channels
+    if n == 0:
+        return np.zeros((3, spec.channels))
+    mean, var = statistics(spec, x)
+    return np.stack([np.full(spec.channels, float(n)), mean, var * n])
+
+
+def normalize(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, moments) -> Forward:
+    """``Kernel.normalize``: `forward` with the statistics of `moments` (count, mean, M2
+    of the whole batch) instead of x's own."""
+    x = _f64(x)
+    count, mean = moments[0], moments[1]
+    var = np.maximum(moments[2], 0) / count
+    bshape = _bshape(spec, x.ndim)
+    g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
+    b = _f64(beta).reshape(bshape) if spec.center else 0.0
+    y = g * (x - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + spec.epsilon) + b
+    mm, mv = _f64(moving_mean), _f64(moving_variance)
+    if spec.updates_moving_stats:
+        fed = var * (count / (count - 1)) if spec.unbiased else var
+        keep = spec.momentum
+        mm = None if mm is None else keep * mm + (1 - keep) * mean
+        mv = None if mv is None else keep * mv + (1 - keep) * fed
+    return Forward(_activate(spec, y), mean, var, mm, mv)
+
+
+def backward_sums(spec: Spec, dy, x, mean, variance, *, gamma=None, beta=None) -> np.ndarray:
+    """``Kernel.backward_sums``: (2, C) float64, sum(dy) and sum(dy * x_hat) of this batch
+    (dy masked by a fused ReLU)."""
+    x, dy = _f64(x), _f64(dy)
+    bshape = _bshape(spec, x.ndim)
+    x_hat = (x - _f64(mean).reshape(bshape)) / np.sqrt(_f64(variance).reshape(bshape) + spec.epsilon)
+    dy = _mask(spec, dy, x_hat, gamma, beta, bshape)
+    axes = reduce_axes(spec)
+    return np.stack([dy.sum(axis=axes).reshape(-1), (dy * x_hat).sum(axis=axes).reshape(-1)])
+
+
+def backward_apply(spec: Spec, dy, x, gamma=None, mean=None, variance=None, *, sums, count, beta=None) -> Backward:
+    """``Kernel.backward_apply``: dx of this batch from the sums and count of the whole one."""
+    x, dy = _f64(x), _f64(dy)
+    bshape = _bshape(spec, x.ndim)
+    r = 1.0 / np.sqrt(_f64(variance).reshape(bshape) + spec.epsilon)
+    x_hat = (x - _f64(mean).reshape(bshape)) * r
+    dy = _mask(spec, dy, x_hat, gamma, beta, bshape)
+    g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
+    sum_dy, sum_dy_xhat = (np.asarray(s, np.float64).reshape(bshape) for s in sums)
+    dx = g * r / count * (count * dy - sum_dy - x_hat * sum_dy_xhat)
+    return Backward(dx, np.array(sums[1], np.float64) if spec.scale else None,
+                    np.array(sums[0], np.float64) if spec.center else None)
+
+
+def _mask(spec: Spec, dy, x_hat, gamma, beta, bshape):
+    """dy with a fused ReLU's mask applied (0 where the forward output was <= 0)."""
+    if spec.activation != "relu":
+        return dy
+    g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
+    b = _f64(beta).reshape(bshape) if spec.center else 0.0
+    return np.where(g * x_hat + b <= 0, 0.0, dy)
+
+
 def _backward_per_sample(spec: Spec, dy, x, gamma, mean, variance, beta) -> Backward:
     """Mode 1: the gradient of y = gamma * (x - m) / (sqrt(v + eps) + eps) + beta, with m
     and v each sample's mean and biased variance over its n features (Keras 1.2's extra

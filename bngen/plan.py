@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from .entries import Arg, Entry, Phase, Role, backward_reads_x, kernel_entries
+from .entries import Arg, Entry, Phase, Role, backward_reads_x, kernel_entries, runtime_sizes, split_entries
 from .spec import Spec
 from .target import DEFAULT_TUNING, Target, Tuning
 
@@ -141,7 +141,7 @@ class Plan:
 
 
 def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuning] = None, *,
-              backward: bool = True, prefix: str = "bn") -> Plan:
+              backward: bool = True, prefix: str = "bn", split: bool = False) -> Plan:
     """Decide how `spec` is computed on `target` (default: a plain host without OpenMP)
     with the block sizes of `tuning`.
 
@@ -151,7 +151,9 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
     channel tile (its stack) and, with the tuning, the number of independent partial sums.
     `backward`: also make the gradient entry point.
     An export target (``target.export``) gives freestanding C whose symbols start with
-    `prefix`.
+    `prefix`.  `split`: specs of modes 0 and 2 that normalise with batch statistics also
+    get the split phases of a training step (`entries.split_entries`), which synchronized
+    batch norm and population statistics drive (JIT kernels only, not exports).
     """
     target = target or Target()
     tuning = tuning or DEFAULT_TUNING
@@ -171,6 +173,9 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
     itemsize = _ITEMSIZE[precision.compute]
     lanes = tuning.lane_registers * target.vector_bytes // itemsize
     entries = kernel_entries(spec, outer, inner, threaded, backward, streaming)
+    plain = not (spec.renorm or spec.virtual_batch_size or spec.adjustment)  # the variants have no split phases
+    if split and backward and spec.uses_batch_stats and spec.mode != 1 and plain and not target.export:
+        entries += split_entries(spec, runtime_sizes(outer, inner, threaded))
     channel_tile = min(channels, target.channel_tile)
     return Plan(
         spec=spec,

@@ -43,14 +43,16 @@ NEEDS = {
     "test_keras_parity": ("keras",),
     "test_keras_renorm": ("keras",),
     "test_half": ("torch",),
+    "test_distributed": ("torch",),  # (its MPI test is marked mpi too)
 }
-SLOW = {"test_forward", "test_backward", "test_emit_half", "test_emit_entries"}
+SLOW = {"test_forward", "test_backward", "test_emit_half", "test_emit_entries", "test_distributed"}
 
 
 def pytest_configure(config):
     for marker, meaning in [("compiler", "builds C with the host compiler"),
                             ("cross", "needs the aarch64 / arm-none-eabi toolchains and qemu-user"),
                             ("torch", "needs PyTorch"), ("keras", "needs Keras 3"),
+                            ("mpi", "needs Open MPI's mpiexec and mpi4py"),
                             ("slow", "a minute or more of work")]:
         config.addinivalue_line("markers", f"{marker}: {meaning}")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "bngen"
 
 LAYERS = [
-    {"version", "dtypes", "threads", "c_names", "target"},  # facts with no dependencies
+    {"version", "dtypes", "threads", "c_names", "target", "statistics"},  # facts with no dependencies
     {"spec"},
     {"entries", "oracle", "frameworks"},
     {"plan"},
@@ -20,8 +20,10 @@ LAYERS = [
     {"kernel"},
     {"build"},
     {"fold", "emit", "distributed"},
+    {"population"},
     {"layer", "catalogue", "torch", "resnet"},
     {"bench"},
+    {"bench_distributed"},
     {"cli", "__init__", "__main__"},
 ]
 # Imports made inside a function on first use, that would otherwise close a cycle; each
