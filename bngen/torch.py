@@ -43,6 +43,7 @@ from .build import build
 from .dtypes import numpy_dtype
 from .kernel import Kernel
 from .spec import Spec
+from .statistics import merge_moments
 from .threads import max_threads
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]
@@ -438,20 +439,6 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
 
 
 # -- SyncBatchNorm across ranks --------------------------------------------------------------------
-def _merge_moments(parts: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
-    """Chan's merge, in rank order, of rows ``(count, mean[C], M2[C])`` (float64): (n, mean, M2)."""
-    channels = (parts.shape[1] - 1) // 2
-    n, mean, m2 = parts[0, 0], parts[0, 1:1 + channels].copy(), parts[0, 1 + channels:].copy()
-    for row in parts[1:]:
-        nb, mean_b, m2_b = row[0], row[1:1 + channels], row[1 + channels:]
-        total = n + nb
-        delta = mean_b - mean
-        mean += delta * (nb / total)
-        m2 += m2_b + delta * delta * (n * nb / total)
-        n = total
-    return n, mean, m2
-
-
 def _broadcast_shape(x: Tensor) -> tuple:
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
@@ -475,7 +462,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         local = torch.cat([torch.tensor([float(count)], dtype=torch.float64), mean.double(), var.double() * count])
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, local, group=group)
-        n, gmean, m2 = _merge_moments(torch.stack(parts).numpy())
+        merged = merge_moments(np.stack([np.full(channels, p[0]), p[1:1 + channels], p[1 + channels:]])
+                               for p in torch.stack(parts).numpy())  # in rank order: the same bits on every rank
+        n, gmean, m2 = merged[0, 0], merged[1], merged[2]
         if n < 2:
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(n)} across the ranks")
         mean = torch.from_numpy(gmean).to(pdtype)
