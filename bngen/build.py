@@ -6,6 +6,7 @@ an equal spec cost a dictionary lookup.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from typing import Optional
 
 from .cache import Cache, digest, resolve_root
 from .compiler import Compiler, extension_filename, load_module
+from .entries import has_split_phases
 from .kernel import Kernel
 from .plan import make_plan
 from .render import render_cdef, render_source
@@ -26,7 +28,7 @@ _memo_lock = threading.Lock()
 
 
 def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None, target: Optional[Target] = None,
-          tuning: Optional[Tuning] = None) -> Kernel:
+          tuning: Optional[Tuning] = None, split: bool = False) -> Kernel:
     """Compile (or load from the cache) the kernel for `spec`.
 
     The cache root is `cache_dir`, else ``$BNGEN_CACHE_DIR``, else the user cache
@@ -34,6 +36,8 @@ def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None, ta
     machine.  `target` (a `bngen.target.Target`) defaults to what the compiler's probe
     says the machine has; `tuning` (a `bngen.target.Tuning`) to the measured block sizes.
     Both shape the generated C, so kernels built with other values are other cache entries.
+    `split`: also compile the split phases of a training step (`Kernel.moments` & co.);
+    without it a kernel builds them on first use, so that a plain build pays nothing for them.
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"spec: expected a bngen.Spec, got {type(spec).__name__}")
@@ -45,20 +49,23 @@ def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None, ta
         raise TypeError(f"tuning: expected a bngen.target.Tuning or None, got {type(tuning).__name__}")
     compiler = compiler or Compiler()
     root = resolve_root(cache_dir)
-    memo_key = (spec, str(root), compiler, target, tuning)
+    split = bool(split) and has_split_phases(spec)
+    memo_key = (spec, str(root), compiler, target, tuning, split)
     kernel = _memo.get(memo_key)
     if kernel is not None:
         return kernel
     with _memo_lock:
         kernel = _memo.get(memo_key)
         if kernel is None:
-            kernel = _memo[memo_key] = _build(spec, Cache(root), compiler, target, tuning)
+            kernel = _memo[memo_key] = _build(spec, Cache(root), compiler, target, tuning, split)
+            kernel.rebuild = functools.partial(build, spec, cache_dir, compiler=compiler, target=target, tuning=tuning)
     return kernel
 
 
-def _build(spec: Spec, cache: Cache, compiler: Compiler, target: Optional[Target], tuning: Optional[Tuning]) -> Kernel:
+def _build(spec: Spec, cache: Cache, compiler: Compiler, target: Optional[Target], tuning: Optional[Tuning],
+           split: bool) -> Kernel:
     features = compiler.features(cache.root)
-    plan = make_plan(spec, target or features.target(compiler.flags), tuning, split=True)
+    plan = make_plan(spec, target or features.target(compiler.flags), tuning, split=split)
     source = render_source(plan)
     module = load_source(source, render_cdef(plan), cache, compiler, features, spec.to_json())
     return Kernel(spec, plan, source, module)

@@ -149,6 +149,12 @@ def forward_entry(spec: Spec, sizes: Tuple[Arg, ...], streaming: bool) -> Entry:
     return Entry("bn_inference", io + affine + moving + sizes + flags, Phase.INFERENCE)
 
 
+def has_split_phases(spec: Spec) -> bool:
+    """Whether `spec` has split phases: plain specs that normalise with batch statistics
+    (modes 0 and 2; the statistics variants have none)."""
+    return spec.uses_batch_stats and spec.mode != 1 and not (spec.renorm or spec.virtual_batch_size or spec.adjustment)
+
+
 def split_entries(spec: Spec, sizes: Tuple[Arg, ...]) -> Tuple[Entry, ...]:
     """The split phases of a training step (modes 0 and 2), cut where statistics and
     gradient sums cross processes: ``bn_moments`` ((3, C) doubles: count, mean, M2),

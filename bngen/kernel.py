@@ -9,13 +9,13 @@ entry points: a checked path and, for well-formed calls, a generated fast path.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from . import binder
 from .dtypes import numpy_dtype
-from .entries import Entry
+from .entries import Entry, has_split_phases
 from .plan import Plan
 from .spec import Spec
 from .threads import MAX_THREADS, default_threads, max_threads, track
@@ -51,6 +51,10 @@ class Kernel:
         self.param_ctype = plan.precision.param + "[]"
         self._threads = default_threads()
         self._max_threads = max_threads()
+        # build(spec, ...) of the same spec and options with other keywords (set by
+        # bngen.build), and the kernel with the split phases it builds on first use
+        self.rebuild: Optional[Any] = None
+        self._split_kernel: Optional["Kernel"] = None
         self._faces = binder.faces(spec, plan.entries)
         # The fast paths become methods of a class of this kernel's own (Python looks
         # __call__ up on the type): one Python frame per call instead of two, about 0.1 us.
@@ -167,12 +171,12 @@ class Kernel:
         Chan's formula (`bngen.statistics.merge_moments`) into those of their union;
         `normalize` takes the merged ones.  x may have an empty batch (count 0).
         """
-        entry = self._split_entry("bn_moments", "moments")
+        owner, entry = self._split_entry("bn_moments", "moments")
         x = binder.check_x(self, x, allow_empty=True)
         nthreads = binder.check_threads(self, threads)
         moments = np.zeros((3, self.plan.channels), np.float64)
         values = dict(self._split_sizes(x), x=x, moments=moments, nthreads=nthreads)
-        self._lib_call(entry, values)
+        owner._lib_call(entry, values)
         return moments
 
     def normalize(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, moments,
@@ -185,7 +189,7 @@ class Kernel:
         moving statistics are still updated, as on every other process.
         """
         spec = self.spec
-        entry = self._split_entry("bn_normalize", "normalize")
+        owner, entry = self._split_entry("bn_normalize", "normalize")
         given = [("x", x), ("gamma", gamma), ("beta", beta), ("out", out), ("moving_mean", moving_mean),
                  ("moving_variance", moving_variance), ("moments", moments)]
         x = binder.check_x(self, x, allow_empty=True)
@@ -219,7 +223,7 @@ class Kernel:
         values = dict(self._split_sizes(x), x=x, y=target, gamma=gamma, beta=beta, moving_mean=moving_mean,
                       moving_variance=moving_variance, mean=mean, variance=variance, moments=moments,
                       nthreads=nthreads)
-        self._lib_call(entry, values)
+        owner._lib_call(entry, values)
         if target is not y:
             y[...] = target
         return y, mean, variance
@@ -236,7 +240,7 @@ class Kernel:
         which needs ``gamma=`` (with ``scale=True``) and ``beta=`` (with ``center=True``).
         """
         spec = self.spec
-        entry = self._split_entry("bn_backward_sums", "backward_sums")
+        owner, entry = self._split_entry("bn_backward_sums", "backward_sums")
         relu = spec.activation == "relu"
         x = binder.check_x(self, x, allow_empty=True)
         dy = binder.check_like(self, "dy", dy, x)
@@ -250,7 +254,7 @@ class Kernel:
         sums = np.zeros((2, self.plan.channels), np.float64)  # the only array written: new
         values = dict(self._split_sizes(x), dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance,
                       sums=sums, nthreads=nthreads)
-        self._lib_call(entry, values)
+        owner._lib_call(entry, values)
         return sums
 
     def backward_apply(self, dy, x, gamma=None, mean=None, variance=None, *, sums, count, out=None, beta=None,
@@ -264,7 +268,7 @@ class Kernel:
         ``beta=`` for a fused ReLU with ``center=True``.
         """
         spec = self.spec
-        entry = self._split_entry("bn_backward_apply", "backward_apply")
+        owner, entry = self._split_entry("bn_backward_apply", "backward_apply")
         relu = spec.activation == "relu"
         given = [("dy", dy), ("x", x), ("gamma", gamma), ("beta", beta), ("mean", mean), ("variance", variance),
                  ("sums", sums)]
@@ -292,18 +296,25 @@ class Kernel:
         target = binder._aligned_target(dx)
         values = dict(self._split_sizes(x), dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance,
                       sums=sums, count=float(count), dx=target, dgamma=dgamma, dbeta=dbeta, nthreads=nthreads)
-        self._lib_call(entry, values)
+        owner._lib_call(entry, values)
         if target is not dx:
             dx[...] = target
         return dx, dgamma, dbeta
 
-    def _split_entry(self, name: str, method: str) -> Entry:
-        entry = self.plan.entry(name)
-        if entry is None:
-            raise TypeError(f"{method}: only kernels of specs that normalise with batch statistics (training, or "
-                            "mode 2) built by bngen.build have split phases; this one is "
-                            f"{'mode 1' if self.spec.mode == 1 else 'mode-0 inference'}")
-        return entry
+    def _split_entry(self, name: str, method: str) -> Tuple["Kernel", Entry]:
+        """The kernel that holds the split phase `name` (this one, or the same spec built
+        with its split phases on first use) and that entry."""
+        if not has_split_phases(self.spec):
+            kind = ("mode 1" if self.spec.mode == 1 else "mode-0 inference" if not self.spec.uses_batch_stats
+                    else "a statistics variant (renorm, virtual_batch_size or adjustment)")
+            raise TypeError(f"{method}: only kernels of plain specs that normalise with batch statistics (training, "
+                            f"or mode 2) have split phases; this one is {kind}")
+        owner = self
+        if self.plan.entry(name) is None:
+            if self.rebuild is None:
+                raise TypeError(f"{method}: this kernel was not made by bngen.build, which builds the split phases")
+            owner = self._split_kernel = self._split_kernel or self.rebuild(split=True)
+        return owner, owner.plan.entry(name)
 
     def _split_sizes(self, x: np.ndarray) -> dict:
         first, last = self.spec.axis[0], self.spec.axis[-1]

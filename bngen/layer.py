@@ -302,7 +302,9 @@ class BatchNormalization:
         key = (shape, training)
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = build(self._spec(shape, training), self.cache_dir, compiler=self.compiler)
+            split = self.synchronized not in (None, False)  # a synchronized layer runs the split phases
+            kernel = self._kernels[key] = build(self._spec(shape, training), self.cache_dir, compiler=self.compiler,
+                                                split=split)
         return kernel
 
     # -- calls -------------------------------------------------------------------------------

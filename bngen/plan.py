@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from .entries import Arg, Entry, Phase, Role, backward_reads_x, kernel_entries, runtime_sizes, split_entries
+from .entries import Arg, Entry, Phase, Role, backward_reads_x, has_split_phases, kernel_entries, runtime_sizes, split_entries
 from .spec import Spec
 from .target import DEFAULT_TUNING, Target, Tuning
 
@@ -173,8 +173,7 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
     itemsize = _ITEMSIZE[precision.compute]
     lanes = tuning.lane_registers * target.vector_bytes // itemsize
     entries = kernel_entries(spec, outer, inner, threaded, backward, streaming)
-    plain = not (spec.renorm or spec.virtual_batch_size or spec.adjustment)  # the variants have no split phases
-    if split and backward and spec.uses_batch_stats and spec.mode != 1 and plain and not target.export:
+    if split and backward and has_split_phases(spec) and not target.export:
         entries += split_entries(spec, runtime_sizes(outer, inner, threaded))
     channel_tile = min(channels, target.channel_tile)
     return Plan(

@@ -63,7 +63,7 @@ def stream_moments(data: Any, axis: Any = -1, communicator: Any = None, *, cache
             first = (batch.shape, tuple(batch.shape[a] for a in axes), batch.dtype)
             # float64 arithmetic whatever the storage: the statistics are rounded once, at the end
             shape = tuple(d if a in axes else None for a, d in enumerate(batch.shape))
-            kernel = build(Spec(shape=shape, axis=axes, dtype="float64"), cache_dir, compiler=compiler)
+            kernel = build(Spec(shape=shape, axis=axes, dtype="float64"), cache_dir, compiler=compiler, split=True)
         first_shape, features, dtype = first
         if batch.ndim != len(first_shape) or tuple(batch.shape[a] for a in axes) != features:
             raise ValueError(f"data: batch {index} has shape {batch.shape}; the batches have {len(first_shape)} "

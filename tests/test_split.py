@@ -162,3 +162,19 @@ def test_split_phases_refuse_bad_arguments_naming_them(build):
     frozen = build(spec.replace(training=False))
     with pytest.raises(TypeError, match="moments: only kernels"):
         frozen.moments(x)
+
+
+def test_split_phases_are_built_on_first_use(build, rng):
+    # a plain build compiles no split phases (they cost a training build ~40% more); the
+    # first split call builds the same spec with them, once, with the same compiler and cache
+    spec = bngen.Spec((None, 6), epsilon=0.0123)
+    kernel = build(spec)
+    assert kernel.plan.entry("bn_moments") is None
+    x = rng.standard_normal((9, 6)).astype(np.float32)
+    moments = kernel.moments(x)
+    companion = kernel._split_kernel
+    assert companion is not None and companion.plan.entry("bn_moments") is not None
+    np.testing.assert_array_equal(kernel.moments(x), moments)
+    assert kernel._split_kernel is companion and build(spec, split=True) is companion
+    with pytest.raises(TypeError, match="moments: .*mode-0 inference"):
+        build(spec.replace(training=False)).moments(x)
