@@ -262,6 +262,9 @@ def _inductor_fns(case: Case, data: _Inputs, threads: int) -> Tuple[Optional[Dic
     eager = _torch_fns(case, data, threads)
     if eager is None:
         return None, 0.0
+    # Every case compiles the same lambdas of _torch_fns anew: without a reset, dynamo's
+    # per-code recompile limit (8) would make later cases run eagerly under its name.
+    torch._dynamo.reset()
     fns, spent = {}, 0.0
     for kind, fn in eager.items():
         compiled = torch.compile(fn, dynamic=False)
@@ -331,9 +334,8 @@ def build_memory_probe(dtype: str, cache_dir=None, *, compiler: Optional[Compile
     compiler = compiler or Compiler()
     cache = Cache(resolve_root(cache_dir))
     features = compiler.features(cache.root)
-    # float16 moves the same bytes as bfloat16, whose conversions are a shift: its floor
-    # is measured with those, so that it is memory's and not the conversions'.
-    spec = Spec((None, 1), axis=1, dtype="bfloat16" if dtype == "float16" else dtype, training=True)
+    # (half probes move and sum the values' bits: their floor is memory's, not the conversions')
+    spec = Spec((None, 1), axis=1, dtype=dtype, training=True)
     target = features.target(compiler.flags)
     plan = make_plan(spec, dataclasses.replace(target, streaming_stores=streaming and target.streaming_stores),
                      dataclasses.replace(DEFAULT_TUNING, streaming_kinds=frozenset({"channels_last training"})))
