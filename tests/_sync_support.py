@@ -4,12 +4,11 @@ the comparison of per-rank results with the float64 oracle on the concatenated b
 from __future__ import annotations
 
 import numpy as np
+from strategies import K, assert_close, unit_roundoff  # noqa: F401 - shared with the other tests
 
 import bngen
 from bngen import oracle
 from bngen.kernel import numpy_dtype
-
-K = 256  # as in strategies.py: a statistic's relative error is at most ~128 unit roundoffs
 
 
 def problem(spec: bngen.Spec, sizes, seed: int, dist: str = "normal"):
@@ -41,10 +40,6 @@ def problem(spec: bngen.Spec, sizes, seed: int, dist: str = "normal"):
     xs = [x[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
     dys = [dy[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
     return xs, dys, params
-
-
-def unit_roundoff(spec) -> float:
-    return float(np.finfo(spec.param_dtype).eps) / 2
 
 
 def storage_eps(spec) -> float:
@@ -120,17 +115,3 @@ def check_backward(spec, x, dy, params, dxs, dgamma, dbeta):
         assert_close("dgamma", dgamma, ref.dgamma, (rtol + merge) * n * dy_scale * xhat_scale + 1e-300)
     if spec.center:
         assert_close("dbeta", dbeta, ref.dbeta, rtol * n * dy_scale + 1e-300)
-
-
-def assert_close(name: str, got, want, tol) -> None:
-    """|got - want| <= tol elementwise, with a message naming the worst element."""
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    err = np.abs(got - want)
-    tol = np.broadcast_to(np.asarray(tol, dtype=np.float64), err.shape)
-    bad = ~(err <= tol)
-    if bad.any():
-        i = np.unravel_index(np.argmax(np.where(bad, err - tol, -np.inf)), err.shape)
-        raise AssertionError(f"{name}: {int(bad.sum())} of {err.size} values out of tolerance; worst at {i}: "
-                             f"got {got[i]!r}, want {want[i]!r}, |error| {err[i]:.3e} > tol {tol[i]:.3e}")

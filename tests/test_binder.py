@@ -178,11 +178,7 @@ def test_backward_checks_break_a_call(build):
         ("beta", TypeError, dict(beta=p["beta"])),
         ("out", ValueError, dict(out=dy)),
     ]
-    for name, error, change in cases:
-        kwargs = dict(dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=variance)
-        kwargs.update(change)
-        with pytest.raises(error, match=f"^{name}:"):
-            kernel.backward(**kwargs)
+    _each_breaks_backward(kernel, dict(dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=variance), cases)
 
 
 def test_backward_takes_out_on_the_fast_path(build):
@@ -228,8 +224,12 @@ def test_mode1_backward_checks_break_a_call(build):
         ("mean", TypeError, dict(mean=np.ma.masked_array(mean))),
         ("out", ValueError, dict(out=dy)),
     ]
+    _each_breaks_backward(kernel, dict(dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=variance), cases)
+
+
+def _each_breaks_backward(kernel, good: dict, cases) -> None:
+    """Each (name, error, change) of `cases` applied to the `good` backward call raises
+    `error` naming `name`."""
     for name, error, change in cases:
-        kwargs = dict(dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=variance)
-        kwargs.update(change)
         with pytest.raises(error, match=f"^{name}:"):
-            kernel.backward(**kwargs)
+            kernel.backward(**{**good, **change})
