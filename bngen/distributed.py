@@ -27,12 +27,11 @@ from typing import Any, List, Sequence
 
 import numpy as np
 
-from .spec import Spec
+from .spec import DTYPES, Spec
 from .statistics import merge_moments
 
 __all__ = ["TorchDistributed", "MPI", "SynchronizationError", "allreduce_moments", "allreduce_sums", "resolve"]
 
-_DTYPES = ("float32", "float64", "float16", "bfloat16")
 # The phase a header announces: ranks in different phases (one in a forward, another in a
 # backward) would otherwise exchange arrays of different meaning.
 _PHASES = {"moments": 1.0, "sums": 2.0}
@@ -147,7 +146,7 @@ def spec_digest(spec: Spec) -> int:
 def _gather(comm: Any, spec: Spec, phase: str, array: np.ndarray) -> List[np.ndarray]:
     """`array` of every rank, after every rank has checked, from a fixed-size header, that
     all are in the same phase of the same layer (or raised, all of them)."""
-    header = np.array([_PHASES[phase], spec.channels, _DTYPES.index(spec.dtype), spec_digest(spec)], np.float64)
+    header = np.array([_PHASES[phase], spec.channels, DTYPES.index(spec.dtype), spec_digest(spec)], np.float64)
     headers = _call(comm, header, (4,))
     if any(not np.array_equal(h, header) for h in headers):
         raise SynchronizationError(f"ranks disagree on the layer they synchronise: {_describe(headers)}")
@@ -166,5 +165,5 @@ def _describe(headers: List[np.ndarray]) -> str:
     phases = {v: k for k, v in _PHASES.items()}
     return "; ".join(
         f"rank {rank}: {phases.get(float(h[0]), '?')}, {int(h[1])} features, "
-        f"{_DTYPES[int(h[2])] if 0 <= int(h[2]) < len(_DTYPES) else '?'}, spec {int(h[3]):012x}"
+        f"{DTYPES[int(h[2])] if 0 <= int(h[2]) < len(DTYPES) else '?'}, spec {int(h[3]):012x}"
         for rank, h in enumerate(headers))

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import distributed
 from .build import build
-from .spec import Spec
+from .spec import DTYPES, Spec
 from .statistics import finish, merge_pair
 
 
@@ -55,7 +55,7 @@ def stream_moments(data: Any, axis: Any = -1, communicator: Any = None, *, cache
             except (TypeError, ValueError):
                 raise ValueError(f"data: batch {index} is not an array of numbers ({type(batch).__name__})") from None
         if first is None:
-            if batch.dtype.name not in ("float32", "float64", "float16", "bfloat16"):
+            if batch.dtype.name not in DTYPES:
                 raise ValueError(f"data: batch {index} has dtype {batch.dtype}; expected float32, float64, float16 "
                                  "or bfloat16")
             probe = Spec(shape=tuple(max(d, 1) for d in batch.shape) or (1,), axis=axis, dtype=batch.dtype.name)
