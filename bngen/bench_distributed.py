@@ -88,7 +88,7 @@ def launch(case: Case, ranks: int, repeat: int, cache_dir=None) -> List[dict]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")  # every socket on the loopback
         procs = [subprocess.Popen([sys.executable, "-m", "bngen.bench_distributed", str(port), str(rank), str(ranks),
                                    str(config), tmp], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for rank in range(ranks)]

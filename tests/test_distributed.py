@@ -63,7 +63,8 @@ def free_port() -> int:
 
 
 def worker_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    # GLOO_SOCKET_IFNAME=lo: gloo's pair sockets on the loopback too, not the hostname's address
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=os.pathsep.join(
         [str(ROOT), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env.setdefault("BNGEN_CACHE_DIR", os.environ["BNGEN_CACHE_DIR"])
     return env
@@ -372,7 +373,7 @@ def test_bench_distributed_runs_a_synchronized_step_on_n_processes(tmp_path):
     spec_file.write_text(S((None, 8, 6, 6), axis=1).to_json())
     report = tmp_path / "report.json"
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), GLOO_SOCKET_IFNAME="lo")
     done = subprocess.run([sys.executable, "-m", "bngen", "bench", "--distributed", "2", "--spec", str(spec_file),
                            "--batch", "5", "--repeat", "3", "--json", str(report), "--quiet"],
                           capture_output=True, text=True, env=env, timeout=TIMEOUT)
