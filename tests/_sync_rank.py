@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _sync_support import problem  # noqa: E402
+from _sync_support import problem
 
-import bngen  # noqa: E402
-import bngen.distributed  # noqa: E402
+import bngen
+import bngen.distributed
 
 
 def layer_for(spec: bngen.Spec, params: dict, synchronized):

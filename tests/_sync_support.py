@@ -4,7 +4,7 @@ the comparison of per-rank results with the float64 oracle on the concatenated b
 from __future__ import annotations
 
 import numpy as np
-from strategies import K, assert_close, unit_roundoff  # noqa: F401 - shared with the other tests
+from strategies import K, assert_close, unit_roundoff
 
 import bngen
 from bngen import oracle
