@@ -216,17 +216,18 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
                 written.add(p.name)
             checked[p.name] = check_param(kernel, p.name, values.get(p.name), p.used, p.why, writable=writes,
                                           required=p.required)
+    first, last = spec.axis[0], spec.axis[-1]
     for p in face.params:
         if p.kind == GHOST:
-            checked[p.name] = check_ghost_stat(kernel, p.name, values.get(p.name), ghosts, p.why)
-        if p.kind == SCALAR:
+            checked[p.name] = check_stat(kernel, p.name, values.get(p.name), p.why, (ghosts, plan.channels),
+                                         f"one value per ghost batch and feature (virtual_batch_size={spec.virtual_batch_size})")
+        elif p.kind == SAMPLE:
+            checked[p.name] = check_stat(kernel, p.name, values.get(p.name), p.why, x.shape[:first],
+                                         "one value per sample (x.shape[:axis])")
+        elif p.kind == SCALAR:
             checked[p.name] = check_scalar(p.name, values.get(p.name), p.used, p.why)
     if all(face.param(n) is not None and face.param(n).used for n in CLIP_BOUNDS):
         check_clip_bounds(*(values.get(n) for n in CLIP_BOUNDS))
-    first, last = spec.axis[0], spec.axis[-1]
-    for p in face.params:
-        if p.kind == SAMPLE:
-            checked[p.name] = check_sample_stat(kernel, p.name, values.get(p.name), p.why, x.shape[:first])
     nthreads = check_threads(kernel, values.get("threads"))
     outer = int(np.prod(x.shape[:first], dtype=np.int64))
     inner = int(np.prod(x.shape[last + 1:], dtype=np.int64))
@@ -341,8 +342,10 @@ def check_param(kernel, name: str, value, used: bool, why: str, writable: bool =
     return _c_array(value)
 
 
-def check_sample_stat(kernel, name: str, value, why: str, shape) -> np.ndarray:
-    """A per-sample statistic of mode 1 (mean, variance): shape x.shape[:axis], as forward returned it."""
+def check_stat(kernel, name: str, value, why: str, shape, per: str) -> np.ndarray:
+    """Statistics that forward returned with a shape of their own: mode 1's per sample
+    (x.shape[:axis]), ghost batch norm's per ghost batch and feature ((G, C)); `per` says
+    which, for the message."""
     if value is None:
         raise TypeError(f"{name}: required ({why})")
     if not isinstance(value, np.ndarray):
@@ -351,8 +354,24 @@ def check_sample_stat(kernel, name: str, value, why: str, shape) -> np.ndarray:
     if value.dtype != kernel.param_dtype:
         raise TypeError(f"{name}: dtype is {value.dtype}; statistics of a {kernel.spec.dtype} kernel are {kernel.param_dtype}")
     if value.shape != tuple(shape):
-        raise ValueError(f"{name}: shape is {value.shape}; expected {tuple(shape)}, one value per sample (x.shape[:axis])")
+        raise ValueError(f"{name}: shape is {value.shape}; expected {tuple(shape)}, {per}")
     return _c_array(value)
+
+
+def check_stat64(kernel, name: str, value, shape, param_ok: bool = False) -> np.ndarray:
+    """A float64 array of `shape` for the split phases (moments, sums; with `param_ok`,
+    statistics in the parameter dtype too, converted), C-contiguous for C."""
+    kinds = "float64" + (f" (or {kernel.param_dtype})" if param_ok and kernel.param_dtype != np.float64 else "")
+    if value is None:
+        raise TypeError(f"{name}: required, a numpy.ndarray of {kinds} with shape {shape}")
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray of {kinds}, got {type(value).__name__}")
+    _refuse_masked(name, value)
+    if value.dtype != np.float64 and not (param_ok and value.dtype == kernel.param_dtype):
+        raise TypeError(f"{name}: dtype is {value.dtype}; expected {kinds}")
+    if value.shape != tuple(shape):
+        raise ValueError(f"{name}: shape is {value.shape}; expected {tuple(shape)}")
+    return _c_array(value.astype(np.float64, copy=False))
 
 
 def check_out(kernel, out, shape) -> np.ndarray:
@@ -382,22 +401,6 @@ def check_ghosts(spec: Spec, x: np.ndarray) -> Optional[int]:
         raise ValueError(f"x: batch size {x.shape[0]} (axis 0 of shape {x.shape}) is not a multiple of "
                          f"virtual_batch_size={k}")
     return x.shape[0] // k
-
-
-def check_ghost_stat(kernel, name: str, value, ghosts: int, why: str) -> np.ndarray:
-    """Per-ghost-batch statistics, shape (G, C), as forward returned them."""
-    if value is None:
-        raise TypeError(f"{name}: required ({why})")
-    want = (ghosts, kernel.plan.channels)
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray of {kernel.param_dtype}, got {type(value).__name__}")
-    _refuse_masked(name, value)
-    if value.dtype != kernel.param_dtype:
-        raise TypeError(f"{name}: dtype is {value.dtype}; parameters of a {kernel.spec.dtype} kernel are {kernel.param_dtype}")
-    if value.shape != want:
-        raise ValueError(f"{name}: shape is {value.shape}; expected {want}, one value per ghost batch and feature "
-                         f"(virtual_batch_size={kernel.spec.virtual_batch_size})")
-    return _c_array(value)
 
 
 def check_scalar(name: str, value, used: bool, why: str) -> float:

@@ -207,7 +207,7 @@ class Kernel:
             why = f"mode {spec.mode} keeps no moving statistics"
             binder.check_param(self, "moving_mean", moving_mean, False, why)
             binder.check_param(self, "moving_variance", moving_variance, False, why)
-        moments = self._check_stat64("moments", moments, (3, self.plan.channels))
+        moments = binder.check_stat64(self, "moments", moments, (3, self.plan.channels))
         count = moments[0]
         if not (np.all(np.isfinite(count)) and np.all(count > 0)):
             raise ValueError("moments: the counts (row 0) must be finite and > 0: the merged batch is empty")
@@ -248,8 +248,8 @@ class Kernel:
             "backward_sums needs it only for the mask of activation='relu'"
         gamma = binder.check_param(self, "gamma", gamma, relu and spec.scale, why)
         beta = binder.check_param(self, "beta", beta, relu and spec.center, why)
-        mean = self._check_stat64("mean", mean, (self.plan.channels,), param_ok=True)
-        variance = self._check_stat64("variance", variance, (self.plan.channels,), param_ok=True)
+        mean = binder.check_stat64(self, "mean", mean, (self.plan.channels,), param_ok=True)
+        variance = binder.check_stat64(self, "variance", variance, (self.plan.channels,), param_ok=True)
         nthreads = binder.check_threads(self, threads)
         sums = np.zeros((2, self.plan.channels), np.float64)  # the only array written: new
         values = dict(self._split_sizes(x), dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance,
@@ -280,9 +280,9 @@ class Kernel:
                     "pass it as beta=" if relu and spec.center
                     else "backward_apply needs beta only with activation='relu' and center=True")
         beta = binder.check_param(self, "beta", beta, relu and spec.center, beta_why)
-        mean = self._check_stat64("mean", mean, (self.plan.channels,), param_ok=True)
-        variance = self._check_stat64("variance", variance, (self.plan.channels,), param_ok=True)
-        sums = self._check_stat64("sums", sums, (2, self.plan.channels))
+        mean = binder.check_stat64(self, "mean", mean, (self.plan.channels,), param_ok=True)
+        variance = binder.check_stat64(self, "variance", variance, (self.plan.channels,), param_ok=True)
+        sums = binder.check_stat64(self, "sums", sums, (2, self.plan.channels))
         local = x.size // self.plan.channels
         if isinstance(count, bool) or not isinstance(count, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(count) or count <= 0 or count < local:
@@ -320,20 +320,6 @@ class Kernel:
         first, last = self.spec.axis[0], self.spec.axis[-1]
         return {"outer": int(np.prod(x.shape[:first], dtype=np.int64)),
                 "inner": int(np.prod(x.shape[last + 1:], dtype=np.int64))}
-
-    def _check_stat64(self, name: str, value, shape, param_ok: bool = False) -> np.ndarray:
-        """A float64 array of `shape` (with `param_ok`, one in the parameter dtype too,
-        converted), C-contiguous for C."""
-        kinds = "float64" + (f" (or {self.param_dtype})" if param_ok and self.param_dtype != np.float64 else "")
-        if value is None:
-            raise TypeError(f"{name}: required, a numpy.ndarray of {kinds} with shape {shape}")
-        if not isinstance(value, np.ndarray):
-            raise TypeError(f"{name}: expected a numpy.ndarray of {kinds}, got {type(value).__name__}")
-        if value.dtype != np.float64 and not (param_ok and value.dtype == self.param_dtype):
-            raise TypeError(f"{name}: dtype is {value.dtype}; expected {kinds}")
-        if value.shape != tuple(shape):
-            raise ValueError(f"{name}: shape is {value.shape}; expected {tuple(shape)}")
-        return binder._c_array(value.astype(np.float64, copy=False))
 
     def _lib_call(self, entry: Entry, values: dict) -> None:
         self.entry_function(entry)(*binder._c_arguments(self, entry, values))
