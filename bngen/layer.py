@@ -291,12 +291,7 @@ class BatchNormalization:
         """The kernel for inputs of `shape` (built on first use, then remembered).  One
         kernel serves every batch size: the batch axis is dynamic in its spec."""
         training = bool(training) or self.mode != 0  # modes 1 and 2 use batch statistics either way
-        shape = tuple(shape)
-        if training and self.mode == 0 and self.unbiased and None not in shape:  # (None: n counted at the call)
-            n = int(np.prod([d for a, d in enumerate(shape) if a not in self._axes]))
-            if n == 1:
-                raise ValueError(f"x: shape {shape} gives one value per feature, so the unbiased variance "
-                                 "n/(n-1) is undefined (the layer has unbiased=True)")
+        shape = tuple(shape)  # (a call with one value per feature and unbiased=True: the kernel refuses it)
         if len(shape) > 1 and 0 not in self._axes:
             shape = (None,) + shape[1:]
         key = (shape, training)
