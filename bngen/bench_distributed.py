@@ -79,15 +79,20 @@ def run(cases: Sequence[Case], ranks: int, repeat: int = 21, cache_dir=None,
     return {"ranks": ranks, "repeat": repeat, "rows": rows}
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torch.distributed's store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(case: Case, ranks: int, repeat: int, cache_dir=None) -> List[dict]:
     """Runs the ranks; returns each one's median milliseconds per phase (and per step)."""
     with tempfile.TemporaryDirectory(prefix="bngen-bench-") as tmp:
         config = Path(tmp) / "config.json"
         config.write_text(json.dumps(dict(name=case.name, shape=list(case.shape), axis=case.axis, dtype=case.dtype,
                                           repeat=repeat, cache_dir=None if cache_dir is None else str(cache_dir))))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_loopback_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")  # every socket on the loopback
         procs = [subprocess.Popen([sys.executable, "-m", "bngen.bench_distributed", str(port), str(rank), str(ranks),
                                    str(config), tmp], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

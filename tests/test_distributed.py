@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from hypothesis import strategies as st
 
 import bngen
 import bngen.distributed
+from bngen.bench_distributed import free_loopback_port
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_sync_rank.py"
@@ -56,12 +56,6 @@ def _layer_kernel(spec):
 
 
 # -- launching ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_env() -> dict:
     # GLOO_SOCKET_IFNAME=lo: gloo's pair sockets on the loopback too, not the hostname's address
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=os.pathsep.join(
@@ -104,7 +98,7 @@ def wait_all(procs, timeout: float, finished=None):
 def launch_torch(tmp_path: Path, config: dict, timeout: float = TIMEOUT, finished=None):
     world = config["world"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    port = free_port()
+    port = free_loopback_port()
     procs = [subprocess.Popen([sys.executable, str(WORKER), "torch", str(port), str(rank), str(world),
                                str(tmp_path / "config.json"), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())

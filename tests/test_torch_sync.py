@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,21 +19,17 @@ torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():  # pragma: no cover - torch built without distributed
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+from bngen.bench_distributed import free_loopback_port  # noqa: E402 - after torch is known to be there
+
 WORKER = Path(__file__).with_name("_sync_worker.py")
 WORLD = 2
 TIMEOUT = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path):
     """Runs the WORLD ranks on a free port; ``(procs, logs, outs)``.  Every rank is killed
     if it outlives TIMEOUT."""
-    port = _free_port()
+    port = free_loopback_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1])] + sys.path),
                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")  # gloo's pair sockets on the loopback too
     outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
