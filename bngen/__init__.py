@@ -6,14 +6,14 @@ only) puts the kernels behind drop-in ``torch.nn.BatchNorm*`` modules.
 """
 
 from . import frameworks, oracle, statistics
-from .build import build
-from .emit import emit
-from .fold import fold
-from .kernel import Kernel
-from .layer import BatchNormalization
-from .plan import Plan, make_plan
-from .population import population_statistics
-from .spec import Spec, SpecError
+from .aot.emit import emit
+from .aot.fold import fold
+from .core.spec import Spec, SpecError
+from .jit.build import build
+from .jit.kernel import Kernel
+from .layers.layer import BatchNormalization
+from .layers.population import population_statistics
+from .plan.plan import Plan, make_plan
 from .version import __version__
 
 __all__ = [

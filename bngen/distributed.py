@@ -27,7 +27,7 @@ from typing import Any, List, Sequence
 
 import numpy as np
 
-from .spec import DTYPES, Spec
+from .core.spec import DTYPES, Spec
 from .statistics import merge_moments
 
 __all__ = ["TorchDistributed", "MPI", "SynchronizationError", "allreduce_moments", "allreduce_sums", "resolve"]

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .spec import Spec, SpecError, check_renorm_clipping
+from .core.spec import Spec, SpecError, check_renorm_clipping
 
 # Keras mixed-precision policies: half storage and arithmetic in float32 with float32
 # variables, which is what a bngen float16/bfloat16 spec does.

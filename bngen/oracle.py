@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .spec import Spec
+from .core.spec import Spec
 
 
 class Forward(NamedTuple):

@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .build import build
-from .dtypes import numpy_dtype
-from .kernel import Kernel
-from .spec import Spec
+from .core.dtypes import numpy_dtype
+from .core.spec import Spec
+from .core.threads import max_threads
+from .jit.build import build
+from .jit.kernel import Kernel
 from .statistics import merge_moments
-from .threads import max_threads
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from bngen.emit import Case, emit, export_plan, get_target, make_cases
-from bngen.kernel import numpy_dtype
+from bngen.aot.emit import Case, emit, export_plan, get_target, make_cases
+from bngen.jit.kernel import numpy_dtype
 from bngen.version import __version__
 
 # C that only the tests use (the batch driver, the Arm system-call shim): not part of bngen.

@@ -2,7 +2,7 @@
 
     python _sync_rank.py torch PORT RANK WORLD CONFIG OUTDIR   (torch.distributed, gloo, 127.0.0.1)
     python _sync_rank.py mpi CONFIG OUTDIR                     (under mpiexec; mpi4py)
-    python _sync_rank.py bench ...                             (see bngen/bench.py)
+    python _sync_rank.py bench ...                             (see bngen/tools/bench.py)
 
 CONFIG is a JSON file: the layer's spec, the shard sizes of every rank, the seed and the
 distribution of the data, the number of training steps, and `behaviour` (normal, or a

@@ -8,7 +8,7 @@ from strategies import K, assert_close, unit_roundoff
 
 import bngen
 from bngen import oracle
-from bngen.kernel import numpy_dtype
+from bngen.jit.kernel import numpy_dtype
 
 
 def problem(spec: bngen.Spec, sizes, seed: int, dist: str = "normal"):

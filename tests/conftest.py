@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import bngen
-from bngen.compiler import STRICT_WARNINGS, Compiler
+from bngen.jit.compiler import STRICT_WARNINGS, Compiler
 
 settings.register_profile(
     "default",

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 
 import bngen
-from bngen import cli
-from bngen.kernel import MAX_THREADS, default_threads
+from bngen.jit.kernel import MAX_THREADS, default_threads
+from bngen.tools import cli
 
 C = 4
 INFER = bngen.Spec((None, C), training=False)

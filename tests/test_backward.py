@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import bngen
 from bngen import oracle
-from bngen.kernel import numpy_dtype
+from bngen.jit.kernel import numpy_dtype
 
 S = bngen.Spec
 F64_SPECS = [
@@ -262,8 +262,8 @@ def test_backward_of_sum_is_zero_and_constant_channel_is_finite(build):
 def test_plan_exports_the_backward_each_spec_has():
     """bn_backward for batch statistics (mode 1: per-sample ones), bn_backward_frozen for
     mode-0 inference; arguments only for what the spec uses; no C for features it turned off."""
-    from bngen.plan import make_plan
-    from bngen.render import render_source
+    from bngen.codegen.render import render_source
+    from bngen.plan.plan import make_plan
 
     def names(spec):
         entry = make_plan(spec).backward

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bngen
-from bngen import binder
+from bngen.jit import binder
 
 S = bngen.Spec
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import bngen
-from bngen import cache as cache_mod
-from bngen.compiler import Compiler
+from bngen.jit import cache as cache_mod
+from bngen.jit.compiler import Compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(
     import numpy as np
     import bngen
     from bngen import oracle
-    from bngen.compiler import Compiler
+    from bngen.jit.compiler import Compiler
     if "--forbid-compile" in sys.argv:
         def refuse(*a, **k):
             raise SystemExit("compiled although the cache had the kernel")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from _emit_support import CORTEX_M_OBJECTS, HOST, STRICT
 
-from bngen.catalogue import ITEMS, regenerate
-from bngen.cli import main as cli_main
+from bngen.aot.catalogue import ITEMS, regenerate
+from bngen.tools.cli import main as cli_main
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"  # the checkout's, not an installed copy's
 
@@ -32,7 +32,7 @@ def test_regenerating_changes_nothing(tmp_path):
     changed = sorted(k for k in set(want) & set(got) if want[k] != got[k])
     assert not (stale or new or changed), (
         f"generated/ is out of date (stale {stale}, new {new}, changed {changed}); "
-        "run `python -m bngen.catalogue` and commit the result"
+        "run `python -m bngen.aot.catalogue` and commit the result"
     )
 
 

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 import bngen
 import bngen.distributed
-from bngen.bench_distributed import free_loopback_port
+from bngen.tools.bench_distributed import free_loopback_port
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_sync_rank.py"

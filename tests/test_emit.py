@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bngen
-from bngen.emit import emit, export_plan, get_target, make_case
+from bngen.aot.emit import emit, export_plan, get_target, make_case
 
 EXAMPLES = 25
 
@@ -308,7 +308,7 @@ def test_spec_must_be_a_spec(tmp_path):
 
 # -- the command ---------------------------------------------------------------------------
 def test_emit_command(tmp_path, capsys):
-    from bngen.cli import main as cli_main
+    from bngen.tools.cli import main as cli_main
 
     spec = bngen.Spec((1, 16, 8), training=False, activation="relu")
     (tmp_path / "spec.json").write_text(spec.to_json())
@@ -326,7 +326,7 @@ def test_emit_command(tmp_path, capsys):
 
 
 def test_emit_command_errors(tmp_path, capsys):
-    from bngen.cli import main as cli_main
+    from bngen.tools.cli import main as cli_main
 
     (tmp_path / "spec.json").write_text(bngen.Spec((None, 4), dtype="float64").to_json())
     rc = cli_main(["emit", "--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o"), "--target", "cortex-m"])

@@ -30,7 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bngen
-from bngen.emit import emit
+from bngen.aot.emit import emit
 
 EXAMPLES = 8
 CASES_PER_RUN = 3

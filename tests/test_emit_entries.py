@@ -33,7 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bngen
-from bngen.emit import emit
+from bngen.aot.emit import emit
 
 EXAMPLES = 3
 FP16_IEEE = ("-mfp16-format=ieee",)  # arm-none-eabi-gcc's IEEE __fp16: the FPU conversions
@@ -112,7 +112,7 @@ def test_every_entry_point_matches_oracle(programs, board, kind, dtype, data):
 def test_the_exports_have_the_entry_points_of_their_kind():
     """What the matrix above runs: the gradient of every kind but baked inference, and a
     training forward twice (moving statistics given, then NULL)."""
-    from bngen.emit import calls, export_plan, get_target
+    from bngen.aot.emit import calls, export_plan, get_target
 
     def names(kind):
         plan = export_plan(KINDS[kind]("float32"), "k", get_target("host"), baked=kind == "baked")
@@ -153,7 +153,7 @@ def test_harness_checks_every_entry_point(tmp_path, board, kind):
     run = _run_harness(toolchain, tmp_path, kernel, flags)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "bn: every output within tolerance" in run.stdout
-    from bngen.emit import calls, export_plan, get_target
+    from bngen.aot.emit import calls, export_plan, get_target
 
     plan = export_plan(spec, "bn", get_target(target), baked=kind == "baked")
     for entry, null in calls(plan):  # every call ran and reported

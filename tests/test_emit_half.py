@@ -47,8 +47,8 @@ from test_half import _per_feature, assert_within_one_ulp, half_inputs
 
 import bngen
 from bngen import oracle
-from bngen.emit import Case, emit, export_plan, fold_parameters, get_target, make_case
-from bngen.kernel import numpy_dtype
+from bngen.aot.emit import Case, emit, export_plan, fold_parameters, get_target, make_case
+from bngen.jit.kernel import numpy_dtype
 
 HOST_EXAMPLES = 20
 CROSS_EXAMPLES = 6

@@ -17,8 +17,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import bngen
 from bngen import oracle
-from bngen.cli import main as cli_main
-from bngen.fold import fold
+from bngen.aot.fold import fold
+from bngen.tools.cli import main as cli_main
 
 EXAMPLES = 30
 

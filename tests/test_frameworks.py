@@ -14,7 +14,7 @@ import pytest
 
 import bngen
 from bngen import frameworks
-from bngen.spec import SpecError
+from bngen.core.spec import SpecError
 
 
 # -- PyTorch ------------------------------------------------------------------------------------

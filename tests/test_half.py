@@ -27,7 +27,7 @@ from strategies import K, assert_close, concrete_shape
 
 import bngen
 from bngen import oracle
-from bngen.kernel import numpy_dtype
+from bngen.jit.kernel import numpy_dtype
 
 MANTISSA = {"float16": 10, "bfloat16": 7}
 MIN_EXP = {"float16": -14, "bfloat16": -126}

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bngen
-from bngen.compiler import DEFAULT_FLAGS, STRICT_WARNINGS, Compiler
+from bngen.jit.compiler import DEFAULT_FLAGS, STRICT_WARNINGS, Compiler
 
 S = bngen.Spec
 SPECS = [

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 import bngen
-from bngen import cache as cache_mod
 from bngen import oracle
-from bngen.compiler import CompileError, Compiler
-from bngen.dtypes import numpy_dtype
+from bngen.core.dtypes import numpy_dtype
+from bngen.jit import cache as cache_mod
+from bngen.jit.compiler import CompileError, Compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ FORK_CHILD = """
     import os, sys
     import numpy as np
     import bngen
-    from bngen.threads import default_threads
+    from bngen.core.threads import default_threads
     kernel = bngen.build(bngen.Spec((None, 64, 32, 32), axis=1), sys.argv[1])
     x = np.random.default_rng(0).standard_normal((16, 64, 32, 32)).astype(np.float32)
     g, b = np.ones(64, np.float32), np.zeros(64, np.float32)
@@ -162,7 +162,7 @@ def files(tmp_path):
     (["build", "--spec", "bad.json"], "--spec"),  # UnicodeDecodeError before
 ])
 def test_cli_file_errors_are_named_with_exit_status_2(files, monkeypatch, capsys, argv, option):
-    from bngen.cli import main
+    from bngen.tools.cli import main
 
     monkeypatch.chdir(files)
     assert main(argv) == 2
@@ -171,7 +171,7 @@ def test_cli_file_errors_are_named_with_exit_status_2(files, monkeypatch, capsys
 
 
 def test_fold_out_prints_the_file_it_wrote(files, monkeypatch, capsys):
-    from bngen.cli import main
+    from bngen.tools.cli import main
 
     monkeypatch.chdir(files)
     assert main(["fold", "--layer", "layer.npz", "--bn", "bn.npz", "--epsilon", "1e-3", "--out", "folded"]) == 0
@@ -181,7 +181,7 @@ def test_fold_out_prints_the_file_it_wrote(files, monkeypatch, capsys):
 
 # -- exported C that would not compile, or would compute something else -------------------------------
 def _emit_refused(tmp_path, match, *args, exc=ValueError, **kwargs):
-    from bngen.emit import emit
+    from bngen.aot.emit import emit
 
     out = tmp_path / "out"
     with pytest.raises(exc, match=match):
@@ -221,7 +221,7 @@ def test_folded_parameters_that_overflow_the_target_type_are_refused(tmp_path, d
 def test_cortex_m_refuses_an_epsilon_that_float_cannot_hold(tmp_path):
     spec = bngen.Spec((None, 4), epsilon=1e-50)  # rounded to 0 in float: NaN where the spec gives beta, before
     _emit_refused(tmp_path, "epsilon: 1e-50", spec, "bn", target="cortex-m", exc=bngen.SpecError)
-    from bngen.emit import emit
+    from bngen.aot.emit import emit
 
     assert emit(spec, tmp_path / "host", "bn")  # the host computes statistics in double: fine there
     assert emit(spec.replace(training=False), tmp_path / "baked", "bn", _params(4), target="cortex-m")  # folded in double

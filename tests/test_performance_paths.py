@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 from strategies import K, assert_close, unit_roundoff
 
 import bngen
-from bngen import bench, oracle
-from bngen.target import DEFAULT_TUNING, Tuning
+from bngen import oracle
+from bngen.plan.target import DEFAULT_TUNING, Tuning
+from bngen.tools import bench
 
 S = bngen.Spec
 EXAMPLES = 40
@@ -400,7 +401,7 @@ def test_kept_moving_statistics_are_checked_again(build, rng):
 def test_parameter_sets_taking_turns(build, infer, rng):
     # Layers of one spec share a kernel, so a few parameter sets take turns: older kept sets
     # are found again, and what can change in place is checked on them too.
-    from bngen.binder import KEPT_SETS
+    from bngen.jit.binder import KEPT_SETS
 
     x = _data((3, 8, 5), np.float32, "normal", rng)
     sets = [_params(infer.spec, rng) for _ in range(KEPT_SETS + 1)]
@@ -655,7 +656,7 @@ def test_backward_kept_statistics_changed_in_place(build, rng):
 
 
 def test_bench_command_line(tmp_path, capsys):
-    from bngen import cli
+    from bngen.tools import cli
 
     spec = tmp_path / "spec.json"
     spec.write_text(S((None, 4, 3, 3), axis=1).to_json())

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from test_distributed import ThreadGroup
 
 import bngen
-from bngen.kernel import numpy_dtype
+from bngen.jit.kernel import numpy_dtype
 
 
 def reference(batches, axis):

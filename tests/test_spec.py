@@ -132,7 +132,7 @@ def test_variants_at_their_defaults_are_left_out_of_json():
 
 
 def test_renorm_clipping_is_checked_naming_it():
-    from bngen.spec import check_renorm_clipping
+    from bngen.core.spec import check_renorm_clipping
 
     assert check_renorm_clipping(None) == (None, None, None)
     assert check_renorm_clipping({"rmax": 3, "dmax": 0}) == (3.0, None, 0.0)  # rmin: no clip, not 1/rmax
@@ -161,7 +161,7 @@ def specs(draw):
     axis = draw(st.sampled_from([tuple(axes), tuple(a - ndim for a in axes)])) if count > 1 else axes[0] - draw(st.sampled_from([0, ndim]))
     return Spec(
         shape=tuple(shape), axis=axis, mode=mode,
-        dtype=draw(st.sampled_from(bngen.spec.DTYPES)),
+        dtype=draw(st.sampled_from(bngen.core.spec.DTYPES)),
         training=draw(st.booleans()),
         epsilon=draw(st.floats(1e-12, 1.0)),
         momentum=draw(st.floats(0.0, 1.0)),

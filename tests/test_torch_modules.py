@@ -395,7 +395,7 @@ def test_bench_model_runs_and_losses_agree(tmp_path, capsys):
     """`bngen bench --model` at the tiny size, eager, one thread (no timing conclusions drawn)."""
     import json
 
-    from bngen.cli import main
+    from bngen.tools.cli import main
 
     out = tmp_path / "model.json"
     assert main(["bench", "--model", "--model-size", "tiny", "--modes", "eager", "--threads", "1", "--repeat", "2",

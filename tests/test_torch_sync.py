@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():  # pragma: no cover - torch built without distributed
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-from bngen.bench_distributed import free_loopback_port  # noqa: E402 - after torch is known to be there
+from bngen.tools.bench_distributed import free_loopback_port  # noqa: E402 - after torch is known to be there
 
 WORKER = Path(__file__).with_name("_sync_worker.py")
 WORLD = 2

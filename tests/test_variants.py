@@ -21,8 +21,8 @@ from strategies import K, assert_close
 
 import bngen
 from bngen import oracle
-from bngen.kernel import numpy_dtype
-from bngen.spec import SpecError
+from bngen.core.spec import SpecError
+from bngen.jit.kernel import numpy_dtype
 
 S = bngen.Spec
 SPECS = [
@@ -575,7 +575,7 @@ def test_ghost_layer_matches_per_ghost_batches(session_cache, strict_compiler, r
 # -- bench ----------------------------------------------------------------------------------------
 def test_bench_times_the_variants(session_cache, strict_compiler, tmp_path, capsys):
     """A functional run (no timing assertion): renorm and ghost rows beside the plain ones."""
-    from bngen import bench, cli
+    from bngen.tools import bench, cli
 
     cases = bench.with_variants([bench.Case("tiny", (4, 3, 4, 4), 1), bench.Case("odd", (3, 8), -1)],
                                 ["plain", "renorm", "ghost:2"])

@@ -14,7 +14,7 @@ import dataclasses
 import enum
 from typing import Optional, Tuple
 
-from .spec import Spec
+from ..core.spec import Spec
 
 
 class Role(str, enum.Enum):

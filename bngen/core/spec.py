@@ -320,21 +320,21 @@ class Spec:
     @classmethod
     def from_torch(cls, module_or_kwargs: Any, shape, **options: Any) -> "Spec":
         """The spec of a PyTorch BatchNorm module or its arguments; see `frameworks.from_torch`."""
-        from .frameworks import from_torch
+        from ..frameworks import from_torch
 
         return from_torch(module_or_kwargs, shape, **options)
 
     @classmethod
     def from_keras(cls, config_or_layer: Any, shape, **options: Any) -> "Spec":
         """The spec of a Keras BatchNormalization layer or config; see `frameworks.from_keras`."""
-        from .frameworks import from_keras
+        from ..frameworks import from_keras
 
         return from_keras(config_or_layer, shape, **options)
 
     @classmethod
     def from_onnx(cls, node_or_attrs: Any, shape, **options: Any) -> "Spec":
         """The spec of an ONNX BatchNormalization node or its attributes; see `frameworks.from_onnx`."""
-        from .frameworks import from_onnx
+        from ..frameworks import from_onnx
 
         return from_onnx(node_or_attrs, shape, **options)
 

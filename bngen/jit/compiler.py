@@ -29,8 +29,8 @@ from typing import Optional, Tuple
 import cffi
 from cffi.recompiler import make_c_source
 
-from .render import template_dir
-from .target import Target, host_target
+from ..codegen.render import template_dir
+from ..plan.target import Target, host_target
 
 # -fno-math-errno: the kernels never read errno, and without it sqrt is a library call
 # behind a branch, which keeps the per-channel coefficient loops scalar.

@@ -1,4 +1,4 @@
-"""The NumPy side of the storage dtypes a `Spec` names (their C types: `bngen.plan.Precision`)."""
+"""The NumPy side of the storage dtypes a `Spec` names (their C types: `bngen.plan.plan.Precision`)."""
 
 from __future__ import annotations
 

@@ -23,14 +23,14 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from . import oracle
-from .c_names import LIBRARY, reserved_because
-from .dtypes import numpy_dtype
-from .entries import Entry, baked_entry, runtime_sizes
-from .plan import Plan, make_plan
-from .render import render_template
-from .spec import Spec, SpecError
-from .target import Target, get_export_target
+from .. import oracle
+from ..codegen.c_names import LIBRARY, reserved_because
+from ..codegen.render import render_template
+from ..core.dtypes import numpy_dtype
+from ..core.spec import Spec, SpecError
+from ..plan.entries import Entry, baked_entry, runtime_sizes
+from ..plan.plan import Plan, make_plan
+from ..plan.target import Target, get_export_target
 
 PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
 # Sizes given to dynamic dimensions in the harness (small: the vectors go to flash).

@@ -12,13 +12,13 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from .plan import Plan
-from .version import __version__
+from ..plan.plan import Plan
+from ..version import __version__
 
 
 def template_dir() -> Path:
     """templates/: inside the installed package, or beside it in a source checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the bngen package
     for candidate in (here / "templates", here.parent / "templates"):
         if candidate.is_dir():
             return candidate

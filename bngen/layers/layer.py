@@ -14,14 +14,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import distributed
-from .build import build
-from .dtypes import numpy_dtype
-from .frameworks import cumulative_update
-from .kernel import Kernel
+from .. import distributed
+from ..core.dtypes import numpy_dtype
+from ..core.spec import Spec, SpecError, check_renorm_clipping
+from ..frameworks import cumulative_update
+from ..jit.build import build
+from ..jit.kernel import Kernel
+from ..statistics import finish
 from .population import stream_moments
-from .spec import Spec, SpecError, check_renorm_clipping
-from .statistics import finish
 
 # Keras initialiser names (and the Keras 1 spellings) for the 1-D weights of this layer.
 _INITIALIZERS: Dict[str, Callable[[tuple, np.dtype, np.random.Generator], np.ndarray]] = {

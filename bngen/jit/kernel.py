@@ -2,7 +2,7 @@
 
 Every argument is checked (type, shape, dtype, contiguity, writability, aliasing)
 before any C runs, so a bad call raises a message naming the argument and leaves every
-caller array untouched.  The calls themselves are made by `bngen.binder` from the plan's
+caller array untouched.  The calls themselves are made by `bngen.jit.binder` from the plan's
 entry points: a checked path and, for well-formed calls, a generated fast path.
 """
 
@@ -13,12 +13,12 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from ..core.dtypes import numpy_dtype
+from ..core.spec import Spec
+from ..core.threads import MAX_THREADS, default_threads, max_threads, track
+from ..plan.entries import Entry, has_split_phases
+from ..plan.plan import Plan
 from . import binder
-from .dtypes import numpy_dtype
-from .entries import Entry, has_split_phases
-from .plan import Plan
-from .spec import Spec
-from .threads import MAX_THREADS, default_threads, max_threads, track
 
 __all__ = ["Kernel", "numpy_dtype", "default_threads", "MAX_THREADS"]
 
@@ -63,10 +63,10 @@ class Kernel:
         if fast:
             self.__class__ = type("Kernel", (Kernel,), dict(
                 fast, __doc__=Kernel.__doc__, __module__=Kernel.__module__, __qualname__=Kernel.__qualname__))
-        track(self)  # a forked child rebinds it to one thread (threads.py)
+        track(self)  # a forked child rebinds it to one thread (core/threads.py)
 
     def _rebind_threads(self) -> None:
-        """Takes up a forked child's thread counts (threads.py calls it there): the default,
+        """Takes up a forked child's thread counts (core/threads.py calls it there): the default,
         and a cap of one thread, as an OpenMP team would hang in the child."""
         self._threads = default_threads()
         self._max_threads = max_threads()

@@ -41,9 +41,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .entries import CLIP_BOUNDS, RENORM_STATISTICS, Arg, Entry, Phase, Role
-from .spec import Spec, clip_problem
-from .threads import MAX_THREADS
+from ..core.spec import Spec, clip_problem
+from ..core.threads import MAX_THREADS
+from ..plan.entries import CLIP_BOUNDS, RENORM_STATISTICS, Arg, Entry, Phase, Role
 
 KEPT_SETS = 4  # a few layers sharing one kernel take turns without a full check each
 

@@ -11,7 +11,7 @@ so for large tensors it should cost less than the kernels; its time includes wai
 the all-gather for the slowest rank (each step starts at a barrier).  On one machine the
 ranks share its cores, so read the kernel times as a functional check, not a speed-up.
 
-Run as a module, it is one rank: ``python -m bngen.bench_distributed PORT RANK N CONFIG OUT``.
+Run as a module, it is one rank: ``python -m bngen.tools.bench_distributed PORT RANK N CONFIG OUT``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Callable, List, Sequence
 
 import numpy as np
 
+from ..core.spec import Spec
+from ..jit.build import build
+from ..jit.kernel import numpy_dtype
 from .bench import Case, measure, summary
-from .build import build
-from .kernel import numpy_dtype
-from .spec import Spec
 
 # Seconds a launch of N ranks may take before it is killed.
 LAUNCH_TIMEOUT = 900
@@ -94,7 +94,7 @@ def launch(case: Case, ranks: int, repeat: int, cache_dir=None) -> List[dict]:
                                           repeat=repeat, cache_dir=None if cache_dir is None else str(cache_dir))))
         port = free_loopback_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")  # every socket on the loopback
-        procs = [subprocess.Popen([sys.executable, "-m", "bngen.bench_distributed", str(port), str(rank), str(ranks),
+        procs = [subprocess.Popen([sys.executable, "-m", "bngen.tools.bench_distributed", str(port), str(rank), str(ranks),
                                    str(config), tmp], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for rank in range(ranks)]
         deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -118,7 +118,7 @@ def rank_main(port: int, rank: int, ranks: int, config_path: str, out: str) -> N
     import torch
     import torch.distributed as dist
 
-    from . import distributed
+    from .. import distributed
 
     torch.set_num_threads(1)
     config = json.loads(Path(config_path).read_text())

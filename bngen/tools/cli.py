@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import build
-from .cache import Cache, resolve_root
-from .compiler import CompileError
-from .spec import DTYPES, Spec, SpecError
-from .version import __version__
+from ..core.spec import DTYPES, Spec, SpecError
+from ..jit.build import build
+from ..jit.cache import Cache, resolve_root
+from ..jit.compiler import CompileError
+from ..version import __version__
 
 DEMO_SHAPE = (None, 64, 56, 56)  # a ResNet stage-1 activation, NCHW
 DEMO_BATCH = 16
@@ -56,7 +56,7 @@ def _median_ms(fn, repeat: int) -> float:
 def cmd_demo(args) -> int:
     """Build training and inference kernels for a ResNet-style layer, check them against
     the NumPy oracle and time them beside NumPy."""
-    from . import oracle
+    from .. import oracle
 
     rng = np.random.default_rng(0)
     shape = (args.batch,) + DEMO_SHAPE[1:]
@@ -119,8 +119,8 @@ def cmd_build(args) -> int:
 def cmd_bench(args) -> int:
     """Time bngen's kernels beside NumPy and PyTorch (when installed) and against the
     memory-traffic floor, on the preset cases or on a spec file; print a markdown table."""
+    from ..core.threads import MAX_THREADS, default_threads
     from . import bench
-    from .threads import MAX_THREADS, default_threads
 
     if args.model:
         return _bench_model(args)
@@ -169,7 +169,7 @@ def cmd_bench(args) -> int:
 
 def _thread_counts(text: str, default) -> list:
     """The thread counts of --threads, or `default` without it."""
-    from .threads import MAX_THREADS
+    from ..core.threads import MAX_THREADS
 
     if not text:
         return default
@@ -226,7 +226,7 @@ def _load_npz(option: str, path: str) -> dict:
 def cmd_emit(args) -> int:
     """Write NAME.c and NAME.h (freestanding C99) for a spec file; with --params, a mode-0
     inference spec gets its folded per-feature scale and shift baked in."""
-    from .emit import emit
+    from ..aot.emit import emit
 
     spec = _load_spec(args.spec)
     params = _load_npz("--params", args.params) if args.params else None
@@ -243,7 +243,7 @@ def cmd_emit(args) -> int:
 def cmd_fold(args) -> int:
     """Fold an inference batch norm into the dense or convolution layer before it:
     W' = W * s, b' = (b - mean) * s + beta with s = gamma / sqrt(variance + epsilon)."""
-    from .fold import fold_npz
+    from ..aot.fold import fold_npz
 
     try:
         axis = tuple(int(a) for a in args.out_axis.split(","))
@@ -268,7 +268,7 @@ def cmd_fold(args) -> int:
 
 def cmd_catalogue(args) -> int:
     """Regenerate the reference kernels of generated/ (the test suite checks they are current)."""
-    from .catalogue import default_dir, regenerate
+    from ..aot.catalogue import default_dir, regenerate
 
     for path in regenerate(args.out or default_dir()):
         print(path)

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from . import distributed
-from .build import build
-from .spec import DTYPES, Spec
-from .statistics import finish, merge_pair
+from .. import distributed
+from ..core.spec import DTYPES, Spec
+from ..jit.build import build
+from ..statistics import finish, merge_pair
 
 
 def population_statistics(data: Any, axis: Any = -1, unbiased: bool = False, communicator: Any = None, *,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from ..core.spec import Spec
 from .entries import Arg, Entry, Phase, Role, backward_reads_x, has_split_phases, kernel_entries, runtime_sizes, split_entries
-from .spec import Spec
 from .target import DEFAULT_TUNING, Target, Tuning
 
 __all__ = ["Plan", "Precision", "PRECISIONS", "make_plan", "Arg", "Entry", "Phase", "Role"]
@@ -30,7 +30,7 @@ class Precision:
     stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
     # float16 conversions: "bits" (portable integer arithmetic), "native" (the compiler's
     # __fp16 where it has one, bits otherwise) or "f16c" (x86 vcvtph2ps/vcvtps2ph, eight
-    # values at a time, see Plan.staged): the target's choice, see bngen.target.Target.
+    # values at a time, see Plan.staged): the target's choice, see bngen.plan.target.Target.
     half_conversion: str = "bits"
 
     @property
@@ -96,7 +96,7 @@ class Plan:
     lane_tail: bool = False
     tile_tail: bool = False
     # The gradient reads x: always at batch statistics; a frozen layer only for dgamma or
-    # the ReLU mask (bngen.entries.backward_reads_x).
+    # the ReLU mask (bngen.plan.entries.backward_reads_x).
     reads_x: bool = True
 
     def entry(self, name: str) -> Optional[Entry]:

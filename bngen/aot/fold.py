@@ -15,8 +15,8 @@ from typing import Tuple
 
 import numpy as np
 
-from .oracle import inference_coefficients
-from .spec import canonical_axes
+from ..core.spec import canonical_axes
+from ..oracle import inference_coefficients
 
 
 def fold(weight, bias, gamma, beta, mean, variance, epsilon: float, out_axis=0) -> Tuple[np.ndarray, np.ndarray]:

@@ -14,14 +14,14 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from ..codegen.render import render_cdef, render_source
+from ..core.spec import Spec
+from ..plan.entries import has_split_phases
+from ..plan.plan import make_plan
+from ..plan.target import Target, Tuning
 from .cache import Cache, digest, resolve_root
 from .compiler import Compiler, extension_filename, load_module
-from .entries import has_split_phases
 from .kernel import Kernel
-from .plan import make_plan
-from .render import render_cdef, render_source
-from .spec import Spec
-from .target import Target, Tuning
 
 _memo: dict = {}
 _memo_lock = threading.Lock()
@@ -33,8 +33,8 @@ def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None, ta
 
     The cache root is `cache_dir`, else ``$BNGEN_CACHE_DIR``, else the user cache
     directory.  `compiler` defaults to ``$CC`` (or ``cc``) with optimisation for this
-    machine.  `target` (a `bngen.target.Target`) defaults to what the compiler's probe
-    says the machine has; `tuning` (a `bngen.target.Tuning`) to the measured block sizes.
+    machine.  `target` (a `bngen.plan.target.Target`) defaults to what the compiler's probe
+    says the machine has; `tuning` (a `bngen.plan.target.Tuning`) to the measured block sizes.
     Both shape the generated C, so kernels built with other values are other cache entries.
     `split`: also compile the split phases of a training step (`Kernel.moments` & co.);
     without it a kernel builds them on first use, so that a plain build pays nothing for them.
@@ -44,9 +44,9 @@ def build(spec: Spec, cache_dir=None, *, compiler: Optional[Compiler] = None, ta
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir: expected a path (str or os.PathLike) or None, got {type(cache_dir).__name__}")
     if target is not None and not isinstance(target, Target):
-        raise TypeError(f"target: expected a bngen.target.Target or None, got {type(target).__name__}")
+        raise TypeError(f"target: expected a bngen.plan.target.Target or None, got {type(target).__name__}")
     if tuning is not None and not isinstance(tuning, Tuning):
-        raise TypeError(f"tuning: expected a bngen.target.Tuning or None, got {type(tuning).__name__}")
+        raise TypeError(f"tuning: expected a bngen.plan.target.Tuning or None, got {type(tuning).__name__}")
     compiler = compiler or Compiler()
     root = resolve_root(cache_dir)
     split = bool(split) and has_split_phases(spec)

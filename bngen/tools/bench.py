@@ -35,15 +35,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .build import build, load_source
-from .cache import Cache, resolve_root
-from .compiler import Compiler
-from .dtypes import numpy_dtype
-from .entries import probe_entries
-from .plan import make_plan
-from .render import render_cdef, render_template
-from .spec import Spec, SpecError
-from .target import DEFAULT_TUNING
+from ..codegen.render import render_cdef, render_template
+from ..core.dtypes import numpy_dtype
+from ..core.spec import Spec, SpecError
+from ..jit.build import build, load_source
+from ..jit.cache import Cache, resolve_root
+from ..jit.compiler import Compiler
+from ..plan.entries import probe_entries
+from ..plan.plan import make_plan
+from ..plan.target import DEFAULT_TUNING
 
 KINDS = ("inference", "training forward", "backward")
 # Floors: (reads of the input-sized arrays, writes) by kind and layout, see the module docstring.
@@ -564,7 +564,7 @@ def _bn_ms(prof) -> float:
 def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: Sequence[str] = MODEL_MODES,
               repeat: int = 10, steps: int = 20, profiled: int = 3, channels_last: bool = False,
               progress: Callable[[str], None] = lambda s: None) -> dict:
-    """One training step (forward, backward, SGD) of `bngen.resnet.ResNet` with
+    """One training step (forward, backward, SGD) of `bngen.tools.resnet.ResNet` with
     torch.nn.BatchNorm2d and with ``bngen.torch.convert`` of the same model, eager and
     compiled, per thread count; JSON-ready.
 
@@ -579,8 +579,8 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
 
     import torch
 
+    from .. import torch as bnt
     from . import resnet
-    from . import torch as bnt
 
     warm_malloc = keep_freed_memory()  # as in `run`: a warm training loop reuses freed memory
     dims = resnet.SIZES[size]
@@ -639,7 +639,7 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
                                  "torch_over_bngen": summary(times["torch"])["median_ms"] / stats["median_ms"]})
     finally:
         torch.set_num_threads(old_threads)
-    return {"model": "bngen.resnet.ResNet", "size": dataclasses.asdict(dims), "size_name": size,
+    return {"model": "bngen.tools.resnet.ResNet", "size": dataclasses.asdict(dims), "size_name": size,
             "channels_last": channels_last, "repeat": repeat, "steps": steps, "torch": torch.__version__,
             "malloc_keeps_freed_memory": warm_malloc,
             "rows": rows, "losses": agreement}

@@ -1,0 +1,1 @@
+"""Layers on the kernels: the Keras-style NumPy layer and population statistics."""
