@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import random_params, sized
 
 import bngen
 from bngen import binder
@@ -37,28 +38,11 @@ FAST_PATHS = [
 ]
 
 
-def _params(spec, rng):
-    c = spec.channels
-    pd = spec.param_dtype
-    return dict(gamma=rng.uniform(0.5, 2, c).astype(pd), beta=rng.uniform(-1, 1, c).astype(pd),
-                moving_mean=rng.uniform(-1, 1, c).astype(pd), moving_variance=rng.uniform(0.5, 2, c).astype(pd))
-
-
-def _concrete(spec, sizes):
-    it = iter(sizes)
-    return tuple(next(it) if d is None else d for d in spec.shape)
-
-
 def _args(spec, rng, sizes):
-    x = rng.standard_normal(_concrete(spec, sizes)).astype(spec.dtype)
-    p = _params(spec, rng)
-    if not spec.scale:
-        p.pop("gamma")
-    if not spec.center:
-        p.pop("beta")
-    if spec.mode != 0:
-        p.pop("moving_mean"), p.pop("moving_variance")
-    return x, p
+    """x of `spec` with `sizes` in its dynamic dimensions, and the parameters the spec takes (by name)."""
+    x = rng.standard_normal(sized(spec, sizes)).astype(spec.dtype)
+    names = ("gamma", "beta", "moving_mean", "moving_variance")
+    return x, {n: v for n, v in zip(names, random_params(spec, rng)) if v is not None}
 
 
 def _never_checked(*args, **kwargs):
