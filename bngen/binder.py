@@ -359,7 +359,10 @@ def _c_arguments(kernel, entry: Entry, values: Dict[str, Any]) -> list:
     return args
 
 
-def _refuse_masked(name: str, value) -> None:
+def _plain_array(name: str, value, of: str = "") -> None:
+    """Raises unless `value` is an ndarray and not a masked one (`of`: the dtypes wanted, for the message)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray{of and ' of ' + of}, got {type(value).__name__}")
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name}: is a numpy.ma.MaskedArray, whose mask bngen would ignore; "
                         "pass a plain ndarray (e.g. np.ma.filled(value, fill))")
@@ -370,9 +373,7 @@ def check_x(kernel, x, allow_empty: bool = False) -> np.ndarray:
     `allow_empty`: a zero-sized batch is valid (the split phases: another process may
     hold the whole batch)."""
     spec = kernel.spec
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
-    _refuse_masked("x", x)
+    _plain_array("x", x)
     if x.dtype != kernel.dtype:
         raise TypeError(f"x: dtype is {x.dtype}, but the kernel was built for {spec.dtype}")
     if x.ndim != spec.ndim or any(want is not None and got != want for got, want in zip(x.shape, spec.shape)):
@@ -384,9 +385,7 @@ def check_x(kernel, x, allow_empty: bool = False) -> np.ndarray:
 
 def check_like(kernel, name: str, value, x: np.ndarray) -> np.ndarray:
     """An array that must have x's shape and the kernel's dtype (dy)."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(value).__name__}")
-    _refuse_masked(name, value)
+    _plain_array(name, value)
     if value.dtype != kernel.dtype:
         raise TypeError(f"{name}: dtype is {value.dtype}, but the kernel was built for {kernel.spec.dtype}")
     if value.shape != x.shape:
@@ -403,9 +402,7 @@ def check_param(kernel, name: str, value, used: bool, why: str, writable: bool =
     if not used:
         raise TypeError(f"{name}: not used by this kernel ({why}); pass None")
     pdtype, channels = kernel.param_dtype, kernel.plan.channels
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray of {pdtype}, got {type(value).__name__}")
-    _refuse_masked(name, value)
+    _plain_array(name, value, str(pdtype))
     if value.dtype != pdtype:
         raise TypeError(f"{name}: dtype is {value.dtype}; parameters of a {kernel.spec.dtype} kernel are {pdtype}")
     if value.shape != (channels,):
@@ -427,9 +424,7 @@ def check_stat(kernel, name: str, value, why: str, shape, per: str) -> np.ndarra
     which, for the message."""
     if value is None:
         raise TypeError(f"{name}: required ({why})")
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray of {kernel.param_dtype}, got {type(value).__name__}")
-    _refuse_masked(name, value)
+    _plain_array(name, value, str(kernel.param_dtype))
     if value.dtype != kernel.param_dtype:
         raise TypeError(f"{name}: dtype is {value.dtype}; statistics of a {kernel.spec.dtype} kernel are {kernel.param_dtype}")
     if value.shape != tuple(shape):
@@ -448,9 +443,7 @@ def check_stat64(kernel, name: str, value, shape, param_ok: bool = False) -> np.
     kinds = "float64" + (f" (or {kernel.param_dtype})" if param_ok and kernel.param_dtype != np.float64 else "")
     if value is None:
         raise TypeError(f"{name}: required, a numpy.ndarray of {kinds} with shape {shape}")
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray of {kinds}, got {type(value).__name__}")
-    _refuse_masked(name, value)
+    _plain_array(name, value, kinds)
     if value.dtype != np.float64 and not (param_ok and value.dtype == kernel.param_dtype):
         raise TypeError(f"{name}: dtype is {value.dtype}; expected {kinds}")
     if value.shape != tuple(shape):
@@ -484,9 +477,7 @@ def check_out(kernel, out, shape) -> np.ndarray:
     """out: a new array, or the caller's, of x's shape and dtype, C-contiguous and writable."""
     if out is None:
         return np.empty(shape, kernel.dtype)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
-    _refuse_masked("out", out)
+    _plain_array("out", out)
     if out.dtype != kernel.dtype:
         raise TypeError(f"out: dtype is {out.dtype}; expected {kernel.dtype}")
     if out.shape != tuple(shape):

@@ -7,11 +7,20 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+from hypothesis import strategies as st
 from strategies import K, assert_close, feature_shape, unit_roundoff
 
 import bngen
 from bngen import oracle
 from bngen.kernel import numpy_dtype
+
+
+def shardings(max_batch: int) -> tuple:
+    """Hypothesis strategies for the arguments of `problem` and a step count: each rank's
+    batch size (1-4 ranks, 0 to `max_batch` samples each), the seed, the distribution and
+    the number of training steps (1-3)."""
+    return (st.lists(st.integers(0, max_batch), min_size=1, max_size=4), st.integers(0, 2**32 - 1),
+            st.sampled_from(["normal", "offset"]), st.integers(1, 3))
 
 
 def problem(spec: bngen.Spec, sizes, seed: int, dist: str = "normal"):

@@ -9,6 +9,8 @@ them).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -49,6 +51,28 @@ def _never_checked(*args, **kwargs):
     raise AssertionError("the call took the checked path")
 
 
+@contextlib.contextmanager
+def _fast_only(function):
+    """Within: a call of `function`, a generated fast path, fails if it takes the checked path."""
+    scope = function.__globals__  # the generated function's own scope, its kernel's only
+    saved, scope["checked"] = scope["checked"], _never_checked
+    try:
+        yield
+    finally:
+        scope["checked"] = saved
+
+
+def _after_forward(build, spec, seed, sizes):
+    """``(kernel, good, p)``: a kernel of `spec`, the keywords of a good backward call after
+    its forward of an x with `sizes` in its dynamic dimensions, and the parameters."""
+    kernel = build(spec)
+    rng = np.random.default_rng(seed)
+    x, p = _args(spec, rng, sizes)
+    _, mean, variance = kernel.forward(x, **p)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    return kernel, dict(dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=variance), p
+
+
 @pytest.mark.parametrize("spec, methods", FAST_PATHS, ids=[s.describe()[:60] for s, _ in FAST_PATHS])
 def test_fast_path_table(build, spec, methods):
     kernel = build(spec, split=True)
@@ -64,12 +88,8 @@ def test_a_plain_kernel_runs_its_split_phases_on_the_fast_path_of_its_companion(
     assert not SPLIT & set(type(kernel).__dict__)  # a plain build: no split entries of its own
     x = rng.standard_normal((2, 8, 3)).astype(np.float32)
     companion = build(spec, split=True)
-    function = type(companion).moments
-    saved, function.__globals__["checked"] = function.__globals__["checked"], _never_checked
-    try:
+    with _fast_only(type(companion).moments):
         moments = kernel.moments(x)
-    finally:
-        function.__globals__["checked"] = saved
     assert kernel._split_kernel is companion
     np.testing.assert_array_equal(moments, companion.moments(x))
 
@@ -93,16 +113,12 @@ def test_fast_path_equals_checked_path(build, spec, methods, data):
         for path in ("fast", "checked"):
             fresh = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
             kw = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
-            function = getattr(type(kernel), method) if path == "fast" else getattr(bngen.Kernel, method)
             if path == "fast":
-                scope = function.__globals__  # the generated function's own scope, this kernel's only
-                saved, scope["checked"] = scope["checked"], _never_checked
-                try:
+                function = getattr(type(kernel), method)
+                with _fast_only(function):
                     results.append((function(kernel, *fresh, **kw), fresh, kw))
-                finally:
-                    scope["checked"] = saved
             else:
-                results.append((function(kernel, *fresh, **kw), fresh, kw))
+                results.append((getattr(bngen.Kernel, method)(kernel, *fresh, **kw), fresh, kw))
         (fast, fast_args, fast_kw), (slow, slow_args, slow_kw) = results
         for a, b in zip(fast if isinstance(fast, tuple) else (fast,), slow if isinstance(slow, tuple) else (slow,)):
             if a is None:
@@ -276,12 +292,8 @@ def test_split_calls_of_the_good_context_take_the_fast_path(build):
     kernel = build(S((None, 8, None), axis=1, momentum=0.9), split=True)
     _, calls = _split_context(kernel)
     for method, kwargs in calls.items():
-        function = getattr(type(kernel), method)
-        saved, function.__globals__["checked"] = function.__globals__["checked"], _never_checked
-        try:
-            function(kernel, **kwargs)
-        finally:
-            function.__globals__["checked"] = saved
+        with _fast_only(getattr(type(kernel), method)):
+            getattr(kernel, method)(**kwargs)
 
 
 def test_unbiased_normalize_refuses_merged_moments_of_one_value(build):
@@ -296,12 +308,8 @@ def test_unbiased_normalize_refuses_merged_moments_of_one_value(build):
 
 
 def test_backward_checks_break_a_call(build):
-    spec = S((2, None, 8), momentum=0.9)
-    kernel = build(spec)
-    rng = np.random.default_rng(8)
-    x, p = _args(spec, rng, (5,))
-    _, mean, variance = kernel.forward(x, **p)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
+    kernel, good, p = _after_forward(build, S((2, None, 8), momentum=0.9), 8, (5,))
+    dy, mean = good["dy"], good["mean"]
     cases = [
         ("dy", ValueError, dict(dy=dy[:, :4])),
         ("dy", TypeError, dict(dy=np.ma.masked_array(dy))),
@@ -310,25 +318,16 @@ def test_backward_checks_break_a_call(build):
         ("beta", TypeError, dict(beta=p["beta"])),
         ("out", ValueError, dict(out=dy)),
     ]
-    _each_breaks_backward(kernel, dict(dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=variance), cases)
+    _each_breaks_backward(kernel, good, cases)
 
 
 def test_backward_takes_out_on_the_fast_path(build):
-    spec = S((None, 8, None), axis=1)
-    kernel = build(spec)
-    rng = np.random.default_rng(9)
-    x, p = _args(spec, rng, (2, 3))
-    _, mean, variance = kernel.forward(x, **p)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
-    out = np.empty_like(x)
-    function = type(kernel).backward
-    saved, function.__globals__["checked"] = function.__globals__["checked"], _never_checked
-    try:
-        dx, _, _ = kernel.backward(dy, x, p["gamma"], mean, variance, out=out)
-    finally:
-        function.__globals__["checked"] = saved
+    kernel, good, _ = _after_forward(build, S((None, 8, None), axis=1), 9, (2, 3))
+    out = np.empty_like(good["x"])
+    with _fast_only(type(kernel).backward):
+        dx, _, _ = kernel.backward(**good, out=out)
     assert dx is out
-    np.testing.assert_array_equal(out, kernel.backward(dy, x, p["gamma"], mean, variance)[0])
+    np.testing.assert_array_equal(out, kernel.backward(**good)[0])
 
 
 def test_faces_cover_every_entry_argument():
@@ -345,19 +344,15 @@ def test_faces_cover_every_entry_argument():
 
 def test_mode1_backward_checks_break_a_call(build):
     # per-sample statistics on the fast path: each wrong one is refused there and named by the checked path
-    spec = S((None, 12), mode=1)
-    kernel = build(spec)
-    rng = np.random.default_rng(10)
-    x, p = _args(spec, rng, (4,))
-    _, mean, variance = kernel.forward(x, **p)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
+    kernel, good, _ = _after_forward(build, S((None, 12), mode=1), 10, (4,))
+    dy, mean, variance = good["dy"], good["mean"], good["variance"]
     cases = [
         ("mean", ValueError, dict(mean=mean[:3])),
         ("variance", TypeError, dict(variance=variance.astype(np.float64))),
         ("mean", TypeError, dict(mean=np.ma.masked_array(mean))),
         ("out", ValueError, dict(out=dy)),
     ]
-    _each_breaks_backward(kernel, dict(dy=dy, x=x, gamma=p["gamma"], mean=mean, variance=variance), cases)
+    _each_breaks_backward(kernel, good, cases)
 
 
 def _each_breaks_backward(kernel, good: dict, cases) -> None:

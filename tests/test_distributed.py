@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _sync_support import ThreadGroup, check_backward, check_forward, near_kink, problem
+from _sync_support import ThreadGroup, check_backward, check_forward, near_kink, problem, shardings
 from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 
 import bngen
 import bngen.distributed
@@ -309,8 +308,7 @@ def test_thread_ranks_match_the_single_process_oracle(spec):
     _layer_kernel(spec)
 
     @settings(max_examples=30)
-    @given(st.lists(st.integers(0, 4), min_size=1, max_size=4), st.integers(0, 2**32 - 1),
-           st.sampled_from(["normal", "offset"]), st.integers(1, 3))
+    @given(*shardings(4))
     def check(sizes, seed, dist, steps):
         assume(sum(sizes) >= 2)
         xs, _, params = problem(spec, sizes, seed, dist)
