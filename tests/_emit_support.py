@@ -21,6 +21,7 @@ import jinja2
 import numpy as np
 import pytest
 from hypothesis import strategies as st
+from strategies import feature_shape
 
 from bngen.aot.emit import Case, emit, export_plan, get_target, make_cases
 from bngen.jit.kernel import numpy_dtype
@@ -66,6 +67,13 @@ class Toolchain:
             if os.environ.get("BNGEN_REQUIRE_TOOLCHAINS"):
                 pytest.fail(message + "; BNGEN_REQUIRE_TOOLCHAINS is set, so it must be")
             pytest.skip(message)
+
+    def require_openmp(self) -> None:
+        """`require`, and skips the calling test when this compiler has no OpenMP (-fopenmp)."""
+        self.require()
+        probe = subprocess.run([self.cc, "-fopenmp", "-E", "-x", "c", "/dev/null"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"the {self.name} compiler has no OpenMP")
 
     def compile(self, sources: Sequence[Path], output: Path, *, warnings: Sequence[str] = STRICT,
                 extra: Sequence[str] = (), link: bool = False) -> Path:
@@ -189,6 +197,7 @@ def undefined_symbols(nm: str, obj: Path) -> List[str]:
 
 
 def params_for(c, seed=7, scale=True, center=True):
+    """Float64 parameters of C features to bake into an export (gamma with either sign)."""
     rng = np.random.default_rng(seed)
     p = {"moving_mean": rng.normal(0, 2, c), "moving_variance": rng.uniform(0.05, 4, c)}
     if scale:
@@ -196,6 +205,11 @@ def params_for(c, seed=7, scale=True, center=True):
     if center:
         p["beta"] = rng.normal(0, 1, c)
     return p
+
+
+def baked_params(spec):
+    """`params_for` the features of `spec`: the parameters its baked export takes."""
+    return params_for(spec.channels, scale=spec.scale, center=spec.center)
 
 
 def draw_case(data, plan, params=None):
@@ -218,7 +232,7 @@ def draw_cases(data, plan, params=None):
     offset = data.draw(st.sampled_from([0.0, 1.0, 100.0, 1e4]), label="offset")
     rng = np.random.default_rng(seed)
     c = spec.channels
-    bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
+    bshape = feature_shape(spec, len(shape))
     centre = offset * rng.uniform(-1, 1, c)
     spread = 10 ** rng.uniform(-2, 1, c)
     x = (centre.reshape(bshape) + spread.reshape(bshape) * rng.standard_normal(shape)).astype(numpy_dtype(spec.dtype))
@@ -236,17 +250,18 @@ def lazy_programs(tmp_path_factory, toolchain: "Toolchain", cases, target):
     """A function case_id -> (program, params), building each case's program on first use.
 
     A case is ``(id, spec, baked)``, ``(id, spec, baked, extra_flags)`` or
-    ``(id, spec, target, baked, extra_flags)`` (a target of its own)."""
+    ``(id, spec, target, baked, extra_flags)`` (a target of its own); with ``-fopenmp``
+    among its flags it needs a compiler with OpenMP."""
     built = {}
 
     def get(case_id):
         if case_id not in built:
-            toolchain.require()
             case = next(c for c in cases if c[0] == case_id)
             spec = case[1]
             baked, extra = (case[2], ()) if len(case) == 3 else (case[-2], case[-1])
+            toolchain.require_openmp() if "-fopenmp" in extra else toolchain.require()
             case_target = case[2] if len(case) == 5 else target
-            params = params_for(spec.channels, scale=spec.scale, center=spec.center) if baked else None
+            params = baked_params(spec) if baked else None
             directory = tmp_path_factory.mktemp(f"{toolchain.name}-{case_id}")
             program = build_program(directory, spec, toolchain, params=params, target=case_target, extra=extra)
             built[case_id] = (program, params)

@@ -1,14 +1,26 @@
 """What the synchronized-batch-norm tests share: problems split into per-rank shards, and
-the comparison of per-rank results with the float64 oracle on the concatenated batch."""
+the comparison of per-rank results with the float64 oracle on the concatenated batch, and
+ranks as threads of one process."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
-from strategies import K, assert_close, unit_roundoff
+from hypothesis import strategies as st
+from strategies import K, assert_close, feature_shape, unit_roundoff
 
 import bngen
 from bngen import oracle
 from bngen.jit.kernel import numpy_dtype
+
+
+def shardings(max_batch: int) -> tuple:
+    """Hypothesis strategies for the arguments of `problem` and a step count: each rank's
+    batch size (1-4 ranks, 0 to `max_batch` samples each), the seed, the distribution and
+    the number of training steps (1-3)."""
+    return (st.lists(st.integers(0, max_batch), min_size=1, max_size=4), st.integers(0, 2**32 - 1),
+            st.sampled_from(["normal", "offset"]), st.integers(1, 3))
 
 
 def problem(spec: bngen.Spec, sizes, seed: int, dist: str = "normal"):
@@ -19,7 +31,7 @@ def problem(spec: bngen.Spec, sizes, seed: int, dist: str = "normal"):
     assert None not in tail, "shards split axis 0; the rest of the shape is static"
     shape = (sum(sizes),) + tail
     c = spec.channels
-    bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
+    bshape = feature_shape(spec, len(shape))
     std = 10.0 ** rng.uniform(-2, 0.5 if spec.dtype == "float16" else 2)  # float16 ends at 65504
     if dist == "offset":  # |mean| = 1e4 x std: a one-pass sum of squares would lose everything
         centers = 1e4 * std * rng.choice([-1.0, 1.0], c)
@@ -71,7 +83,7 @@ def check_forward(spec, x, params, ys, mean, variance, moving=None, steps=1):
     # the squared difference of the parts' means
     merge = K * 2.0**-53 * std * (std + np.abs(ref.mean))
     assert_close("variance", variance, ref.variance, K * u * ref.variance + merge + 1e-300)
-    bshape = [x.shape[a] if a in spec.axis else 1 for a in range(x.ndim)]
+    bshape = feature_shape(spec, x.ndim)
     g = np.abs(params["gamma"]).reshape(bshape) if spec.scale else 1.0
     b = np.abs(params["beta"]).reshape(bshape) if spec.center else 0.0
     r = 1 / np.sqrt(ref.variance.reshape(bshape) + spec.epsilon)
@@ -115,3 +127,25 @@ def check_backward(spec, x, dy, params, dxs, dgamma, dbeta):
         assert_close("dgamma", dgamma, ref.dgamma, (rtol + merge) * n * dy_scale * xhat_scale + 1e-300)
     if spec.center:
         assert_close("dbeta", dbeta, ref.dbeta, rtol * n * dy_scale + 1e-300)
+
+
+class ThreadGroup:
+    """Ranks as threads of this process: all bngen needs of an engine is allgather."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots = [None] * size
+
+    def communicator(self, rank: int):
+        group = self
+
+        class Communicator:
+            def allgather(self, array):
+                group.slots[rank] = np.array(array, copy=True)
+                group.barrier.wait()  # every rank has written
+                parts = [s.copy() for s in group.slots]
+                group.barrier.wait()  # every rank has read: the slots may be reused
+                return parts
+
+        return Communicator()

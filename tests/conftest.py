@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _emit_support import AARCH64, CORTEX_M, HOST, lazy_programs
 from hypothesis import HealthCheck, settings
 
 import bngen
@@ -105,3 +106,23 @@ def build(session_cache, strict_compiler):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# The exported programs of a test module: case id -> (program, baked parameters or None),
+# each compiled and linked with the test driver on first use, from the module's
+# HOST_CASES, AARCH64_CASES or CORTEX_M_CASES (see `_emit_support.lazy_programs`).
+@pytest.fixture(scope="module")
+def host_programs(request, tmp_path_factory):
+    return lazy_programs(tmp_path_factory, HOST, request.module.HOST_CASES, "host")
+
+
+@pytest.fixture(scope="module")
+def aarch64_programs(request, tmp_path_factory):
+    """Run under qemu-aarch64."""
+    return lazy_programs(tmp_path_factory, AARCH64, request.module.AARCH64_CASES, "aarch64")
+
+
+@pytest.fixture(scope="module")
+def cortex_m_programs(request, tmp_path_factory):
+    """Cortex-M4 code, run under qemu-arm."""
+    return lazy_programs(tmp_path_factory, CORTEX_M, request.module.CORTEX_M_CASES, "cortex-m")

@@ -1,4 +1,5 @@
-"""Hypothesis strategies and tolerance helpers shared by the property tests.
+"""Hypothesis strategies, tolerance helpers and the small helpers the tests share (shapes,
+per-feature arrays, random parameters).
 
 Tolerances follow from the dtype: u is the unit roundoff (2**-24 for float32 parameters
 and arithmetic, 2**-53 for float64).  A kernel accumulates at most STAT_BLOCK / 8 = 128
@@ -20,6 +21,34 @@ MAX_VALUES = 40_000  # elements per drawn input: keeps an example around a milli
 
 def unit_roundoff(spec: bngen.Spec) -> float:
     return float(np.finfo(spec.param_dtype).eps) / 2
+
+
+def feature_shape(spec: bngen.Spec, ndim: int) -> list:
+    """The shape that makes a (C,) per-feature array broadcast against an input of `spec`
+    with `ndim` dimensions (C along the spec's axes, 1 elsewhere)."""
+    return [spec.shape[a] if a in spec.axis else 1 for a in range(ndim)]
+
+
+def per_feature(spec: bngen.Spec, values, ndim: int) -> np.ndarray:
+    """A per-feature array as float64, shaped to broadcast against an input of `ndim` dimensions."""
+    return np.asarray(values, np.float64).reshape(feature_shape(spec, ndim))
+
+
+def sized(spec: bngen.Spec, sizes) -> tuple:
+    """`spec.shape` with `sizes`, in order, in its dynamic (None) dimensions."""
+    it = iter(sizes)
+    return tuple(next(it) if d is None else d for d in spec.shape)
+
+
+def random_params(spec: bngen.Spec, rng: np.random.Generator) -> tuple:
+    """``(gamma, beta, moving_mean, moving_variance)`` drawn from `rng` in the parameter
+    dtype, None where `spec` takes none (no scale, no center, modes 1 and 2)."""
+    c, pd = spec.channels, spec.param_dtype
+    gamma = rng.uniform(0.5, 2.0, c).astype(pd) if spec.scale else None
+    beta = rng.standard_normal(c).astype(pd) if spec.center else None
+    if spec.mode == 0:
+        return gamma, beta, rng.standard_normal(c).astype(pd), rng.uniform(0.5, 2.0, c).astype(pd)
+    return gamma, beta, None, None
 
 
 @st.composite
@@ -75,8 +104,7 @@ def _feature_mask(spec: bngen.Spec, shape, rng) -> np.ndarray:
         chosen = rng.random(lead) < 0.5
         return chosen.reshape(lead + (1,) * len(spec.axis))
     chosen = rng.random(spec.channels) < 0.5
-    bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
-    return chosen.reshape(bshape)
+    return chosen.reshape(feature_shape(spec, len(shape)))
 
 
 def assert_close(name: str, got, want, tol) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from strategies import feature_shape
 
 import bngen
 from bngen import oracle
@@ -58,8 +59,7 @@ def problems(draw, spec):
     constant = draw(st.booleans())
     rng = np.random.default_rng(seed)
     c = spec.channels
-    bshape = [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
-    centers = (offset * rng.standard_normal(c)).reshape(bshape)
+    centers = (offset * rng.standard_normal(c)).reshape(feature_shape(spec, len(shape)))
     x = centers + spread * rng.standard_normal(shape)
     if constant and spec.mode == 1:  # the first sample constant: its variance exactly 0
         x.reshape(-1, c)[0] = centers.reshape(-1)[0]
@@ -113,7 +113,7 @@ def assert_close(spec, got, ref, x, dy, p, rtol):
     if spec.uses_batch_stats:
         mean, var = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
     else:
-        bshape = [x.shape[a] if a in spec.axis else 1 for a in range(x.ndim)]
+        bshape = feature_shape(spec, x.ndim)
         mean, var = p["moving_mean"].reshape(bshape), p["moving_variance"].reshape(bshape)
     r = 1 / np.sqrt(var + spec.epsilon)
     g = np.abs(p["gamma"]).max() if spec.scale else 1.0
@@ -145,11 +145,6 @@ def test_backward_matches_oracle(build, spec):
         assert_close(spec, got, reference(spec, x, dy, p), x, dy, p, rtol)
 
     check()
-
-
-def var_shape(spec, x):
-    """The shape that broadcasts per-feature values against x."""
-    return [x.shape[a] if a in spec.axis else 1 for a in range(x.ndim)]
 
 
 def _loss(kernel, x, w, gamma, beta, p):
@@ -199,9 +194,10 @@ def test_backward_matches_finite_differences(build, spec):
         # the largest being (x - mean) / sqrt(var + eps) before cancellation, and the sum a few
         # ulps of its terms' magnitudes (not of the sum, which can cancel: with two samples
         # per feature, y = +-1 nearly whatever x is).
+        bshape = feature_shape(spec, x.ndim)
         mean, var = (x.mean(axis=axes, keepdims=True), var) if spec.uses_batch_stats else (
-            p["moving_mean"].reshape(var_shape(spec, x)), p["moving_variance"].reshape(var_shape(spec, x)))
-        g = 1.0 if p["gamma"] is None else np.abs(p["gamma"]).reshape(var_shape(spec, x))
+            p["moving_mean"].reshape(bshape), p["moving_variance"].reshape(bshape))
+        g = 1.0 if p["gamma"] is None else np.abs(p["gamma"]).reshape(bshape)
         before = float(np.sum(np.abs(dy) * g * (np.abs(x) + np.abs(mean)) / np.sqrt(var + spec.epsilon)))
         rounding = 8 * np.finfo(np.float64).eps * (before + magnitude) / (2 * h)
         assert abs(fd - analytic) <= 1e-5 * size + rounding + 1e-9, (fd, analytic, size, rounding)

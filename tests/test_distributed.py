@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _sync_support import check_backward, check_forward, near_kink, problem
+from _sync_support import ThreadGroup, check_backward, check_forward, near_kink, problem, shardings
 from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 
 import bngen
 import bngen.distributed
@@ -271,28 +270,6 @@ def test_a_communicator_without_allgather_is_refused():
 
 
 # -- an in-process communicator: threads ---------------------------------------------------------
-class ThreadGroup:
-    """Ranks as threads of this process: all bngen needs of an engine is allgather."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.barrier = threading.Barrier(size, timeout=60)
-        self.slots = [None] * size
-
-    def communicator(self, rank: int):
-        group = self
-
-        class Communicator:
-            def allgather(self, array):
-                group.slots[rank] = np.array(array, copy=True)
-                group.barrier.wait()  # every rank has written
-                parts = [s.copy() for s in group.slots]
-                group.barrier.wait()  # every rank has read: the slots may be reused
-                return parts
-
-        return Communicator()
-
-
 def run_threads(spec, sizes, seed, dist, steps, tweak=None):
     """Each rank in a thread; returns per-rank result dicts (or the exception a rank raised)."""
     from _sync_rank import layer_for
@@ -331,8 +308,7 @@ def test_thread_ranks_match_the_single_process_oracle(spec):
     _layer_kernel(spec)
 
     @settings(max_examples=30)
-    @given(st.lists(st.integers(0, 4), min_size=1, max_size=4), st.integers(0, 2**32 - 1),
-           st.sampled_from(["normal", "offset"]), st.integers(1, 3))
+    @given(*shardings(4))
     def check(sizes, seed, dist, steps):
         assume(sum(sizes) >= 2)
         xs, _, params = problem(spec, sizes, seed, dist)

@@ -17,7 +17,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from _emit_support import HOST, assert_matches, build_program, draw_cases, params_for, undefined_symbols
+from _emit_support import HOST, assert_matches, baked_params, build_program, draw_cases, params_for, undefined_symbols
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,34 +41,13 @@ HOST_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def programs(tmp_path_factory):
-    """One compiled program per HOST_CASES entry, built on first use."""
-    built = {}
-
-    def get(case_id):
-        if case_id not in built:
-            _, spec, target, baked, extra = next(c for c in HOST_CASES if c[0] == case_id)
-            if "-fopenmp" in extra:
-                HOST.require()
-                probe = subprocess.run([HOST.cc, "-fopenmp", "-E", "-x", "c", "/dev/null"], capture_output=True)
-                if probe.returncode != 0:
-                    pytest.skip("the host compiler has no OpenMP")
-            params = params_for(spec.channels, scale=spec.scale, center=spec.center) if baked else None
-            directory = tmp_path_factory.mktemp(case_id)
-            built[case_id] = (build_program(directory, spec, HOST, params=params, target=target, extra=extra), params)
-        return built[case_id]
-
-    return get
-
-
 @pytest.mark.parametrize("case_id", [c[0] for c in HOST_CASES])
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
-def test_emitted_kernel_matches_oracle(programs, case_id, data):
+def test_emitted_kernel_matches_oracle(host_programs, case_id, data):
     """Every entry point of the export (emit.calls), the first with a drawn set of NULL
     arguments, in one driver process per example."""
-    program, params = programs(case_id)
+    program, params = host_programs(case_id)
     cases = draw_cases(data, program.plan, params)
     nullable = [a.name for a in program.entry.args if a.nullable]
     mask = data.draw(st.integers(0, 2 ** len(nullable) - 1), label="null_mask") if nullable else 0
@@ -105,14 +84,10 @@ def test_constant_channel_gives_exactly_beta(tmp_path):
 
 
 # -- the files ---------------------------------------------------------------------------
-def _params(spec):
-    return params_for(spec.channels, scale=spec.scale, center=spec.center)
-
-
 def test_baked_signature_is_exact(tmp_path):
     for dtype, ctype in (("float32", "float"), ("float64", "double")):
         spec = bngen.Spec((2, 8, 8, 16), dtype=dtype, training=False)
-        emit(spec, tmp_path, "stem_bn", _params(spec))
+        emit(spec, tmp_path, "stem_bn", baked_params(spec))
         header = (tmp_path / "stem_bn.h").read_text()
         source = (tmp_path / "stem_bn.c").read_text()
         assert f"void stem_bn(const {ctype} *x, {ctype} *y);" in header
@@ -144,7 +119,7 @@ def test_only_freestanding_headers_are_included(tmp_path):
         "mode1": (bngen.Spec((None, 6), mode=1), False),
     }
     for name, (spec, baked) in specs.items():
-        emit(spec, tmp_path, name, _params(spec) if baked else None)
+        emit(spec, tmp_path, name, baked_params(spec) if baked else None)
         c_includes = re.findall(r"^#include (\S+)", (tmp_path / f"{name}.c").read_text(), re.M)
         h_includes = re.findall(r"^#include (\S+)", (tmp_path / f"{name}.h").read_text(), re.M)
         allowed = {f'"{name}.h"', "<stddef.h>", "<stdint.h>"} | (set() if baked else {"<math.h>"})
@@ -159,7 +134,7 @@ def test_baked_object_needs_nothing(tmp_path):
     """Baked inference compiled freestanding references no symbol at all (no libm)."""
     HOST.require()
     spec = bngen.Spec((4, 9, 9, 8), training=False, activation="relu")
-    emit(spec, tmp_path, "bn", _params(spec))
+    emit(spec, tmp_path, "bn", baked_params(spec))
     obj = HOST.compile([tmp_path / "bn.c"], tmp_path / "bn.o", extra=("-ffreestanding", "-O2"))
     if shutil.which("nm"):
         assert undefined_symbols("nm", obj) == []
@@ -167,7 +142,7 @@ def test_baked_object_needs_nothing(tmp_path):
 
 def test_emitting_twice_gives_identical_files(tmp_path):
     spec = bngen.Spec((None, 5, 7), axis=1, training=False)
-    for kind, params in (("baked", _params(spec)), ("runtime", None)):
+    for kind, params in (("baked", baked_params(spec)), ("runtime", None)):
         for harness in (False, True):
             a = emit(spec, tmp_path / f"{kind}{harness}a", "k", params, harness=harness)
             b = emit(spec, tmp_path / f"{kind}{harness}b", "k", params, harness=harness)
@@ -175,7 +150,7 @@ def test_emitting_twice_gives_identical_files(tmp_path):
             for pa, pb in zip(a, b):
                 assert pa.read_bytes() == pb.read_bytes(), pa.name
     # a loaded .npz gives the same file as the dict it was saved from
-    np.savez(tmp_path / "p.npz", **_params(spec))
+    np.savez(tmp_path / "p.npz", **baked_params(spec))
     with np.load(tmp_path / "p.npz") as npz:
         c = emit(spec, tmp_path / "npz", "k", npz)
     assert c[0].read_bytes() == (tmp_path / "bakedFalsea" / "k.c").read_bytes()
@@ -209,7 +184,7 @@ def test_baked_kernel_runs_in_place(tmp_path):
     """Baked inference may write y over x; checked through ctypes on a shared object."""
     HOST.require()
     spec = bngen.Spec((None, 3, 16), axis=1, training=False)  # channels-first
-    params = _params(spec)
+    params = baked_params(spec)
     emit(spec, tmp_path, "bn", params)
     lib_path = HOST.compile([tmp_path / "bn.c"], tmp_path / "bn.so", extra=("-fPIC", "-shared"), link=True)
     lib = ctypes.CDLL(str(lib_path))
@@ -226,7 +201,7 @@ def test_baked_kernel_runs_in_place(tmp_path):
 def test_harness_passes_and_catches_a_wrong_kernel(tmp_path, kind):
     HOST.require()
     spec = bngen.Spec((2, 4, 4, 8), training=False) if kind == "baked" else bngen.Spec((None, 8, 3), axis=1, unbiased=True)
-    params = _params(spec) if kind == "baked" else None
+    params = baked_params(spec) if kind == "baked" else None
     paths = emit(spec, tmp_path, "bn", params, harness=True)
     assert [p.name for p in paths] == ["bn.c", "bn.h", "bn_test.c", "bn_test_vectors.h"]
     exe = HOST.compile([tmp_path / "bn.c", tmp_path / "bn_test.c"], tmp_path / "bn_test", link=True)
@@ -312,7 +287,7 @@ def test_emit_command(tmp_path, capsys):
 
     spec = bngen.Spec((1, 16, 8), training=False, activation="relu")
     (tmp_path / "spec.json").write_text(spec.to_json())
-    np.savez(tmp_path / "p.npz", **_params(spec))
+    np.savez(tmp_path / "p.npz", **baked_params(spec))
     rc = cli_main(["emit", "--spec", str(tmp_path / "spec.json"), "--params", str(tmp_path / "p.npz"), "--name", "imu_bn",
                    "--out", str(tmp_path / "out"), "--target", "cortex-m", "--harness"])
     assert rc == 0
@@ -320,7 +295,7 @@ def test_emit_command(tmp_path, capsys):
     assert [p.rsplit("/", 1)[-1] for p in printed] == ["imu_bn.c", "imu_bn.h", "imu_bn_test.c", "imu_bn_test_vectors.h"]
     assert "void imu_bn(const float *x, float *y);" in (tmp_path / "out" / "imu_bn.h").read_text()
     # the same files as the Python call
-    same = emit(spec, tmp_path / "py", "imu_bn", _params(spec), target="cortex-m", harness=True)
+    same = emit(spec, tmp_path / "py", "imu_bn", baked_params(spec), target="cortex-m", harness=True)
     for path in same:
         assert path.read_bytes() == (tmp_path / "out" / path.name).read_bytes()
 

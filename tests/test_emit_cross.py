@@ -22,7 +22,6 @@ from _emit_support import (
     STRICT,
     assert_matches,
     draw_cases,
-    lazy_programs,
     params_for,
     undefined_symbols,
 )
@@ -46,16 +45,6 @@ CORTEX_M_CASES = [
     ("train-cl-partial-tile", bngen.Spec((None, 40), momentum=0.9, activation="relu"), False),
     ("mode1", bngen.Spec((None, 24), mode=1), False),
 ]
-
-
-@pytest.fixture(scope="module")
-def aarch64_programs(tmp_path_factory):
-    return lazy_programs(tmp_path_factory, AARCH64, AARCH64_CASES, "aarch64")
-
-
-@pytest.fixture(scope="module")
-def cortex_m_programs(tmp_path_factory):
-    return lazy_programs(tmp_path_factory, CORTEX_M, CORTEX_M_CASES, "cortex-m")
 
 
 def _check_batch(program, params, data):

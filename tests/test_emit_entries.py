@@ -28,7 +28,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from _emit_support import AARCH64, CORTEX_M, HOST, STRICT, assert_matches, build_program, draw_cases, params_for
+from _emit_support import AARCH64, CORTEX_M, HOST, STRICT, assert_matches, baked_params, build_program, draw_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,10 +58,6 @@ BOARDS = {
 EXPORTS = [(board, kind, dt) for board, (_, _, dtypes) in BOARDS.items() for kind in KINDS for dt in dtypes]
 
 
-def _params(spec):
-    return params_for(spec.channels, scale=spec.scale, center=spec.center)
-
-
 def _flags(board, dtype):
     return FP16_IEEE if board == "cortex-m" and dtype == "float16" else ()
 
@@ -76,7 +72,7 @@ def programs(tmp_path_factory):
         if key not in built:
             toolchain, target, _ = BOARDS[board]
             spec = KINDS[kind](dtype)
-            params = _params(spec) if kind == "baked" else None
+            params = baked_params(spec) if kind == "baked" else None
             directory = tmp_path_factory.mktemp(f"{board}-{kind}-{dtype}")
             built[key] = (build_program(directory, spec, toolchain, params=params, target=target,
                                         extra=_flags(board, dtype)), params)
@@ -147,7 +143,7 @@ def test_harness_checks_every_entry_point(tmp_path, board, kind):
     toolchain.require()
     dtype = _harness_dtype(board, kind)
     spec = KINDS[kind](dtype)
-    emit(spec, tmp_path, "bn", _params(spec) if kind == "baked" else None, target=target, harness=True)
+    emit(spec, tmp_path, "bn", baked_params(spec) if kind == "baked" else None, target=target, harness=True)
     flags = _flags(board, dtype)
     kernel = toolchain.compile([tmp_path / "bn.c"], tmp_path / "bn.o", warnings=STRICT, extra=flags)
     run = _run_harness(toolchain, tmp_path, kernel, flags)

@@ -35,15 +35,15 @@ from _emit_support import (
     FORBIDDEN,
     HOST,
     STRICT,
+    baked_params,
     build_program,
-    lazy_programs,
     params_for,
     undefined_symbols,
 )
+from _half_support import assert_within_one_ulp, half_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import K
-from test_half import _per_feature, assert_within_one_ulp, half_inputs
+from strategies import K, per_feature
 
 import bngen
 from bngen import oracle
@@ -76,25 +76,6 @@ CORTEX_M_CASES = [
 ]
 
 
-def _params(spec):
-    return params_for(spec.channels, scale=spec.scale, center=spec.center)
-
-
-@pytest.fixture(scope="module")
-def host_programs(tmp_path_factory):
-    return lazy_programs(tmp_path_factory, HOST, HOST_CASES, "host")
-
-
-@pytest.fixture(scope="module")
-def aarch64_programs(tmp_path_factory):
-    return lazy_programs(tmp_path_factory, AARCH64, AARCH64_CASES, "aarch64")
-
-
-@pytest.fixture(scope="module")
-def cortex_m_programs(tmp_path_factory):
-    return lazy_programs(tmp_path_factory, CORTEX_M, CORTEX_M_CASES, "cortex-m")
-
-
 # -- against the oracle, to one ulp ------------------------------------------------------------
 def _draw_values(data, spec, params, max_values):
     """x (half dtype) and the parameter values the kernel computes with: drawn by
@@ -116,8 +97,8 @@ def check_outputs(spec, x, values, outputs):
     gamma, beta = values.get("gamma"), values.get("beta")
     mm, mv = values.get("moving_mean"), values.get("moving_variance")
     ref = oracle.forward(spec, x, gamma, beta, mm, mv)
-    g = _per_feature(spec, gamma, x.ndim) if spec.scale else 1.0
-    b = _per_feature(spec, beta, x.ndim) if spec.center else 0.0
+    g = per_feature(spec, gamma, x.ndim) if spec.scale else 1.0
+    b = per_feature(spec, beta, x.ndim) if spec.center else 0.0
     if spec.uses_batch_stats:
         std = np.sqrt(ref.variance)
         tol = {"mean": K * U * (std + np.abs(ref.mean)), "variance": K * U * ref.variance}
@@ -132,8 +113,8 @@ def check_outputs(spec, x, values, outputs):
         xhat = (ref.y - b) / g if spec.scale else ref.y - b
         arithmetic = K * U * (np.abs(g) * (np.abs(xhat) + 1) + np.abs(b))
     else:
-        a = g / np.sqrt(_per_feature(spec, mv, x.ndim) + spec.epsilon)
-        shift = b - _per_feature(spec, mm, x.ndim) * a
+        a = g / np.sqrt(per_feature(spec, mv, x.ndim) + spec.epsilon)
+        shift = b - per_feature(spec, mm, x.ndim) * a
         arithmetic = K * U * (np.abs(x.astype(np.float64) * a) + np.abs(shift) + np.abs(ref.y))
     y = outputs["y"].reshape(x.shape).astype(numpy_dtype(spec.dtype))
     assert_within_one_ulp(y, ref.y, spec.dtype, arithmetic)
@@ -225,7 +206,7 @@ def test_exported_backward_within_one_ulp(tmp_path, dtype, training, relu):
         if training:
             mean64, var64 = x64.mean(axis=(0, 2), keepdims=True), x64.var(axis=(0, 2), keepdims=True)
         else:
-            mean64, var64 = _per_feature(spec, p["moving_mean"], 3), _per_feature(spec, p["moving_variance"], 3)
+            mean64, var64 = per_feature(spec, p["moving_mean"], 3), per_feature(spec, p["moving_variance"], 3)
         r = 1 / np.sqrt(var64 + spec.epsilon)
         dy_scale = np.abs(dy64).max()
         xhat_scale = np.abs((x64 - mean64) * r).max() + 1
@@ -283,7 +264,7 @@ def test_the_target_chooses_the_conversion(tmp_path, toolchain, target, extra, p
     toolchain.require()
     for dtype in ("float16", "bfloat16"):
         spec = bngen.Spec((None, 8), dtype=dtype, training=False)
-        emit(spec, tmp_path, f"k_{dtype}", _params(spec), target=target)
+        emit(spec, tmp_path, f"k_{dtype}", baked_params(spec), target=target)
         source = (tmp_path / f"k_{dtype}.c").read_text()
         uses_native = dtype == "float16" and target != "host"
         assert ("__fp16" in source) == uses_native, (target, dtype)
@@ -301,7 +282,7 @@ def test_header_and_source(tmp_path):
     for dtype, words in (("float16", "float16 bit patterns\n * (IEEE binary16)"),
                          ("bfloat16", "bfloat16 bit patterns\n * (bfloat16: the top 16 bits of an IEEE binary32)")):
         spec = bngen.Spec((2, 8, 8, 16), dtype=dtype, training=False)
-        emit(spec, tmp_path, "stem_bn", _params(spec), target="cortex-m")
+        emit(spec, tmp_path, "stem_bn", baked_params(spec), target="cortex-m")
         header = (tmp_path / "stem_bn.h").read_text()
         source = (tmp_path / "stem_bn.c").read_text()
         assert "void stem_bn(const uint16_t *x, uint16_t *y);" in header
@@ -311,7 +292,7 @@ def test_header_and_source(tmp_path):
         # the folded constants are float (the arithmetic type), exactly the folded values
         body = source.split("static const float SCALE[CHANNELS] = {")[1].split("}")[0]
         scale = [float.fromhex(t.strip().rstrip("f")) for t in body.split(",") if t.strip()]
-        np.testing.assert_array_equal(scale, fold_parameters(spec, _params(spec))[0].astype(np.float32))
+        np.testing.assert_array_equal(scale, fold_parameters(spec, baked_params(spec))[0].astype(np.float32))
         assert "static const uint16_t" not in source
         # runtime parameters and statistics are float, data uint16_t
         emit(bngen.Spec((None, 6), dtype=dtype), tmp_path, "train", target="aarch64")
@@ -324,8 +305,8 @@ def test_header_and_source(tmp_path):
 def test_emitting_twice_gives_identical_files(tmp_path):
     spec = bngen.Spec((None, 5, 7), axis=1, dtype="float16", training=False)
     for target in ("host", "cortex-m"):
-        a = emit(spec, tmp_path / f"{target}a", "k", _params(spec), target=target, harness=True)
-        b = emit(spec, tmp_path / f"{target}b", "k", _params(spec), target=target, harness=True)
+        a = emit(spec, tmp_path / f"{target}a", "k", baked_params(spec), target=target, harness=True)
+        b = emit(spec, tmp_path / f"{target}b", "k", baked_params(spec), target=target, harness=True)
         for pa, pb in zip(a, b):
             assert pa.read_bytes() == pb.read_bytes(), pa.name
 
@@ -341,7 +322,7 @@ HARNESS_SPECS = {
 def test_harness_passes_and_catches_a_wrong_kernel(tmp_path, kind):
     HOST.require()
     spec, baked = HARNESS_SPECS[kind]
-    emit(spec, tmp_path, "bn", _params(spec) if baked else None, harness=True)
+    emit(spec, tmp_path, "bn", baked_params(spec) if baked else None, harness=True)
     vectors = tmp_path / "bn_test_vectors.h"
     assert "static const uint16_t bn_in_x[" in vectors.read_text()
     exe = HOST.compile([tmp_path / "bn.c", tmp_path / "bn_test.c"], tmp_path / "bn_test", link=True)

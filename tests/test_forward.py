@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import K, assert_close, forward_inputs, unit_roundoff
+from strategies import K, assert_close, forward_inputs, per_feature, unit_roundoff
 
 import bngen
 from bngen import oracle
@@ -59,10 +59,6 @@ def _activate(spec, y):
     return np.where(y < 0, 0.0, y) if spec.activation == "relu" else y
 
 
-def _per_feature(spec, values, ndim):
-    return np.asarray(values, np.float64).reshape([spec.shape[a] if a in spec.axis else 1 for a in range(ndim)])
-
-
 def check_forward(kernel, inputs):
     """Runs the kernel and asserts every output against the oracle."""
     spec = kernel.spec
@@ -70,14 +66,14 @@ def check_forward(kernel, inputs):
     originals = [a.copy() if a is not None else None for a in (x, gamma, beta)]
     u = unit_roundoff(spec)
     ref = oracle.forward(spec, x, gamma, beta, mm, mv)
-    g = _per_feature(spec, gamma, x.ndim) if spec.scale else 1.0
-    b = _per_feature(spec, beta, x.ndim) if spec.center else 0.0
+    g = per_feature(spec, gamma, x.ndim) if spec.scale else 1.0
+    b = per_feature(spec, beta, x.ndim) if spec.center else 0.0
 
     if not spec.uses_batch_stats:
         y = kernel(x, gamma, beta, mm, mv)
-        a = g / np.sqrt(_per_feature(spec, mv, x.ndim) + spec.epsilon)
-        shift = b - _per_feature(spec, mm, x.ndim) * a
-        mean = _per_feature(spec, mm, x.ndim)
+        a = g / np.sqrt(per_feature(spec, mv, x.ndim) + spec.epsilon)
+        shift = b - per_feature(spec, mm, x.ndim) * a
+        mean = per_feature(spec, mm, x.ndim)
         xa = np.abs(x.astype(np.float64) * a)
         # The kernel's folded x * a + shift and the oracle's (x - mean) * a + beta each
         # round terms of their own size; cancellation between them is not an error.
@@ -99,8 +95,8 @@ def check_forward(kernel, inputs):
             v = ref.variance.reshape(m.shape)
             xhat = (x - m) / (np.sqrt(v + spec.epsilon) + spec.epsilon)
         else:
-            m = _per_feature(spec, ref.mean, x.ndim)
-            v = _per_feature(spec, ref.variance, x.ndim)
+            m = per_feature(spec, ref.mean, x.ndim)
+            v = per_feature(spec, ref.variance, x.ndim)
             xhat = (x - m) / np.sqrt(v + spec.epsilon)
         # Any float64 x - mean (the oracle's too) loses u64 * |mean| / std of x_hat; the
         # last term allows that, and is negligible for float32 kernels.
@@ -125,7 +121,7 @@ def check_forward(kernel, inputs):
                 flat = (moved == moved[:, :1]).all(axis=1)
                 assert np.all(var[flat] == 0), "constant features must have variance exactly 0"
                 want = np.broadcast_to(_activate(spec, b + 0.0 * g), y.shape)
-                sel = np.broadcast_to(_per_feature(spec, flat, x.ndim).astype(bool), y.shape)
+                sel = np.broadcast_to(per_feature(spec, flat, x.ndim).astype(bool), y.shape)
             np.testing.assert_array_equal(y[sel], want[sel].astype(spec.dtype))
     for before, after in zip(originals, (x, gamma, beta)):
         if before is not None:

@@ -21,16 +21,14 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from _half_support import assert_within_one_ulp, half_inputs, ulp
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from strategies import K, assert_close, concrete_shape
+from strategies import K, assert_close, per_feature
 
 import bngen
 from bngen import oracle
 from bngen.jit.kernel import numpy_dtype
-
-MANTISSA = {"float16": 10, "bfloat16": 7}
-MIN_EXP = {"float16": -14, "bfloat16": -126}
 
 
 def specs(dtype):
@@ -41,54 +39,6 @@ def specs(dtype):
         S((None, 12), mode=1, dtype=dtype),
         S((None, 3, 5), axis=-1, mode=2, dtype=dtype, center=False),
     ]
-
-
-def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
-    """The spacing of `dtype` at each (finite, already rounded) value."""
-    mag = np.abs(values.astype(np.float64))
-    _, e = np.frexp(np.where(mag > 0, mag, 1.0))
-    e = np.maximum(e - 1, MIN_EXP[dtype])
-    return np.ldexp(1.0, e - MANTISSA[dtype])
-
-
-def assert_within_one_ulp(y, ref64, dtype, arithmetic=0.0):
-    """|y - round(ref)| <= ulp(round(ref)) + `arithmetic` (the float32 error bound)."""
-    with np.errstate(over="ignore"):  # values beyond the dtype's range round to infinity, as the kernel's do
-        want = ref64.astype(numpy_dtype(dtype))
-    arithmetic = np.broadcast_to(arithmetic, want.shape)
-    got64, want64 = y.astype(np.float64), want.astype(np.float64)
-    finite = np.isfinite(want64)
-    np.testing.assert_array_equal(np.isnan(got64), np.isnan(want64), err_msg="NaN positions differ")
-    inf = np.isinf(want64)
-    np.testing.assert_array_equal(got64[inf], want64[inf], err_msg="infinities differ")
-    assert_close("y (ulp)", got64[finite], want64[finite], ulp(want64[finite], dtype) + arithmetic[finite])
-
-
-def _per_feature(spec, values, ndim):
-    return np.asarray(values, np.float64).reshape([spec.shape[a] if a in spec.axis else 1 for a in range(ndim)])
-
-
-def half_inputs(draw, spec):
-    shape = draw(concrete_shape(spec, max_values=20_000))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    std = 10.0 ** rng.uniform(-2, 1)
-    x = rng.standard_normal(shape) * std + rng.choice([0.0, 3.0, -20.0]) * std
-    if draw(st.booleans()):  # a constant feature (mode 1: a constant sample)
-        if spec.mode == 1:
-            x[(0,) * (len(shape) - len(spec.axis))] = 1.5
-        else:
-            index = [slice(None)] * len(shape)
-            index[spec.axis[0]] = 0
-            x[tuple(index)] = -2.25
-    x = x.astype(numpy_dtype(spec.dtype))
-    c = spec.channels
-    gamma = rng.uniform(-2, 2, c).astype(np.float32) if spec.scale else None
-    beta = rng.uniform(-2, 2, c).astype(np.float32) if spec.center else None
-    mm = mv = None
-    if spec.mode == 0:
-        mm = (rng.standard_normal(c) * std).astype(np.float32)
-        mv = (rng.uniform(0.1, 4, c) * std**2).astype(np.float32)
-    return x, gamma, beta, mm, mv
 
 
 def _property(dtype):
@@ -102,8 +52,8 @@ def _property(dtype):
         kernel = build(spec)
         ref = oracle.forward(spec, x, gamma, beta, mm, mv)
         u = 2.0**-24
-        g = _per_feature(spec, gamma, x.ndim) if spec.scale else 1.0
-        b = _per_feature(spec, beta, x.ndim) if spec.center else 0.0
+        g = per_feature(spec, gamma, x.ndim) if spec.scale else 1.0
+        b = per_feature(spec, beta, x.ndim) if spec.center else 0.0
         if spec.uses_batch_stats:
             mm_k = None if mm is None else mm.copy()
             mv_k = None if mv is None else mv.copy()
@@ -118,8 +68,8 @@ def _property(dtype):
             arithmetic = K * u * (np.abs(g) * (np.abs(xhat) + 1) + np.abs(b))
         else:
             y = kernel(x, gamma, beta, mm, mv)
-            a = g / np.sqrt(_per_feature(spec, mv, x.ndim) + spec.epsilon)
-            shift = b - _per_feature(spec, mm, x.ndim) * a
+            a = g / np.sqrt(per_feature(spec, mv, x.ndim) + spec.epsilon)
+            shift = b - per_feature(spec, mm, x.ndim) * a
             arithmetic = K * u * (np.abs(x.astype(np.float64) * a) + np.abs(shift) + np.abs(ref.y))
         assert y.dtype == x.dtype
         assert_within_one_ulp(y, ref.y, dtype, arithmetic)
@@ -217,7 +167,7 @@ def test_backward_within_one_ulp(build, dtype, kind):
         if training:
             mean, var = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
         else:
-            mean, var = _per_feature(spec, p["moving_mean"], x.ndim), _per_feature(spec, p["moving_variance"], x.ndim)
+            mean, var = per_feature(spec, p["moving_mean"], x.ndim), per_feature(spec, p["moving_variance"], x.ndim)
         r = 1 / np.sqrt(var + spec.epsilon)
         dy_scale = np.abs(dy64).max()
         xhat_scale = np.abs((x64 - mean) * r).max() + 1

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import sized
 
 import bngen
 from bngen.jit.compiler import DEFAULT_FLAGS, STRICT_WARNINGS, Compiler
@@ -58,15 +59,10 @@ def pair(session_cache):
     return _pair
 
 
-def _concrete(spec, sizes):
-    it = iter(sizes)
-    return tuple(next(it) if d is None else d for d in spec.shape)
-
-
 @st.composite
 def problems(draw, spec):
     sizes = draw(st.lists(st.integers(1, 45), min_size=2, max_size=2))
-    shape = _concrete(spec, sizes)
+    shape = sized(spec, sizes)
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     scale = draw(st.sampled_from([1e-3, 1.0, 300.0]))

@@ -189,7 +189,8 @@ def _emit_refused(tmp_path, match, *args, exc=ValueError, **kwargs):
     assert not out.exists(), "nothing may be written when emit refuses"
 
 
-def _params(c, **overrides):
+def _neutral_params(c, **overrides):
+    """Baked parameters that fold to scale 1 and shift 0, so that only `overrides` matter."""
     p = dict(gamma=np.ones(c), beta=np.zeros(c), moving_mean=np.zeros(c), moving_variance=np.ones(c))
     p.update(overrides)
     return p
@@ -200,11 +201,11 @@ def _params(c, **overrides):
 def test_baked_kernels_named_like_reserved_c_identifiers_are_refused(tmp_path, name):
     """These gave C that did not compile (or linked to the wrong function) before."""
     _emit_refused(tmp_path, f"name: '{name}'.*(C standard|reserved|C keyword)", bngen.Spec((2, 4), training=False),
-                  name, _params(4))
+                  name, _neutral_params(4))
 
 
 def test_overlong_names_get_the_name_error(tmp_path):
-    _emit_refused(tmp_path, "name: 300 characters", bngen.Spec((2, 4), training=False), "b" * 300, _params(4))
+    _emit_refused(tmp_path, "name: 300 characters", bngen.Spec((2, 4), training=False), "b" * 300, _neutral_params(4))
 
 
 @pytest.mark.parametrize("dtype, overrides, feature", [
@@ -215,7 +216,7 @@ def test_overlong_names_get_the_name_error(tmp_path):
 ])
 def test_folded_parameters_that_overflow_the_target_type_are_refused(tmp_path, dtype, overrides, feature):
     spec = bngen.Spec((2, 4), training=False, dtype=dtype, epsilon=1e-30)
-    _emit_refused(tmp_path, f"params: the folded (scale|shift) of feature {feature}", spec, "bn", _params(4, **overrides))
+    _emit_refused(tmp_path, f"params: the folded (scale|shift) of feature {feature}", spec, "bn", _neutral_params(4, **overrides))
 
 
 def test_cortex_m_refuses_an_epsilon_that_float_cannot_hold(tmp_path):
@@ -224,7 +225,7 @@ def test_cortex_m_refuses_an_epsilon_that_float_cannot_hold(tmp_path):
     from bngen.aot.emit import emit
 
     assert emit(spec, tmp_path / "host", "bn")  # the host computes statistics in double: fine there
-    assert emit(spec.replace(training=False), tmp_path / "baked", "bn", _params(4), target="cortex-m")  # folded in double
+    assert emit(spec.replace(training=False), tmp_path / "baked", "bn", _neutral_params(4), target="cortex-m")  # folded in double
 
 
 def test_static_shapes_beyond_the_targets_ptrdiff_t_are_refused(tmp_path):

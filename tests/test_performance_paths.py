@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import K, assert_close, unit_roundoff
+from strategies import K, assert_close, per_feature, random_params, unit_roundoff
 
 import bngen
 from bngen import oracle
@@ -33,16 +33,6 @@ from bngen.tools import bench
 
 S = bngen.Spec
 EXAMPLES = 40
-
-
-def _params(spec, rng):
-    c = spec.channels
-    pd = spec.param_dtype
-    gamma = rng.uniform(0.5, 2.0, c).astype(pd) if spec.scale else None
-    beta = rng.standard_normal(c).astype(pd) if spec.center else None
-    if spec.mode == 0:
-        return gamma, beta, rng.standard_normal(c).astype(pd), rng.uniform(0.5, 2.0, c).astype(pd)
-    return gamma, beta, None, None
 
 
 def _data(shape, dtype, kind, rng, spec=None):
@@ -57,11 +47,6 @@ def _data(shape, dtype, kind, rng, spec=None):
     else:
         x = rng.standard_normal(shape) * std + rng.uniform(-3, 3) * std
     return x.astype(dtype)
-
-
-def _bc(spec, values, ndim):
-    """A per-feature array as float64, shaped to broadcast against the input."""
-    return np.asarray(values, np.float64).reshape([spec.shape[a] if a in spec.axis else 1 for a in range(ndim)])
 
 
 def check(kernel, x, params, threads, out=None):
@@ -86,18 +71,18 @@ def check(kernel, x, params, threads, out=None):
             m, v = ref.mean.reshape(sshape), ref.variance.reshape(sshape)
             sd = np.sqrt(v + spec.epsilon) + spec.epsilon
         else:
-            m, v = _bc(spec, ref.mean, x.ndim), _bc(spec, ref.variance, x.ndim)
+            m, v = per_feature(spec, ref.mean, x.ndim), per_feature(spec, ref.variance, x.ndim)
             sd = np.sqrt(v + spec.epsilon)
-        g = 1.0 if gamma is None else np.abs(_bc(spec, gamma, x.ndim))
-        b = 0.0 if beta is None else np.abs(_bc(spec, beta, x.ndim))
+        g = 1.0 if gamma is None else np.abs(per_feature(spec, gamma, x.ndim))
+        b = 0.0 if beta is None else np.abs(per_feature(spec, beta, x.ndim))
         # (the mean is carried in double: a float64 input far from zero also carries its rounding)
         terms = K * u * (g * (np.abs(x - m) + np.sqrt(v)) / sd + b + np.abs(ref.y)) + K * 2.0**-53 * g * np.abs(m) / sd
         assert_close("y", y, ref.y, terms)
     else:
         y = kernel(x, gamma, beta, mm, mv, out=out, threads=threads)
-        a = (1.0 if gamma is None else np.abs(_bc(spec, gamma, x.ndim))) / np.sqrt(_bc(spec, mv, x.ndim) + spec.epsilon)
-        terms = (np.abs(x.astype(np.float64)) + np.abs(_bc(spec, mm, x.ndim))) * a
-        terms = terms + (0.0 if beta is None else np.abs(_bc(spec, beta, x.ndim)))
+        a = (1.0 if gamma is None else np.abs(per_feature(spec, gamma, x.ndim))) / np.sqrt(per_feature(spec, mv, x.ndim) + spec.epsilon)
+        terms = (np.abs(x.astype(np.float64)) + np.abs(per_feature(spec, mm, x.ndim))) * a
+        terms = terms + (0.0 if beta is None else np.abs(per_feature(spec, beta, x.ndim)))
         assert_close("y", y, ref.y, K * u * (terms + np.abs(ref.y)))
     if out is not None:
         assert y is out
@@ -131,7 +116,7 @@ def test_channels_first(build, data):
     kind = data.draw(st.sampled_from(["normal", "offset", "constant"]), label="data")
     x = _data(tuple(shape), spec.dtype, kind, rng, spec)
     threads = data.draw(st.integers(1, 3), label="threads")
-    check(kernel, x, _params(spec, rng), threads)
+    check(kernel, x, random_params(spec, rng), threads)
 
 
 # -- channels-last: register groups of LANES channels, tail groups, several tiles ----------------
@@ -155,7 +140,7 @@ def test_channels_last(build, data):
     kind = data.draw(st.sampled_from(["normal", "offset", "constant"]), label="data")
     x = _data((n,) + spec.shape[1:], spec.dtype, kind, rng, S((n,) + spec.shape[1:], axis=spec.axis, mode=spec.mode) if kind == "constant" else None)
     threads = data.draw(st.integers(1, 3), label="threads")
-    check(kernel, x, _params(spec, rng), threads)
+    check(kernel, x, random_params(spec, rng), threads)
 
 
 def test_per_sample_rows_longer_than_a_block(build, rng):
@@ -163,7 +148,7 @@ def test_per_sample_rows_longer_than_a_block(build, rng):
     kernel = build(spec)
     for n, kind in [(1, "normal"), (3, "offset"), (9, "normal")]:
         for threads in (1, 2, 3):
-            check(kernel, _data((n, 4100), np.float32, kind, rng), _params(spec, rng), threads)
+            check(kernel, _data((n, 4100), np.float32, kind, rng), random_params(spec, rng), threads)
 
 
 # -- streaming stores, forced on for small tensors -----------------------------------------------
@@ -212,7 +197,7 @@ def test_streaming_stores(streamed_kernels, data):
     out = None if offset is None else _out_at(shape, np.float32, offset)
     kind = data.draw(st.sampled_from(["normal", "offset", "constant"]), label="data")
     x = _data(shape, spec.dtype, kind, rng, S(shape, axis=spec.axis))
-    check(kernel, x, _params(spec, rng), data.draw(st.integers(1, 3), label="threads"), out=out)
+    check(kernel, x, random_params(spec, rng), data.draw(st.integers(1, 3), label="threads"), out=out)
 
 
 def test_streaming_into_an_unaligned_output(streamed_kernels, rng):
@@ -223,7 +208,7 @@ def test_streaming_into_an_unaligned_output(streamed_kernels, rng):
         raw = bytearray(4 * int(np.prod(shape)) + 1)
         out = np.frombuffer(raw, np.float32, offset=1).reshape(shape)
         assert not out.flags.aligned
-        check(kernel, _data(shape, np.float32, "normal", rng), _params(spec, rng), 2, out=out)
+        check(kernel, _data(shape, np.float32, "normal", rng), random_params(spec, rng), 2, out=out)
 
 
 def test_streaming_above_the_real_threshold(build, rng):
@@ -233,8 +218,8 @@ def test_streaming_above_the_real_threshold(build, rng):
     for training in (True, False):
         spec = S((None, 16, 368, 368), axis=1, training=training)
         x = _data(shape, np.float32, "normal", rng)
-        check(build(spec), x, _params(spec, rng), 2)
-        check(build(spec), x, _params(spec, rng), 2, out=np.empty_like(x))  # streams into out= only
+        check(build(spec), x, random_params(spec, rng), 2)
+        check(build(spec), x, random_params(spec, rng), 2, out=np.empty_like(x))  # streams into out= only
 
 
 # -- threads: determinism, and the accuracy cases on every schedule -------------------------------
@@ -243,7 +228,7 @@ def test_streaming_above_the_real_threshold(build, rng):
 def test_identical_run_to_run_for_a_thread_count(build, rng, spec):
     kernel = build(spec)
     x = _data((2000,) + spec.shape[1:], np.float32, "normal", rng)  # large enough to use threads
-    params = _params(spec, rng)
+    params = random_params(spec, rng)
     for threads in (1, 2, 3):
         runs = [kernel.forward(x, *params[:2], threads=threads) for _ in range(4)]
         for y, mean, var in runs[1:]:
@@ -266,7 +251,7 @@ def test_constant_feature_gives_exactly_beta(build, streamed_kernels, rng, spec)
     idx = [slice(None)] * len(shape)
     idx[spec.axis[0]] = 1
     x[tuple(idx)] = np.float32(12345.678)
-    gamma, beta, mm, mv = _params(spec, rng)
+    gamma, beta, mm, mv = random_params(spec, rng)
     for threads in (1, 2, 3):
         y, mean, var = kernel.forward(x, gamma, beta, threads=threads)
         assert var[1] == 0
@@ -282,7 +267,7 @@ def infer(build):
 def test_cached_parameters_follow_their_contents(infer, rng):
     spec = infer.spec
     x = _data((3, 8, 5), np.float32, "normal", rng)
-    params = _params(spec, rng)
+    params = random_params(spec, rng)
     check(infer, x, params, 1)
     params[0][:] *= 2  # same objects, new values
     params[3][:] += 1
@@ -293,7 +278,7 @@ def test_cached_parameter_changed_in_place_is_checked_again(infer, rng):
     # A kept parameter is checked again by dtype and strides only (kernel.py explains why that
     # is complete): every in-place change NumPy allows must still give the checked error.
     x = _data((3, 8, 5), np.float32, "normal", rng)
-    gamma, beta, mm, mv = _params(infer.spec, rng)
+    gamma, beta, mm, mv = random_params(infer.spec, rng)
     before = [a.copy() for a in (x, gamma, beta, mm, mv)]
     infer(x, gamma, beta, mm, mv)
     for shape in ((2, 4), (8, 1), (1, 8)):  # shape setter: other strides
@@ -323,7 +308,7 @@ def test_cached_parameter_changed_in_place_is_checked_again(infer, rng):
 
 def test_calls_off_the_fast_path_are_still_right(build, infer, rng):
     spec = infer.spec
-    params = _params(spec, rng)
+    params = random_params(spec, rng)
     x = _data((4, 8, 10), np.float32, "normal", rng)[:, :, ::2]  # not contiguous
     check(infer, x, params, 1)
     check(infer, np.asfortranarray(_data((3, 8, 5), np.float32, "normal", rng)), params, 2)
@@ -341,7 +326,7 @@ def test_fast_path_refusals_raise_the_checked_errors(build, rng):
     spec = S((None, 8), momentum=0.9)
     kernel = build(spec)
     x = _data((5, 8), np.float32, "normal", rng)
-    gamma, beta, mm, mv = _params(spec, rng)
+    gamma, beta, mm, mv = random_params(spec, rng)
     frozen = mm.copy()
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="moving_mean"):
@@ -369,7 +354,7 @@ def test_kept_moving_statistics_are_checked_again(build, rng):
     spec = S((None, 8), momentum=0.9)
     kernel = build(spec)
     x = _data((5, 8), np.float32, "normal", rng)
-    gamma, beta, mm, mv = _params(spec, rng)
+    gamma, beta, mm, mv = random_params(spec, rng)
     kernel(x, gamma, beta, mm, mv)
     mm.flags.writeable = False
     before = mm.copy(), mv.copy()
@@ -404,7 +389,7 @@ def test_parameter_sets_taking_turns(build, infer, rng):
     from bngen.jit.binder import KEPT_SETS
 
     x = _data((3, 8, 5), np.float32, "normal", rng)
-    sets = [_params(infer.spec, rng) for _ in range(KEPT_SETS + 1)]
+    sets = [random_params(infer.spec, rng) for _ in range(KEPT_SETS + 1)]
     expected = [check(infer, x, p, 1) for p in sets]
     for turn in range(3):  # more sets than are kept, then as many as are kept
         for k, p in enumerate(sets[: KEPT_SETS + (turn == 0)]):
@@ -423,7 +408,7 @@ def test_parameter_sets_taking_turns(build, infer, rng):
     spec = S((None, 8), momentum=0.9)
     kernel = build(spec)
     xt = _data((5, 8), np.float32, "normal", rng)
-    train_sets = [_params(spec, rng) for _ in range(2)]
+    train_sets = [random_params(spec, rng) for _ in range(2)]
     for p in train_sets:
         kernel(xt, *p)
     train_sets[0][2].flags.writeable = False
@@ -438,7 +423,7 @@ def test_out_over_a_kept_parameter_is_refused(infer, rng):
     x = _data((5, 8, 5), np.float32, "normal", rng)
     buf = _data((240,), np.float32, "normal", rng)
     gamma = buf[200:208]
-    _, beta, mm, mv = _params(infer.spec, rng)
+    _, beta, mm, mv = random_params(infer.spec, rng)
     infer(x, gamma, beta, mm, mv)  # kept
     buf_before = buf.copy()
     with pytest.raises(ValueError, match="out"):
@@ -454,12 +439,12 @@ def test_out_over_a_kept_parameter_is_refused(infer, rng):
 def test_refused_calls_raise_unchained_errors(build, infer, rng):
     # the checked path runs outside the fast path's exception handler: no internal context
     x = _data((3, 8, 5), np.float32, "normal", rng)
-    params = _params(infer.spec, rng)
+    params = random_params(infer.spec, rng)
     with pytest.raises(TypeError, match="x") as info:
         infer(x.astype(np.float64), *params)
     assert info.value.__context__ is None
     train = build(S((None, 8), momentum=0.9))
-    gamma, beta, _, _ = _params(train.spec, rng)
+    gamma, beta, _, _ = random_params(train.spec, rng)
     xt = _data((4, 8), np.float32, "normal", rng)
     with pytest.raises(ValueError, match="threads") as info:
         train.forward(xt, gamma, beta, threads=0)
@@ -489,7 +474,7 @@ def test_single_feature_with_odd_strides(build, rng):
     spec = S((None, 1), training=False)
     kernel = build(spec)
     x = _data((4, 1), np.float32, "normal", rng)
-    gamma, beta, mm, mv = _params(spec, rng)
+    gamma, beta, mm, mv = random_params(spec, rng)
     odd = np.repeat(gamma, 3)[::3]
     assert odd.flags.c_contiguous and odd.strides != (4,)
     np.testing.assert_array_equal(kernel(x, odd, beta, mm, mv), kernel(x, gamma, beta, mm, mv))
@@ -501,7 +486,7 @@ def test_fast_path_from_two_threads(infer, rng):
     import threading
 
     x = _data((3, 8, 5), np.float32, "normal", rng)
-    sets = [_params(infer.spec, rng) for _ in range(4)]
+    sets = [random_params(infer.spec, rng) for _ in range(4)]
     expected = [infer(x, *p) for p in sets]
     failures = []
 
@@ -601,7 +586,7 @@ def test_backward_fast_path_matches_the_checked_path(build, rng, spec):
     shape = tuple(6 if d is None else d for d in spec.shape)
     x = _data(shape, spec.dtype, "normal", rng)
     dy = _data(shape, spec.dtype, "normal", rng)
-    gamma, beta, _, _ = _params(spec, rng)
+    gamma, beta, _, _ = random_params(spec, rng)
     _, mean, var = kernel.forward(x, gamma, beta)
     relu_beta = beta if spec.activation == "relu" and spec.center else None
     for threads in (None, 1, 3):
@@ -621,7 +606,7 @@ def test_backward_fast_path_refusals_raise_the_checked_errors(build, rng):
     spec = S((None, 12), activation="relu")
     kernel = build(spec)
     x = _data((5, 12), np.float32, "normal", rng)
-    gamma, beta, mm, mv = _params(spec, rng)
+    gamma, beta, mm, mv = random_params(spec, rng)
     _, mean, var = kernel.forward(x, gamma, beta)
     with pytest.raises(TypeError, match="beta"):
         kernel.backward(x, x, gamma, mean, var)
@@ -640,7 +625,7 @@ def test_backward_kept_statistics_changed_in_place(build, rng):
     kernel = build(spec)
     x = _data((5, 12), np.float32, "normal", rng)
     dy = _data((5, 12), np.float32, "normal", rng)
-    gamma, beta, _, _ = _params(spec, rng)
+    gamma, beta, _, _ = random_params(spec, rng)
     _, mean, var = kernel.forward(x, gamma, beta)
     first = kernel.backward(dy, x, gamma, mean, var, beta=beta)  # kept
     mean.dtype = np.int32
@@ -675,7 +660,7 @@ def test_training_call_checks_cached_gamma_again(build, rng):
     spec = S((None, 8), momentum=0.9)
     kernel = build(spec)
     x = _data((5, 8), np.float32, "normal", rng)
-    gamma, beta, mm, mv = _params(spec, rng)
+    gamma, beta, mm, mv = random_params(spec, rng)
     check(kernel, x, (gamma, beta, mm, mv), 1)
     gamma.dtype = np.int32
     with pytest.raises(TypeError, match="gamma"):

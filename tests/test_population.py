@@ -15,9 +15,9 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from _sync_support import ThreadGroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_distributed import ThreadGroup
 
 import bngen
 from bngen.jit.kernel import numpy_dtype

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _sync_support import K, assert_close, check_backward, check_forward, near_kink, problem, unit_roundoff
+from _sync_support import K, assert_close, check_backward, check_forward, near_kink, problem, shardings, unit_roundoff
 from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 
 import bngen
 from bngen import oracle
@@ -72,8 +71,7 @@ def test_split_phases_match_the_oracle_on_the_concatenated_batch(build, spec):
     u = unit_roundoff(spec)
 
     @settings(max_examples=60)
-    @given(st.lists(st.integers(0, 5), min_size=1, max_size=4), st.integers(0, 2**32 - 1),
-           st.sampled_from(["normal", "offset"]), st.integers(1, 3))
+    @given(*shardings(5))
     def check(sizes, seed, dist, steps):
         assume(sum(sizes) >= 2)
         xs, dys, params = problem(spec, sizes, seed, dist)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from strategies import K, assert_close
+from strategies import K, assert_close, feature_shape
 
 import bngen
 from bngen import oracle
@@ -44,10 +44,6 @@ def _ids(spec):
     return "-".join(parts)
 
 
-def _bshape(spec, shape):
-    return [shape[a] if a in spec.axis else 1 for a in range(len(shape))]
-
-
 @st.composite
 def problems(draw, spec):
     """x, dy and every per-feature input of a variant training step (dict by argument name)."""
@@ -57,7 +53,7 @@ def problems(draw, spec):
     spread = draw(st.sampled_from([1e-2, 1.0, 30.0]))
     offset = draw(st.sampled_from([0.0, 1.0, 100.0]))
     centers = offset * rng.standard_normal(c)
-    x = centers.reshape(_bshape(spec, shape)) + spread * rng.standard_normal(shape)
+    x = centers.reshape(feature_shape(spec, len(shape))) + spread * rng.standard_normal(shape)
     if draw(st.booleans()):  # the first feature constant: variance exactly 0
         moved = np.moveaxis(x, spec.axis, range(len(spec.axis))).reshape(c, -1)
         moved[0] = centers[0]
@@ -139,7 +135,7 @@ def test_forward_matches_oracle(build, spec):
         if spec.adjustment:
             a = np.abs(p["adjust_scale"].astype(np.float64))
             m, t, dtol = a * m, a * t + np.abs(p["adjust_bias"]), a * dtol
-        bs = _bshape(spec, p["x"].shape)
+        bs = feature_shape(spec, p["x"].ndim)
         g = np.abs(p["gamma"]).reshape(bs) if spec.scale else 1.0
         b = np.abs(p["beta"]).reshape(bs) if spec.center else 0.0
         xhat = np.abs(p["x"] - ref.mean.reshape(bs)) / np.sqrt(ref.variance.reshape(bs) + spec.epsilon)
@@ -181,7 +177,7 @@ def test_backward_matches_oracle(build, spec):
         n = p["x"].size // spec.channels
         dy = np.abs(p["dy"].astype(np.float64)).max()
         x64 = p["x"].astype(np.float64)
-        bs = _bshape(spec, x64.shape)
+        bs = feature_shape(spec, x64.ndim)
         xhat = (np.abs(x64 - mean.reshape(bs)) / np.sqrt(var.reshape(bs) + spec.epsilon)).max() + 1
         m = np.ones(spec.channels)
         if spec.renorm:
@@ -449,7 +445,7 @@ def ghost_problems(draw, spec):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     c, pd = spec.channels, spec.param_dtype
     spread, offset = draw(st.sampled_from([1e-2, 1.0, 30.0])), draw(st.sampled_from([0.0, 1.0, 100.0]))
-    x = offset * rng.standard_normal(c).reshape(_bshape(spec, shape)) + spread * rng.standard_normal(shape)
+    x = offset * rng.standard_normal(c).reshape(feature_shape(spec, len(shape))) + spread * rng.standard_normal(shape)
     x[::3] += rng.standard_normal(shape[1:]) * spread  # ghost batches with statistics of their own
     dtype = numpy_dtype(spec.dtype)
     return dict(x=x.astype(dtype), dy=rng.standard_normal(shape).astype(dtype),

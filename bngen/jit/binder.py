@@ -49,6 +49,7 @@ KEPT_SETS = 4  # a few layers sharing one kernel take turns without a full check
 
 DATA, PARAM, OUT, THREADS, SCALAR, GHOST = "data", "param", "out", "threads", "scalar", "ghost"
 SAMPLE = "sample"  # one value per sample, shape x.shape[:axis]: mode 1's statistics
+STAT64, COUNT = "stat64", "count"  # the split phases' float64 statistics, and their count of values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +58,15 @@ class Param:
 
     name: str
     kind: str  # DATA (shaped like x) | PARAM (one value per feature) | SAMPLE | OUT | THREADS | SCALAR (a number;
-    #            None: NaN) | GHOST (one value per ghost batch and feature, shape (G, C), read)
+    #            None: NaN) | GHOST (one value per ghost batch and feature, shape (G, C), read) | STAT64 (float64,
+    #            shape (arg.rows, C) or (C,), read) | COUNT (a number of values per feature, >= this batch's)
     arg: Optional[Arg] = None  # the C argument it fills; None: checked only (or unused)
     used: bool = True  # False: the kernel takes no such value; it must be None
     required: bool = True
     why: str = ""  # why it is required, optional or unused (for messages)
     alias: Optional[str] = None  # another parameter that may carry its value (not both)
+    converts: bool = False  # STAT64: the parameter dtype is taken too, converted (on the checked path)
+    counted: bool = False  # STAT64: row 0 holds counts of values, each finite and >= Spec.min_values_per_feature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,9 @@ class Face:
     results: Tuple[str, ...]  # C argument names returned, in order ("" or absent: None)
     single: bool = False  # return results[0] alone
     lasting: bool = True  # the per-feature arrays are kept weights, used call after call
+    # x is one process's share of a batch (the split phases): it may be empty, and the rule
+    # of Spec.min_values_per_feature applies to the count of the whole batch, not to x
+    partial: bool = False
 
     def param(self, name: str) -> Optional[Param]:
         return next((p for p in self.params if p.name == name), None)
@@ -95,18 +102,27 @@ def faces(spec: Spec, entries: Tuple[Entry, ...]) -> Dict[str, Face]:
                 result["forward"] = _forward_face(spec, entry, "forward")
         elif entry.phase in (Phase.BACKWARD, Phase.BACKWARD_FROZEN):
             result["backward"] = _backward_face(spec, entry)
+        elif entry.phase in _SPLIT_FACES:
+            face = _SPLIT_FACES[entry.phase](spec, entry)
+            result[face.method] = face
     return result
 
 
-def _forward_face(spec: Spec, entry: Entry, method: str) -> Face:
-    a = entry.arg
-    params = [
-        Param("x", DATA, a("x")),
-        Param("gamma", PARAM, a("gamma"), used=spec.scale, required=spec.scale,
-              why="scale=True" if spec.scale else "the spec has scale=False"),
-        Param("beta", PARAM, a("beta"), used=spec.center, required=spec.center,
-              why="center=True" if spec.center else "the spec has center=False"),
-    ]
+def _gamma(spec: Spec, entry: Entry) -> Param:
+    return Param("gamma", PARAM, entry.arg("gamma"), used=spec.scale, required=spec.scale,
+                 why="scale=True" if spec.scale else "the spec has scale=False")
+
+
+def _mask_beta(spec: Spec, entry: Entry, method: str) -> Param:
+    """beta of a gradient, which needs it only for the mask of a fused ReLU."""
+    relu = spec.activation == "relu"
+    return Param("beta", PARAM, entry.arg("beta"), used=relu and spec.center, required=relu and spec.center,
+                 why="activation='relu' with center=True: the mask recomputes the forward output, which adds beta; "
+                     "pass it as beta=" if relu and spec.center
+                 else f"{method} needs beta only with activation='relu' and center=True")
+
+
+def _moving_params(spec: Spec, entry: Entry) -> list:
     if spec.updates_moving_stats:
         why, used, required = "training updates them in place when given", True, False
     elif spec.mode == 0:
@@ -115,9 +131,28 @@ def _forward_face(spec: Spec, entry: Entry, method: str) -> Face:
         why, used, required = f"mode {spec.mode} keeps no moving statistics", False, False
     if spec.renorm and entry.phase == Phase.FORWARD:
         why, used, required = "renorm training takes r and d from them and updates them in place", True, True
-    params += [Param(n, PARAM, a(n), used=used, required=required, why=why) for n in ("moving_mean", "moving_variance")]
-    params += _variant_params(spec, entry)
-    params += [Param("out", OUT, a("y"), required=False), Param("threads", THREADS, a("nthreads"), required=False)]
+    return [Param(n, PARAM, entry.arg(n), used=used, required=required, why=why) for n in ("moving_mean", "moving_variance")]
+
+
+def _tail(entry: Entry, out: Optional[str]) -> list:
+    """The trailing keyword parameters: ``out`` (filling C argument `out`, if any) and ``threads``."""
+    return ([Param("out", OUT, entry.arg(out), required=False)] if out else []) + [
+        Param("threads", THREADS, entry.arg("nthreads"), required=False)]
+
+
+def _normalising_params(spec: Spec, entry: Entry) -> list:
+    """x, gamma, beta and the moving statistics of a forward (fused, or with given moments)."""
+    return [
+        Param("x", DATA, entry.arg("x")),
+        _gamma(spec, entry),
+        Param("beta", PARAM, entry.arg("beta"), used=spec.center, required=spec.center,
+              why="center=True" if spec.center else "the spec has center=False"),
+    ] + _moving_params(spec, entry)
+
+
+def _forward_face(spec: Spec, entry: Entry, method: str) -> Face:
+    a = entry.arg
+    params = _normalising_params(spec, entry) + _variant_params(spec, entry) + _tail(entry, "y")
     if method == "forward":
         return Face(method, entry, tuple(params), ("y", "mean", "variance") + (("r", "d") if a("r") else ()))
     return Face(method, entry, tuple(params), ("y",), single=True)
@@ -147,16 +182,11 @@ def _adjust_params(spec: Spec, entry: Entry) -> list:
 
 def _backward_face(spec: Spec, entry: Entry) -> Face:
     a = entry.arg
-    relu = spec.activation == "relu"
     params = [
         Param("dy", DATA, a("dy")),
         Param("x", DATA, a("x")),  # (a frozen layer without dgamma or a mask reads only its shape)
-        Param("gamma", PARAM, a("gamma"), used=spec.scale, required=spec.scale,
-              why="scale=True" if spec.scale else "the spec has scale=False"),
-        Param("beta", PARAM, a("beta"), used=relu and spec.center, required=relu and spec.center,
-              why="activation='relu' with center=True: the mask recomputes the forward output, which adds beta; "
-                  "pass it as beta=" if relu and spec.center
-              else "backward needs beta only with activation='relu' and center=True"),
+        _gamma(spec, entry),
+        _mask_beta(spec, entry, "backward"),
     ]
     if entry.phase == Phase.BACKWARD:
         unused = f"{f'mode {spec.mode}' if spec.mode else 'training'} gradients are taken at the statistics forward used"
@@ -184,10 +214,49 @@ def _backward_face(spec: Spec, entry: Entry) -> Face:
     if entry.phase != Phase.BACKWARD:
         params += [Param(n, PARAM, used=False, required=False, why="the spec has renorm=False" if not spec.renorm
                          else "a frozen layer's gradient has no renorm correction") for n in ("r", "d")]
-    params += _adjust_params(spec, entry)
-    params += [Param("out", OUT, a("dx"), required=False), Param("threads", THREADS, a("nthreads"), required=False)]
+    params += _adjust_params(spec, entry) + _tail(entry, "dx")
     # a training step passes the statistics of its own forward: new arrays at every step
     return Face("backward", entry, tuple(params), ("dx", "dgamma", "dbeta"), lasting=entry.phase != Phase.BACKWARD)
+
+
+# The split phases of a training step (statistics merged across processes): x is this
+# process's share of the batch; the statistics that cross processes are float64.
+def _moments_face(spec: Spec, entry: Entry) -> Face:
+    return Face("moments", entry, (Param("x", DATA, entry.arg("x")),) + tuple(_tail(entry, None)), ("moments",),
+                single=True, partial=True)
+
+
+def _normalize_face(spec: Spec, entry: Entry) -> Face:
+    merged = Param("moments", STAT64, entry.arg("moments"), counted=True)
+    return Face("normalize", entry, tuple(_normalising_params(spec, entry) + [merged] + _tail(entry, "y")),
+                ("y", "mean", "variance"), partial=True)
+
+
+def _statistics64(entry: Entry) -> list:
+    """mean and variance of the split gradients: float64 (the merged ones, exact), or the parameter dtype."""
+    return [Param(n, STAT64, entry.arg(n), converts=True) for n in ("mean", "variance")]
+
+
+def _backward_sums_face(spec: Spec, entry: Entry) -> Face:
+    relu = spec.activation == "relu"
+    why = ("activation='relu': the mask recomputes the forward output" if relu
+           else "backward_sums needs it only for the mask of activation='relu'")
+    params = [Param("dy", DATA, entry.arg("dy")), Param("x", DATA, entry.arg("x"))]
+    params += [Param(n, PARAM, entry.arg(n), used=relu and used, required=relu and used, why=why)
+               for n, used in (("gamma", spec.scale), ("beta", spec.center))]
+    return Face("backward_sums", entry, tuple(params + _statistics64(entry) + _tail(entry, None)), ("sums",),
+                single=True, partial=True)
+
+
+def _backward_apply_face(spec: Spec, entry: Entry) -> Face:
+    params = [Param("dy", DATA, entry.arg("dy")), Param("x", DATA, entry.arg("x")), _gamma(spec, entry),
+              _mask_beta(spec, entry, "backward_apply")] + _statistics64(entry)
+    params += [Param("sums", STAT64, entry.arg("sums")), Param("count", COUNT, entry.arg("count"))]
+    return Face("backward_apply", entry, tuple(params + _tail(entry, "dx")), ("dx", "dgamma", "dbeta"), partial=True)
+
+
+_SPLIT_FACES = {Phase.MOMENTS: _moments_face, Phase.NORMALIZE: _normalize_face,
+                Phase.BACKWARD_SUMS: _backward_sums_face, Phase.BACKWARD_APPLY: _backward_apply_face}
 
 
 # -- the checked path ----------------------------------------------------------------------------------
@@ -200,9 +269,9 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
         if p.alias is not None:
             values[p.name] = _one_of(p.name, values.get(p.name), p.alias, values.pop(p.alias, None))
     # The caller's arrays, before any copy: those written must share no memory with them.
-    given = [(p.name, values.get(p.name)) for p in face.params if p.kind != THREADS]
+    given = [(p.name, values.get(p.name)) for p in face.params if p.kind not in (THREADS, SCALAR, COUNT)]
     data = [p for p in face.params if p.kind == DATA]
-    checked: Dict[str, Any] = {"x": check_x(kernel, values["x"])}
+    checked: Dict[str, Any] = {"x": check_x(kernel, values["x"], allow_empty=face.partial)}
     x = checked["x"]
     ghosts = check_ghosts(spec, x)
     for p in data:
@@ -226,40 +295,50 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
                                          "one value per sample (x.shape[:axis])")
         elif p.kind == SCALAR:
             checked[p.name] = check_scalar(p.name, values.get(p.name), p.used, p.why)
+        elif p.kind == STAT64:
+            checked[p.name] = check_stat64(kernel, p.name, values.get(p.name), stat64_shape(p.arg, plan.channels),
+                                           param_ok=p.converts)
+            if p.counted:
+                check_counts(spec, p.name, checked[p.name])
+        elif p.kind == COUNT:
+            checked[p.name] = check_count(p.name, values.get(p.name), x.size // plan.channels)
     if all(face.param(n) is not None and face.param(n).used for n in CLIP_BOUNDS):
         check_clip_bounds(*(values.get(n) for n in CLIP_BOUNDS))
     nthreads = check_threads(kernel, values.get("threads"))
     outer = int(np.prod(x.shape[:first], dtype=np.int64))
     inner = int(np.prod(x.shape[last + 1:], dtype=np.int64))
-    if outer * inner < spec.min_values_per_feature:
+    if outer * inner < spec.min_values_per_feature and not face.partial:
         raise ValueError(
             f"x: shape {x.shape} gives one value per feature, so the unbiased variance n/(n-1) "
             "is undefined (the spec has unbiased=True)"
         )
     out_param = face.param("out")
-    out = check_out(kernel, values.get("out"), x.shape)
+    out = check_out(kernel, values.get("out"), x.shape) if out_param else None
     _check_no_overlap([(n, out if n == "out" else v) for n, v in given], written=written)
 
-    target = _aligned_target(out)
+    target = None if out is None else _aligned_target(out)
     stat_shape = x.shape[:first] if spec.mode == 1 else (plan.channels,) if ghosts is None else (ghosts, plan.channels)
     # may_stream: C writes the caller's buffer, not a new array's fresh pages
     streams = values.get("out") is not None and target is out
     c_values = {"outer": outer, "inner": inner, "nthreads": nthreads, "may_stream": int(streams), "batch": x.shape[0]}
     for p in face.params:
-        if p.arg is not None and p.kind in (DATA, PARAM, SAMPLE, SCALAR, GHOST):
+        if p.arg is not None and p.kind in (DATA, PARAM, SAMPLE, SCALAR, GHOST, STAT64, COUNT):
             c_values[p.arg.name] = checked[p.name]
-    c_values[out_param.arg.name] = target
     results: Dict[str, Any] = {}
+    if out_param:
+        c_values[out_param.arg.name] = target
+        results[out_param.arg.name] = out
     for arg in face.entry.args:
         if arg.role in (Role.STAT_OUT, Role.GRAD_OUT):
             wanted = arg.name in face.results
             c_values[arg.name] = results[arg.name] = (
                 np.empty(stat_shape if arg.role == Role.STAT_OUT else (plan.channels,), kernel.param_dtype)
                 if wanted else None)
+        elif arg.role == Role.STAT64_OUT:
+            c_values[arg.name] = results[arg.name] = np.zeros(stat64_shape(arg, plan.channels))
     kernel.entry_function(face.entry)(*_c_arguments(kernel, face.entry, c_values))
     if target is not out:
         out[...] = target
-    results[out_param.arg.name] = out
     if face.single:
         return results[face.results[0]]
     return tuple(results.get(name) for name in face.results)
@@ -280,7 +359,10 @@ def _c_arguments(kernel, entry: Entry, values: Dict[str, Any]) -> list:
     return args
 
 
-def _refuse_masked(name: str, value) -> None:
+def _plain_array(name: str, value, of: str = "") -> None:
+    """Raises unless `value` is an ndarray and not a masked one (`of`: the dtypes wanted, for the message)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray{of and ' of ' + of}, got {type(value).__name__}")
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name}: is a numpy.ma.MaskedArray, whose mask bngen would ignore; "
                         "pass a plain ndarray (e.g. np.ma.filled(value, fill))")
@@ -291,9 +373,7 @@ def check_x(kernel, x, allow_empty: bool = False) -> np.ndarray:
     `allow_empty`: a zero-sized batch is valid (the split phases: another process may
     hold the whole batch)."""
     spec = kernel.spec
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
-    _refuse_masked("x", x)
+    _plain_array("x", x)
     if x.dtype != kernel.dtype:
         raise TypeError(f"x: dtype is {x.dtype}, but the kernel was built for {spec.dtype}")
     if x.ndim != spec.ndim or any(want is not None and got != want for got, want in zip(x.shape, spec.shape)):
@@ -305,9 +385,7 @@ def check_x(kernel, x, allow_empty: bool = False) -> np.ndarray:
 
 def check_like(kernel, name: str, value, x: np.ndarray) -> np.ndarray:
     """An array that must have x's shape and the kernel's dtype (dy)."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(value).__name__}")
-    _refuse_masked(name, value)
+    _plain_array(name, value)
     if value.dtype != kernel.dtype:
         raise TypeError(f"{name}: dtype is {value.dtype}, but the kernel was built for {kernel.spec.dtype}")
     if value.shape != x.shape:
@@ -324,9 +402,7 @@ def check_param(kernel, name: str, value, used: bool, why: str, writable: bool =
     if not used:
         raise TypeError(f"{name}: not used by this kernel ({why}); pass None")
     pdtype, channels = kernel.param_dtype, kernel.plan.channels
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray of {pdtype}, got {type(value).__name__}")
-    _refuse_masked(name, value)
+    _plain_array(name, value, str(pdtype))
     if value.dtype != pdtype:
         raise TypeError(f"{name}: dtype is {value.dtype}; parameters of a {kernel.spec.dtype} kernel are {pdtype}")
     if value.shape != (channels,):
@@ -348,14 +424,17 @@ def check_stat(kernel, name: str, value, why: str, shape, per: str) -> np.ndarra
     which, for the message."""
     if value is None:
         raise TypeError(f"{name}: required ({why})")
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray of {kernel.param_dtype}, got {type(value).__name__}")
-    _refuse_masked(name, value)
+    _plain_array(name, value, str(kernel.param_dtype))
     if value.dtype != kernel.param_dtype:
         raise TypeError(f"{name}: dtype is {value.dtype}; statistics of a {kernel.spec.dtype} kernel are {kernel.param_dtype}")
     if value.shape != tuple(shape):
         raise ValueError(f"{name}: shape is {value.shape}; expected {tuple(shape)}, {per}")
     return _c_array(value)
+
+
+def stat64_shape(arg: Arg, channels: int) -> Tuple[int, ...]:
+    """The shape of a float64 statistics argument (Role.STAT64_*): (rows, C), or (C,)."""
+    return (arg.rows, channels) if arg.rows else (channels,)
 
 
 def check_stat64(kernel, name: str, value, shape, param_ok: bool = False) -> np.ndarray:
@@ -364,9 +443,7 @@ def check_stat64(kernel, name: str, value, shape, param_ok: bool = False) -> np.
     kinds = "float64" + (f" (or {kernel.param_dtype})" if param_ok and kernel.param_dtype != np.float64 else "")
     if value is None:
         raise TypeError(f"{name}: required, a numpy.ndarray of {kinds} with shape {shape}")
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray of {kinds}, got {type(value).__name__}")
-    _refuse_masked(name, value)
+    _plain_array(name, value, kinds)
     if value.dtype != np.float64 and not (param_ok and value.dtype == kernel.param_dtype):
         raise TypeError(f"{name}: dtype is {value.dtype}; expected {kinds}")
     if value.shape != tuple(shape):
@@ -374,13 +451,33 @@ def check_stat64(kernel, name: str, value, shape, param_ok: bool = False) -> np.
     return _c_array(value.astype(np.float64, copy=False))
 
 
+def check_counts(spec: Spec, name: str, value: np.ndarray) -> None:
+    """Row 0 of merged moments: counts of values per feature, each finite and above
+    ``Spec.min_values_per_feature - 1`` (the merged batch is not empty, nor one value
+    where the unbiased variance needs two)."""
+    count = value[0]
+    if not (np.all(np.isfinite(count)) and np.all(count > 0)):
+        raise ValueError(f"{name}: the counts (row 0) must be finite and > 0: the merged batch is empty")
+    if np.any(count <= spec.min_values_per_feature - 1):  # (counts are whole numbers)
+        raise ValueError(f"{name}: a count (row 0) of 1 value per feature leaves the unbiased variance "
+                         "n/(n-1) undefined (the spec has unbiased=True)")
+
+
+def check_count(name: str, value, local: int) -> float:
+    """The values per feature over every process: a number > 0, and at least `local`
+    (this process's values per feature)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value <= 0 or value < local:
+        raise ValueError(f"{name}: {value!r} must be a number > 0 and at least this batch's {local} values "
+                         "per feature (the values per feature over every process)")
+    return float(value)
+
+
 def check_out(kernel, out, shape) -> np.ndarray:
     """out: a new array, or the caller's, of x's shape and dtype, C-contiguous and writable."""
     if out is None:
         return np.empty(shape, kernel.dtype)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
-    _refuse_masked("out", out)
+    _plain_array("out", out)
     if out.dtype != kernel.dtype:
         raise TypeError(f"out: dtype is {out.dtype}; expected {kernel.dtype}")
     if out.shape != tuple(shape):
@@ -596,7 +693,7 @@ def fast_path(kernel, face: Face, checked):
     dyn = [f"shape[{i}]" for i, d in enumerate(spec.shape) if d is None]
     if dyn:
         emit(f"if not ({' and '.join(dyn)}): raise _Refused")  # a zero-sized dimension
-    if spec.min_values_per_feature > 1:
+    if spec.min_values_per_feature > 1 and not face.partial:
         n_expr = " * ".join([sizes.get("outer", str(plan.outer)), sizes.get("inner", str(plan.inner))])
         emit(f"if {n_expr} < {spec.min_values_per_feature}: raise _Refused")
     others = [p for p in face.params if p.kind == DATA and p.name != "x"]
@@ -630,39 +727,54 @@ def fast_path(kernel, face: Face, checked):
     for p in data:
         emit(f"if not {p.name}.flags.aligned: raise _Refused")
         emit(f"c_{p.name} = from_buffer(data_ct, {p.name})")
-    # per-sample statistics (mode 1's backward) and per-ghost ones (ghost batch norm's, shape (G, C)): new
-    # arrays every step, checked inline
-    samples = [p for p in face.params if p.kind in (SAMPLE, GHOST)]
+    # per-sample statistics (mode 1's backward), per-ghost ones (ghost batch norm's, shape (G, C)) and the
+    # split phases' float64 ones: new arrays every step, checked inline
+    samples = [p for p in face.params if p.kind in (SAMPLE, GHOST, STAT64)]
     for p in samples:
-        want = f"shape[:{first}]" if p.kind == SAMPLE else f"(batch // {spec.virtual_batch_size}, channels)"
-        emit(f"if {p.name}.__class__ is not ndarray or {p.name}.dtype is not pdtype or {p.name}.shape != {want} "
+        if p.kind == STAT64:
+            want, ptype, ct = str(stat64_shape(p.arg, plan.channels)), "f64", "double_ct"
+        else:
+            want = f"shape[:{first}]" if p.kind == SAMPLE else f"(batch // {spec.virtual_batch_size}, channels)"
+            ptype, ct = "pdtype", "param_ct"
+        emit(f"if {p.name}.__class__ is not ndarray or {p.name}.dtype is not {ptype} or {p.name}.shape != {want} "
              f"or not {p.name}.flags.aligned: raise _Refused")
-        emit(f"c_{p.name} = from_buffer(param_ct, {p.name})")
+        emit(f"c_{p.name} = from_buffer({ct}, {p.name})")
+        if p.counted:  # (NaN compares false: refused)
+            emit(f"if not (least({p.name}[0]) > {spec.min_values_per_feature - 1} and most({p.name}[0]) < inf): "
+                 "raise _Refused")
+    for p in face.params:
+        if p.kind == COUNT:  # (NaN compares false: refused; ints and NumPy's float64 pass as they are)
+            emit(f"if {p.name}.__class__ is not float and {p.name}.__class__ is not int and {p.name}.__class__ is not "
+                 f"float64 or not (0 < {p.name} < inf and {p.name} >= x.size // channels): raise _Refused")
     out = face.param("out")
-    y = out.arg.name
-    emit("if out is None:")
-    emit(f"    {y} = empty(shape, dtype)")
-    emit(f"    c_{y} = from_buffer(data_ct, {y})  # writable: it is new")
-    emit("elif out.__class__ is not ndarray or (out.dtype is not dtype and out.dtype != dtype) "
-         "or out.shape != shape or not out.flags.aligned:")
-    emit("    raise _Refused")
-    emit("else:")
-    emit(f"    {y} = out")
-    emit(f"    c_{y} = from_buffer(data_ct, {y}, True)  # ValueError if read-only")
+    y = out.arg.name if out else None
+    if out:
+        emit("if out is None:")
+        emit(f"    {y} = empty(shape, dtype)")
+        emit(f"    c_{y} = from_buffer(data_ct, {y})  # writable: it is new")
+        emit("elif out.__class__ is not ndarray or (out.dtype is not dtype and out.dtype != dtype) "
+             "or out.shape != shape or not out.flags.aligned:")
+        emit("    raise _Refused")
+        emit("else:")
+        emit(f"    {y} = out")
+        emit(f"    c_{y} = from_buffer(data_ct, {y}, True)  # ValueError if read-only")
     # an array written shares memory with no other argument
-    emit("if spans or out is not None:")
+    emit("if spans or out is not None:" if out else "if spans:")
     emit("    size = x.size")
     for p in data:
         emit(f"    e_{p.name} = c_{p.name} + size")
     emit("    for start, end in spans:")
     emit(f"        if {' or '.join(f'start < e_{p.name} and c_{p.name} < end' for p in data)}: raise _Refused")
-    emit("    if out is not None:")
-    emit(f"        e_{y} = c_{y} + size")
-    emit(f"        if {' or '.join(f'c_{y} < e_{p.name} and c_{p.name} < e_{y}' for p in data)}: raise _Refused")
-    emit("        for start in pointers:")
-    emit(f"            if start is not null and start < e_{y} and c_{y} < start + channels: raise _Refused")
     for p in samples:
-        emit(f"        if c_{p.name} < e_{y} and c_{y} < c_{p.name} + {p.name}.size: raise _Refused")
+        emit(f"        if start < c_{p.name} + {p.name}.size and c_{p.name} < end: raise _Refused")
+    if out:
+        emit("    if out is not None:")
+        emit(f"        e_{y} = c_{y} + size")
+        emit(f"        if {' or '.join(f'c_{y} < e_{p.name} and c_{p.name} < e_{y}' for p in data)}: raise _Refused")
+        emit("        for start in pointers:")
+        emit(f"            if start is not null and start < e_{y} and c_{y} < start + channels: raise _Refused")
+        for p in samples:
+            emit(f"        if c_{p.name} < e_{y} and c_{y} < c_{p.name} + {p.name}.size: raise _Refused")
     body = ["    try:"] + ["        " + line for line in lines]
     body += ["    except (_Refused, ValueError):  # ValueError: from_buffer's refusals",
              "        pass  # the checked path runs below, outside this handler, so its errors chain to nothing",
@@ -691,6 +803,14 @@ def fast_path(kernel, face: Face, checked):
                 results[arg.name] = arg.name
             else:
                 call.append("null")
+        elif arg.role == Role.STAT64_IN:
+            call.append(f"c_{arg.name}")
+        elif arg.role == Role.STAT64_OUT:
+            body.append(f"        {arg.name} = zeros({stat64_shape(arg, plan.channels)})")
+            call.append(f"from_buffer(double_ct, {arg.name})")
+            results[arg.name] = arg.name
+        elif arg.role == Role.COUNT:
+            call.append(arg.name)
         elif arg.role == Role.SIZE:
             call.append(arg.name)
         elif arg.role == Role.THREADS:
@@ -701,7 +821,8 @@ def fast_path(kernel, face: Face, checked):
             call.append("out is not None")
         else:  # pragma: no cover - a role the binder does not know yet
             raise NotImplementedError(f"binder: role {arg.role} of {entry.name}")
-    results[y] = y
+    if out:
+        results[y] = y
     body.append(f"        run({', '.join(call)})")
     returned = [results.get(name, "None") for name in face.results]
     body.append(f"        return {returned[0] if face.single else '(' + ', '.join(returned) + ',)'}")
@@ -713,7 +834,9 @@ def fast_path(kernel, face: Face, checked):
         "pdtype": kernel.param_dtype, "cshape": (plan.channels,), "cstrides": (kernel.param_dtype.itemsize,),
         "channels": plan.channels, "last": memory.last, "recall": memory.recall, "from_buffer": kernel.ffi.from_buffer,
         "data_ct": kernel.ffi.typeof(kernel.data_ctype), "param_ct": kernel.ffi.typeof(kernel.param_ctype),
-        "empty": np.empty, "null": kernel.ffi.NULL, "nan": math.nan, "run": kernel.entry_function(entry), "checked": checked,
+        "empty": np.empty, "zeros": np.zeros, "null": kernel.ffi.NULL, "nan": math.nan, "inf": math.inf,
+        "f64": np.dtype(np.float64), "float64": np.float64, "double_ct": kernel.ffi.typeof("double[]"),
+        "least": np.minimum.reduce, "most": np.maximum.reduce, "run": kernel.entry_function(entry), "checked": checked,
     }
     exec(compile(source, f"<bngen fast {face.method} of {entry.name}>", "exec"), scope)
     function = scope["call" if face.method == "__call__" else face.method]

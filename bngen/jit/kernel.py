@@ -8,8 +8,7 @@ entry points: a checked path and, for well-formed calls, a generated fast path.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import numpy as np
 
@@ -171,13 +170,7 @@ class Kernel:
         Chan's formula (`bngen.statistics.merge_moments`) into those of their union;
         `normalize` takes the merged ones.  x may have an empty batch (count 0).
         """
-        owner, entry = self._split_entry("bn_moments", "moments")
-        x = binder.check_x(self, x, allow_empty=True)
-        nthreads = binder.check_threads(self, threads)
-        moments = np.zeros((3, self.plan.channels), np.float64)
-        values = dict(self._split_sizes(x), x=x, moments=moments, nthreads=nthreads)
-        owner._lib_call(entry, values)
-        return moments
+        return self._split_call("moments", dict(x=x, threads=threads))
 
     def normalize(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, moments,
                   out=None, threads=None):
@@ -188,45 +181,9 @@ class Kernel:
         given, ``unbiased=True`` with the merged count.  x may have an empty batch: the
         moving statistics are still updated, as on every other process.
         """
-        spec = self.spec
-        owner, entry = self._split_entry("bn_normalize", "normalize")
-        given = [("x", x), ("gamma", gamma), ("beta", beta), ("out", out), ("moving_mean", moving_mean),
-                 ("moving_variance", moving_variance), ("moments", moments)]
-        x = binder.check_x(self, x, allow_empty=True)
-        gamma = binder.check_param(self, "gamma", gamma, spec.scale,
-                                   "scale=True" if spec.scale else "the spec has scale=False")
-        beta = binder.check_param(self, "beta", beta, spec.center,
-                                  "center=True" if spec.center else "the spec has center=False")
-        if spec.updates_moving_stats:
-            why = "training updates them in place when given"
-            moving_mean = binder.check_param(self, "moving_mean", moving_mean, True, why, writable=True,
-                                             required=False)
-            moving_variance = binder.check_param(self, "moving_variance", moving_variance, True, why, writable=True,
-                                                 required=False)
-        else:
-            why = f"mode {spec.mode} keeps no moving statistics"
-            binder.check_param(self, "moving_mean", moving_mean, False, why)
-            binder.check_param(self, "moving_variance", moving_variance, False, why)
-        moments = binder.check_stat64(self, "moments", moments, (3, self.plan.channels))
-        count = moments[0]
-        if not (np.all(np.isfinite(count)) and np.all(count > 0)):
-            raise ValueError("moments: the counts (row 0) must be finite and > 0: the merged batch is empty")
-        if spec.updates_moving_stats and spec.unbiased and np.any(count <= 1):
-            raise ValueError("moments: a count (row 0) of 1 value per feature leaves the unbiased variance "
-                             "n/(n-1) undefined (the spec has unbiased=True)")
-        nthreads = binder.check_threads(self, threads)
-        y = binder.check_out(self, out, x.shape)
-        binder._check_no_overlap(given, written={"out", "moving_mean", "moving_variance"})
-        mean = np.empty(self.plan.channels, self.param_dtype)
-        variance = np.empty(self.plan.channels, self.param_dtype)
-        target = binder._aligned_target(y)
-        values = dict(self._split_sizes(x), x=x, y=target, gamma=gamma, beta=beta, moving_mean=moving_mean,
-                      moving_variance=moving_variance, mean=mean, variance=variance, moments=moments,
-                      nthreads=nthreads)
-        owner._lib_call(entry, values)
-        if target is not y:
-            y[...] = target
-        return y, mean, variance
+        return self._split_call("normalize", dict(
+            x=x, gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance, moments=moments,
+            out=out, threads=threads))
 
     def backward_sums(self, dy, x, mean, variance, *, gamma=None, beta=None, threads=None) -> np.ndarray:
         """This batch's share of the gradient sums: a float64 array of shape (2, C) with
@@ -239,23 +196,8 @@ class Kernel:
         ``activation="relu"`` dy is masked where the forward output was not positive,
         which needs ``gamma=`` (with ``scale=True``) and ``beta=`` (with ``center=True``).
         """
-        spec = self.spec
-        owner, entry = self._split_entry("bn_backward_sums", "backward_sums")
-        relu = spec.activation == "relu"
-        x = binder.check_x(self, x, allow_empty=True)
-        dy = binder.check_like(self, "dy", dy, x)
-        why = "activation='relu': the mask recomputes the forward output" if relu else \
-            "backward_sums needs it only for the mask of activation='relu'"
-        gamma = binder.check_param(self, "gamma", gamma, relu and spec.scale, why)
-        beta = binder.check_param(self, "beta", beta, relu and spec.center, why)
-        mean = binder.check_stat64(self, "mean", mean, (self.plan.channels,), param_ok=True)
-        variance = binder.check_stat64(self, "variance", variance, (self.plan.channels,), param_ok=True)
-        nthreads = binder.check_threads(self, threads)
-        sums = np.zeros((2, self.plan.channels), np.float64)  # the only array written: new
-        values = dict(self._split_sizes(x), dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance,
-                      sums=sums, nthreads=nthreads)
-        owner._lib_call(entry, values)
-        return sums
+        return self._split_call("backward_sums", dict(
+            dy=dy, x=x, mean=mean, variance=variance, gamma=gamma, beta=beta, threads=threads))
 
     def backward_apply(self, dy, x, gamma=None, mean=None, variance=None, *, sums, count, out=None, beta=None,
                        threads=None):
@@ -267,59 +209,23 @@ class Kernel:
         sum(dy*x_hat))`` with n = count.  `mean` and `variance` as in `backward_sums`;
         ``beta=`` for a fused ReLU with ``center=True``.
         """
-        spec = self.spec
-        owner, entry = self._split_entry("bn_backward_apply", "backward_apply")
-        relu = spec.activation == "relu"
-        given = [("dy", dy), ("x", x), ("gamma", gamma), ("beta", beta), ("mean", mean), ("variance", variance),
-                 ("sums", sums)]
-        x = binder.check_x(self, x, allow_empty=True)
-        dy = binder.check_like(self, "dy", dy, x)
-        gamma = binder.check_param(self, "gamma", gamma, spec.scale,
-                                   "scale=True" if spec.scale else "the spec has scale=False")
-        beta_why = ("activation='relu' with center=True: the mask recomputes the forward output, which adds beta; "
-                    "pass it as beta=" if relu and spec.center
-                    else "backward_apply needs beta only with activation='relu' and center=True")
-        beta = binder.check_param(self, "beta", beta, relu and spec.center, beta_why)
-        mean = binder.check_stat64(self, "mean", mean, (self.plan.channels,), param_ok=True)
-        variance = binder.check_stat64(self, "variance", variance, (self.plan.channels,), param_ok=True)
-        sums = binder.check_stat64(self, "sums", sums, (2, self.plan.channels))
-        local = x.size // self.plan.channels
-        if isinstance(count, bool) or not isinstance(count, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(count) or count <= 0 or count < local:
-            raise ValueError(f"count: {count!r} must be a number > 0 and at least this batch's {local} values "
-                             "per feature (the values per feature over every process)")
-        nthreads = binder.check_threads(self, threads)
-        dx = binder.check_out(self, out, x.shape)
-        binder._check_no_overlap(given + [("out", dx)], written={"out"})
-        dgamma = np.empty(self.plan.channels, self.param_dtype) if spec.scale else None
-        dbeta = np.empty(self.plan.channels, self.param_dtype) if spec.center else None
-        target = binder._aligned_target(dx)
-        values = dict(self._split_sizes(x), dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance,
-                      sums=sums, count=float(count), dx=target, dgamma=dgamma, dbeta=dbeta, nthreads=nthreads)
-        owner._lib_call(entry, values)
-        if target is not dx:
-            dx[...] = target
-        return dx, dgamma, dbeta
+        return self._split_call("backward_apply", dict(
+            dy=dy, x=x, gamma=gamma, mean=mean, variance=variance, sums=sums, count=count, out=out, beta=beta,
+            threads=threads))
 
-    def _split_entry(self, name: str, method: str) -> Tuple["Kernel", Entry]:
-        """The kernel that holds the split phase `name` (this one, or the same spec built
-        with its split phases on first use) and that entry."""
+    def _split_call(self, method: str, values: dict):
+        """Runs split phase `method` here (the checked path) or, for a kernel built without
+        the split phases, on the same spec built with them on first use (its fast path)."""
+        face = self._faces.get(method)
+        if face is not None:
+            return binder.call_checked(self, face, values)
         if not has_split_phases(self.spec):
             kind = ("mode 1" if self.spec.mode == 1 else "mode-0 inference" if not self.spec.uses_batch_stats
                     else "a statistics variant (renorm, virtual_batch_size or adjustment)")
             raise TypeError(f"{method}: only kernels of plain specs that normalise with batch statistics (training, "
                             f"or mode 2) have split phases; this one is {kind}")
-        owner = self
-        if self.plan.entry(name) is None:
+        if self._split_kernel is None:
             if self.rebuild is None:
                 raise TypeError(f"{method}: this kernel was not made by bngen.build, which builds the split phases")
-            owner = self._split_kernel = self._split_kernel or self.rebuild(split=True)
-        return owner, owner.plan.entry(name)
-
-    def _split_sizes(self, x: np.ndarray) -> dict:
-        first, last = self.spec.axis[0], self.spec.axis[-1]
-        return {"outer": int(np.prod(x.shape[:first], dtype=np.int64)),
-                "inner": int(np.prod(x.shape[last + 1:], dtype=np.int64))}
-
-    def _lib_call(self, entry: Entry, values: dict) -> None:
-        self.entry_function(entry)(*binder._c_arguments(self, entry, values))
+            self._split_kernel = self.rebuild(split=True)
+        return getattr(self._split_kernel, method)(**values)

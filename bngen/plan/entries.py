@@ -4,7 +4,7 @@ Every C function bngen generates -- the JIT kernels, the exported ones, the bake
 inference kernel and the bench's memory probes -- is an `Entry` made here, and nowhere
 else: its `Phase` says what it computes, each `Arg`'s `Role` what the argument is.  The
 C prototypes (templates/macros.j2), the cffi declarations, the exported header and the
-Python binder (bngen.binder) are all rendered or derived from these records, so the C
+Python binder (bngen.jit.binder) are all rendered or derived from these records, so the C
 argument order of an entry is written down in exactly one place: the functions below.
 """
 
@@ -76,6 +76,7 @@ class Arg:
     name: str
     role: Role
     nullable: bool = False  # the caller may pass NULL (C then skips that work)
+    rows: int = 0  # arrays of statistics as doubles (Role.STAT64_*): rows of C values (0: one row, shape (C,))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
@@ -170,18 +171,18 @@ def split_entries(spec: Spec, sizes: Tuple[Arg, ...]) -> Tuple[Entry, ...]:
     if spec.updates_moving_stats:
         moving = (Arg("moving_mean", Role.PARAM_INOUT, True), Arg("moving_variance", Role.PARAM_INOUT, True))
     x = (Arg("x", Role.DATA_IN),)
-    moments = Entry("bn_moments", x + (Arg("moments", Role.STAT64_OUT),) + sizes, Phase.MOMENTS)
+    moments = Entry("bn_moments", x + (Arg("moments", Role.STAT64_OUT, rows=3),) + sizes, Phase.MOMENTS)
     normalize = Entry("bn_normalize", x + (Arg("y", Role.DATA_OUT),) + gamma + beta + moving + (
-        Arg("mean", Role.STAT_OUT, True), Arg("variance", Role.STAT_OUT, True), Arg("moments", Role.STAT64_IN)) + sizes,
-        Phase.NORMALIZE)
+        Arg("mean", Role.STAT_OUT, True), Arg("variance", Role.STAT_OUT, True), Arg("moments", Role.STAT64_IN, rows=3))
+        + sizes, Phase.NORMALIZE)
     mask = (gamma + beta) if relu else ()  # the ReLU mask recomputes the forward output gamma * x_hat + beta
     dy = (Arg("dy", Role.DATA_IN),)
-    sums = Entry("bn_backward_sums", dy + x + mask + stats + (Arg("sums", Role.STAT64_OUT),) + sizes,
+    sums = Entry("bn_backward_sums", dy + x + mask + stats + (Arg("sums", Role.STAT64_OUT, rows=2),) + sizes,
                  Phase.BACKWARD_SUMS)
     grads = ((Arg("dgamma", Role.GRAD_OUT),) if spec.scale else ()) + (
         (Arg("dbeta", Role.GRAD_OUT),) if spec.center else ())
     apply = Entry("bn_backward_apply", dy + x + gamma + (beta if relu else ()) + stats + (
-        Arg("sums", Role.STAT64_IN), Arg("count", Role.COUNT), Arg("dx", Role.DATA_OUT)) + grads + sizes,
+        Arg("sums", Role.STAT64_IN, rows=2), Arg("count", Role.COUNT), Arg("dx", Role.DATA_OUT)) + grads + sizes,
         Phase.BACKWARD_APPLY)
     return moments, normalize, sums, apply
 

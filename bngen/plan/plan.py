@@ -84,7 +84,7 @@ class Plan:
     stream_chunk: int = DEFAULT_TUNING.stream_chunk
     coef_table: bool = False  # channels-first inference: coefficients first, then runs in memory order
     stage: int = DEFAULT_TUNING.stage_values  # values per span a staged plan streams out through L1
-    # Entries whose Python calls have a generated fast path (bngen.binder): every entry
+    # Entries whose Python calls have a generated fast path (bngen.jit.binder): every entry
     # the JIT calls.  Pinned by a table in the tests.
     fast_entries: Tuple[str, ...] = ()
     # How a channels-first channel is cut into statistics / gradient blocks: "runs" (each
