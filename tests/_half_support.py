@@ -1,4 +1,4 @@
-"""What the half-precision tests share (tests/test_half.py, tests/test_emit_half.py): the
+"""What the half-precision tests share (tests/jit/test_half.py, tests/aot/test_emit_half.py): the
 spacing of float16 and bfloat16, the one-ulp comparison with the oracle, and the
 strategy that draws their inputs."""
 

@@ -1,4 +1,4 @@
-"""One rank of a synchronized-batch-norm test, launched by tests/test_distributed.py.
+"""One rank of a synchronized-batch-norm test, launched by tests/layers/test_distributed.py.
 
     python _sync_rank.py torch PORT RANK WORLD CONFIG OUTDIR   (torch.distributed, gloo, 127.0.0.1)
     python _sync_rank.py mpi CONFIG OUTDIR                     (under mpiexec; mpi4py)

@@ -30,7 +30,7 @@ def _launch(tmp_path):
     """Runs the WORLD ranks on a free port; ``(procs, logs, outs)``.  Every rank is killed
     if it outlives TIMEOUT."""
     port = free_loopback_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1])] + sys.path),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2])] + sys.path),
                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")  # gloo's pair sockets on the loopback too
     outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(port), str(outs[r])], env=env,

@@ -22,7 +22,7 @@ import bngen
 from bngen.jit import cache as cache_mod
 from bngen.jit.compiler import Compiler
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = textwrap.dedent(
     """

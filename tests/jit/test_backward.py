@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from strategies import feature_shape
+from strategies import backward_problems as problems
+from strategies import backward_reference as reference
+from strategies import feature_shape, run_backward
 
 import bngen
 from bngen import oracle
@@ -46,54 +48,6 @@ F32_SPECS = [
 def _ids(spec):
     flags = "".join(f for f, on in (("g", spec.scale), ("b", spec.center), ("r", spec.activation)) if on)
     return f"{spec.dtype}-{'train' if spec.uses_batch_stats else 'frozen'}-m{spec.mode}-ax{''.join(map(str, spec.axis))}-{flags}"
-
-
-@st.composite
-def problems(draw, spec):
-    """Concrete arrays for `spec`: sizes for its None dims, x with per-channel offsets and
-    scales (some channels constant), dy, parameters and moving statistics."""
-    shape = tuple(draw(st.integers(1, 5)) if d is None else d for d in spec.shape)
-    seed = draw(st.integers(0, 2**32 - 1))
-    spread = draw(st.sampled_from([1e-2, 1.0, 30.0]))
-    offset = draw(st.sampled_from([0.0, 1.0, 100.0]))
-    constant = draw(st.booleans())
-    rng = np.random.default_rng(seed)
-    c = spec.channels
-    centers = (offset * rng.standard_normal(c)).reshape(feature_shape(spec, len(shape)))
-    x = centers + spread * rng.standard_normal(shape)
-    if constant and spec.mode == 1:  # the first sample constant: its variance exactly 0
-        x.reshape(-1, c)[0] = centers.reshape(-1)[0]
-    elif constant:  # the first feature constant over the batch: variance exactly 0
-        flat = x.reshape(-1, c, int(np.prod(shape[spec.axis[-1] + 1:], dtype=int)))
-        flat[:, 0, :] = centers.reshape(-1)[0]
-    dy = rng.standard_normal(shape) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
-    pd = spec.param_dtype
-    p = dict(
-        gamma=rng.standard_normal(c).astype(pd) if spec.scale else None,
-        beta=rng.standard_normal(c).astype(pd) if spec.center else None,
-        moving_mean=(centers.reshape(-1) + rng.standard_normal(c)).astype(pd),
-        moving_variance=(spread**2 * (0.5 + rng.random(c))).astype(pd),
-    )
-    dtype = numpy_dtype(spec.dtype)
-    return x.astype(dtype), dy.astype(dtype), p
-
-
-def run_backward(kernel, x, dy, p, threads=None):
-    """Kernel.backward the way a user calls it: the statistics forward returned, or the moving ones."""
-    spec = kernel.spec
-    beta = p["beta"] if spec.activation == "relu" else None
-    if spec.uses_batch_stats:
-        _, mean, var = kernel.forward(x, p["gamma"], p["beta"])
-    else:
-        mean, var = p["moving_mean"], p["moving_variance"]
-    return kernel.backward(dy, x, p["gamma"], mean, var, beta=beta, threads=threads)
-
-
-def reference(spec, x, dy, p):
-    beta = p["beta"] if spec.activation == "relu" else None
-    if spec.uses_batch_stats:
-        return oracle.backward(spec, dy, x, p["gamma"], beta=beta)
-    return oracle.backward(spec, dy, x, p["gamma"], p["moving_mean"], p["moving_variance"], beta=beta)
 
 
 def forward_output_before_relu(spec, x, p):

@@ -1,4 +1,4 @@
-"""One rank of the SyncBatchNorm test (tests/test_torch_sync.py): run as
+"""One rank of the SyncBatchNorm test (tests/interop/test_torch_sync.py): run as
 ``python _sync_worker.py RANK WORLD PORT OUT.pt``.
 
 Every rank makes the same full batch from a fixed seed and takes its slice of it; two

@@ -5,7 +5,7 @@ toolchain is not installed (fails under BNGEN_REQUIRE_TOOLCHAINS, as in CI).
 Property tests: 3 aarch64 kernels and 3 Cortex-M4 kernels, 8 hypothesis examples each,
 every example a batch of 3 draws of every entry point's calls (emit.calls) run by one
 emulated process.  Plus: the harness on both emulators, and the symbols of 6 Cortex-M4
-objects (kinds x layouts).  tests/test_emit_entries.py runs every kind and dtype.
+objects (kinds x layouts).  tests/aot/test_emit_entries.py runs every kind and dtype.
 """
 
 from __future__ import annotations

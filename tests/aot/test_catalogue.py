@@ -17,7 +17,7 @@ from _emit_support import CORTEX_M_OBJECTS, HOST, STRICT
 from bngen.aot.catalogue import ITEMS, regenerate
 from bngen.tools.cli import main as cli_main
 
-GENERATED = Path(__file__).resolve().parent.parent / "generated"  # the checkout's, not an installed copy's
+GENERATED = Path(__file__).resolve().parents[2] / "generated"  # the checkout's, not an installed copy's
 
 
 def _files(root: Path):

@@ -34,7 +34,7 @@ import bngen
 import bngen.distributed
 from bngen.tools.bench_distributed import free_loopback_port
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where the rank script lives
 WORKER = HERE / "_sync_rank.py"
 ROOT = HERE.parent
 S = bngen.Spec

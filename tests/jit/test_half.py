@@ -142,7 +142,9 @@ def test_backward_within_one_ulp(build, dtype, kind):
     """dx within one ulp of the rounded oracle plus the float32 arithmetic bound that
     test_backward.py uses; dgamma and dbeta are float32 and held to float32 tolerances.
     6 specs x 60 examples."""
-    from test_backward import problems, reference, run_backward
+    from strategies import backward_problems as problems
+    from strategies import backward_reference as reference
+    from strategies import run_backward
 
     training = kind != "frozen"
     if kind == "mode1":  # sample-wise, with the fused ReLU

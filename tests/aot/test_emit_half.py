@@ -1,7 +1,7 @@
 """bngen.emit with half-precision storage (float16, bfloat16): uint16_t bit patterns,
 float parameters and arithmetic, one rounding to nearest even on store.
 
-Property tests, held to the tolerance of tests/test_half.py (its helpers): every y within
+Property tests, held to the tolerance of tests/jit/test_half.py (its helpers): every y within
 one unit in the last place of the correctly rounded oracle result plus the float32
 arithmetic bound, statistics within the float32 bound.  Each example is a batch of
 cases (sizes, data and parameters from test_half's strategy) run by one driver process.
@@ -92,7 +92,7 @@ def _draw_values(data, spec, params, max_values):
 
 def check_outputs(spec, x, values, outputs):
     """`outputs` of one call on `x` and `values` against the oracle: y to one ulp of the
-    storage type plus the float32 arithmetic bound (as tests/test_half.py), statistics
+    storage type plus the float32 arithmetic bound (as tests/jit/test_half.py), statistics
     and moving averages to the float32 bound."""
     gamma, beta = values.get("gamma"), values.get("beta")
     mm, mv = values.get("moving_mean"), values.get("moving_variance")
@@ -180,9 +180,10 @@ class SharedObject:
                          ids=["f16-train", "bf16-frozen-relu"])
 def test_exported_backward_within_one_ulp(tmp_path, dtype, training, relu):
     """NAME_backward / NAME_backward_frozen of a half-precision export (host, strict C99),
-    held to tests/test_half.py's backward bound: dx within one ulp of the rounded oracle
+    held to tests/jit/test_half.py's backward bound: dx within one ulp of the rounded oracle
     plus the float32 arithmetic bound; dgamma and dbeta float32.  2 specs x 30 examples."""
-    from test_backward import problems, reference
+    from strategies import backward_problems as problems
+    from strategies import backward_reference as reference
 
     spec = bngen.Spec((None, 6, None), axis=1, dtype=dtype, training=training, activation="relu" if relu else None)
     so = SharedObject(tmp_path, spec)

@@ -30,7 +30,7 @@ from bngen.core.dtypes import numpy_dtype
 from bngen.jit import cache as cache_mod
 from bngen.jit.compiler import CompileError, Compiler
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_python(code: str, *args: str, timeout: float = 120, env=None) -> subprocess.CompletedProcess:

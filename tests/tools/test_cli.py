@@ -14,7 +14,7 @@ import pytest
 
 import bngen
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bngen_cli(*args, cache_dir=None):
