@@ -27,6 +27,7 @@ from typing import Any, List, Sequence
 
 import numpy as np
 
+from .core.errors import SynchronizationError
 from .core.spec import DTYPES, Spec
 from .statistics import merge_moments
 
@@ -36,9 +37,6 @@ __all__ = ["TorchDistributed", "MPI", "SynchronizationError", "allreduce_moments
 # backward) would otherwise exchange arrays of different meaning.
 _PHASES = {"moments": 1.0, "sums": 2.0}
 
-
-class SynchronizationError(RuntimeError):
-    """Ranks disagreed on what they were synchronising (raised on every rank)."""
 
 
 class TorchDistributed:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core.dtypes import numpy_dtype
+from .core.dtypes import DTYPES, numpy_dtype
 from .core.spec import Spec
 from .core.threads import max_threads
 from .jit.build import build
@@ -48,7 +48,7 @@ from .statistics import merge_moments
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPES = {getattr(torch, name): name for name in DTYPES}  # torch spells every spec dtype the same
 _LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 # -- kernels --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "bngen"
 
 LAYERS = [
-    {"version", "core.dtypes", "core.threads", "statistics"},  # facts with no dependencies
+    {"version", "core.errors", "core.dtypes", "core.threads", "statistics"},  # facts with no dependencies
     {"core.spec"},
     {"oracle", "frameworks"},  # what a spec computes (the float64 reference), the importers
     {"plan.target", "plan.entries"},

@@ -13,13 +13,12 @@ import math
 import numbers
 from typing import Any, Mapping, Optional, Tuple
 
-DTYPES = ("float32", "float64", "float16", "bfloat16")
+from .dtypes import DTYPES
+from .errors import SpecError
+
 MODES = (0, 1, 2)
 ACTIVATIONS = (None, "relu")
 
-
-class SpecError(ValueError):
-    """An invalid layer description; the message names the field and the value."""
 
 
 # The most elements a static shape may have: ptrdiff_t, which indexes them in C, is 64 bits

@@ -30,6 +30,7 @@ import cffi
 from cffi.recompiler import make_c_source
 
 from ..codegen.render import template_dir
+from ..core.errors import CompileError
 from ..plan.target import Target, host_target
 
 # -fno-math-errno: the kernels never read errno, and without it sqrt is a library call
@@ -45,9 +46,6 @@ DEFAULT_TIMEOUT = 300.0
 _OPENMP_FLAGS = ("-fopenmp",)
 _SIMD_FLAGS = ("-fopenmp", "-fopenmp-simd")
 
-
-class CompileError(RuntimeError):
-    """The C compiler rejected generated code; the message carries its output."""
 
 
 @dataclasses.dataclass(frozen=True)

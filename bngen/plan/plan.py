@@ -11,47 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from ..core.dtypes import PRECISIONS, Precision
 from ..core.spec import Spec
 from .entries import Arg, Entry, Phase, Role, backward_reads_x, has_split_phases, kernel_entries, runtime_sizes, split_entries
 from .target import DEFAULT_TUNING, Target, Tuning
 
 __all__ = ["Plan", "Precision", "PRECISIONS", "make_plan", "Arg", "Entry", "Phase", "Role"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    """C types for one storage dtype."""
-
-    dtype: str  # storage dtype of x / y / dy / dx
-    data: str  # C type holding one stored element
-    param: str  # C type of gamma, beta, statistics
-    compute: str  # C type the arithmetic is done in
-    half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
-    stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
-    # float16 conversions: "bits" (portable integer arithmetic), "native" (the compiler's
-    # __fp16 where it has one, bits otherwise) or "f16c" (x86 vcvtph2ps/vcvtps2ph, eight
-    # values at a time, see Plan.staged): the target's choice, see bngen.plan.target.Target.
-    half_conversion: str = "bits"
-
-    @property
-    def suffix(self) -> str:
-        """The C literal suffix of the compute type."""
-        return "f" if self.compute == "float" else ""
-
-    @property
-    def sqrt(self) -> str:
-        """The libm square root of the `stat` type (sqrtf keeps float math in float)."""
-        return "sqrtf" if self.stat == "float" else "sqrt"
-
-
-_ITEMSIZE = {"float": 4, "double": 8}  # bytes of a C compute type
-
-PRECISIONS = {
-    "float32": Precision("float32", "float", "float", "float"),
-    "float64": Precision("float64", "double", "double", "double"),
-    "float16": Precision("float16", "uint16_t", "float", "float", half="float16"),
-    "bfloat16": Precision("bfloat16", "uint16_t", "float", "float", half="bfloat16"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +135,7 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
     threaded = target.openmp and not target.export
     kind = f"{schedule} {'training' if spec.uses_batch_stats else 'inference'}"
     streaming = target.streaming_stores and threaded and kind in tuning.streaming_kinds
-    itemsize = _ITEMSIZE[precision.compute]
+    itemsize = precision.compute_bytes
     lanes = tuning.lane_registers * target.vector_bytes // itemsize
     entries = kernel_entries(spec, outer, inner, threaded, backward, streaming)
     if split and backward and has_split_phases(spec) and not target.export:
