@@ -126,6 +126,12 @@ class Plan:
         return self.precision.half_conversion == "f16c"
 
     @property
+    def stream_isa(self) -> Optional[str]:
+        """The instructions of the streaming stores (templates/stream_<isa>.c.j2), None
+        without streaming: SSE2's, the only ones `bngen.target.host_target` turns on."""
+        return "sse2" if self.streaming else None
+
+    @property
     def batch_stats(self) -> bool:
         """True when forward normalises with the input's own statistics."""
         return self.spec.uses_batch_stats
