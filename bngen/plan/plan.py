@@ -91,9 +91,64 @@ class Plan:
         return self.precision.half_conversion == "f16c"
 
     @property
+    def stream_isa(self) -> Optional[str]:
+        """The instructions of the streaming stores (templates/stream_<isa>.c.j2), None
+        without streaming: SSE2's, the only ones `bngen.target.host_target` turns on."""
+        return "sse2" if self.streaming else None
+
+    @property
     def batch_stats(self) -> bool:
         """True when forward normalises with the input's own statistics."""
         return self.spec.uses_batch_stats
+
+    @property
+    def ghost(self) -> bool:
+        """True for ghost batch norm at batch statistics (statistics per virtual batch of
+        spec.virtual_batch_size samples): its entries come from templates/ghost.c.j2."""
+        return bool(self.spec.virtual_batch_size) and self.batch_stats
+
+    @property
+    def has_gamma(self) -> bool:
+        """True when the layer scales by gamma (spec.scale): the entries take gamma and
+        the gradients include dgamma."""
+        return self.spec.scale
+
+    @property
+    def has_beta(self) -> bool:
+        """True when the layer adds beta (spec.center): the entries take beta and the
+        gradients include dbeta."""
+        return self.spec.center
+
+    @property
+    def has_params(self) -> bool:
+        """True when the layer has gamma or beta: the backward returns their gradients."""
+        return self.spec.scale or self.spec.center
+
+    @property
+    def relu(self) -> bool:
+        """True when a ReLU is fused after the normalisation: the forward clamps its
+        output, and the backward masks dy where that output was not positive."""
+        return self.spec.activation == "relu"
+
+    @property
+    def variant(self) -> bool:
+        """True when a statistics variant (renorm's r and d, the adjustment's a and b)
+        reshapes the normalised values, y = gamma * (x_hat * m + t) + beta: at batch
+        statistics only (inference ignores them)."""
+        return self.batch_stats and (self.spec.renorm or self.spec.adjustment)
+
+    @property
+    def shifted(self) -> bool:
+        """True when the forward output has an additive term, which the backward's ReLU
+        mask recomputes from per-channel coefficients: beta, or a variant's t, at batch
+        statistics; always in the frozen layer (y = x * scale + shift)."""
+        return not self.batch_stats or self.spec.center or self.variant
+
+    @property
+    def param_grads_read_x(self) -> bool:
+        """True when the dgamma / dbeta sums read x: dgamma for x_hat, the ReLU mask for
+        the forward output (mode 1's gradients, whose dx always reads x)."""
+        return self.spec.scale or self.relu
 
     @property
     def wide_fallback(self) -> bool:
