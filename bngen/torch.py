@@ -31,6 +31,7 @@ cumulative average), so a kernel does not depend on the momentum.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -46,7 +47,7 @@ from .spec import Spec
 from .statistics import merge_moments
 from .threads import max_threads
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]  # and fuse_relu (made on first use)
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -57,9 +58,10 @@ _kernels_lock = threading.Lock()
 
 
 def _kernel(training: bool, dtype: torch.dtype, channels: int, inner: int, eps: float, scale: bool,
-            center: bool) -> Kernel:
-    """The kernel of one shape class (see the module docstring), built once per process."""
-    key = (training, dtype, channels, inner, eps, scale, center)
+            center: bool, relu: bool = False) -> Kernel:
+    """The kernel of one shape class (see the module docstring), built once per process;
+    `relu`: with the ReLU fused (``Spec(activation="relu")``)."""
+    key = (training, dtype, channels, inner, eps, scale, center, relu)
     kernel = _kernels.get(key)
     if kernel is None:
         with _kernels_lock:
@@ -68,7 +70,8 @@ def _kernel(training: bool, dtype: torch.dtype, channels: int, inner: int, eps: 
                 shape = (None, channels) if inner == 1 else (None, channels, inner)
                 # momentum and unbiased do not matter: the running statistics are updated in torch
                 spec = Spec(shape=shape, axis=1, dtype=_DTYPES[dtype], training=training, mode=0, epsilon=eps,
-                            momentum=0.0, center=center, scale=scale, unbiased=False)
+                            momentum=0.0, center=center, scale=scale, unbiased=False,
+                            activation="relu" if relu else None)
                 kernel = _kernels[key] = build(spec)
     return kernel
 
@@ -155,58 +158,83 @@ _LIB = "bngen"
 _TAGS = (torch.Tag.flexible_layout,)
 
 
-def _train_impl(x, weight, bias, eps):
-    """Normalise x with its own statistics: (y, batch mean, biased batch variance)."""
+def _train_impl(x, weight, bias, eps, relu=False):
+    """Normalise x with its own statistics (then the ReLU, if `relu`): (y, batch mean, biased batch variance)."""
     x, last = _input(x)
     rows, inner = _rows(x, last)
-    kernel = _kernel(True, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None)
+    kernel = _kernel(True, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None, relu)
     y, mean, var = kernel.forward(_numpy(rows), _numpy(weight), _numpy(bias), threads=_threads())
     return _unrows(_torch(y), x, last), torch.from_numpy(mean), torch.from_numpy(var)
 
 
-_train = torch.library.custom_op(
-    f"{_LIB}::batch_norm_train", _train_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
-
-
-@_train.register_fake
-def _(x, weight, bias, eps):
+def _train_fake(x, weight, bias, eps):
     stat = x.new_empty((x.shape[1],), dtype=_param_dtype(x.dtype))
     return _empty_out(x), stat, torch.empty_like(stat)
 
 
-def _eval_impl(x, weight, bias, running_mean, running_var, eps):
-    """Normalise x with the running statistics."""
+_TRAIN_SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)"
+_train = torch.library.custom_op(f"{_LIB}::batch_norm_train", _train_impl, mutates_args=(), tags=_TAGS,
+                                 schema=_TRAIN_SCHEMA)
+_train.register_fake(_train_fake)
+
+
+def _relu_train_impl(x, weight, bias, eps):
+    """relu(batch_norm_train(...)[0]) in one kernel, and the batch statistics."""
+    return _train_impl(x, weight, bias, eps, relu=True)
+
+
+_relu_train = torch.library.custom_op(f"{_LIB}::batch_norm_relu_train", _relu_train_impl, mutates_args=(),
+                                      tags=_TAGS, schema=_TRAIN_SCHEMA)
+_relu_train.register_fake(_train_fake)
+
+
+def _eval_impl(x, weight, bias, running_mean, running_var, eps, relu=False):
+    """Normalise x with the running statistics (then the ReLU, if `relu`)."""
     x, last = _input(x)
     rows, inner = _rows(x, last)
-    kernel = _kernel(False, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None)
+    kernel = _kernel(False, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None, relu)
     y = kernel(_numpy(rows), _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
                threads=_threads())
     return _unrows(_torch(y), x, last)
 
 
-_eval = torch.library.custom_op(
-    f"{_LIB}::batch_norm_eval", _eval_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor")
-
-
-@_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps):
+def _eval_fake(x, weight, bias, running_mean, running_var, eps):
     return _empty_out(x)
 
 
-def _grads(kernel: Kernel, dy: Tensor, x: Tensor, last: bool, weight, mean, var, has_bias: bool):
-    rows, _ = _rows(x, last)
+_EVAL_SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor"
+_eval = torch.library.custom_op(f"{_LIB}::batch_norm_eval", _eval_impl, mutates_args=(), tags=_TAGS,
+                                schema=_EVAL_SCHEMA)
+_eval.register_fake(_eval_fake)
+
+
+def _relu_eval_impl(x, weight, bias, running_mean, running_var, eps):
+    """relu(batch_norm_eval(...)) in one kernel."""
+    return _eval_impl(x, weight, bias, running_mean, running_var, eps, relu=True)
+
+
+_relu_eval = torch.library.custom_op(f"{_LIB}::batch_norm_relu_eval", _relu_eval_impl, mutates_args=(), tags=_TAGS,
+                                     schema=_EVAL_SCHEMA)
+_relu_eval.register_fake(_eval_fake)
+
+
+def _backward_impl(training, dy, x, weight, bias, mean, var, eps, has_bias, relu=False):
+    """(dx, dweight, dbias); empty dweight/dbias when absent.  `bias` (beta) is read only by the
+    ReLU's mask, which recomputes the forward output."""
+    x, last = _input(x)
+    rows, inner = _rows(x, last)
+    kernel = _kernel(training, x.dtype, x.shape[1], inner, eps, weight is not None, has_bias, relu)
     dy_rows, _ = _rows(_like(dy, x, last), last)
     dx, dgamma, dbeta = kernel.backward(_numpy(dy_rows), _numpy(rows), _numpy(weight), _numpy(mean), _numpy(var),
-                                        threads=_threads())
+                                        beta=_numpy(bias) if relu else None, threads=_threads())
+
     def grad(g):  # an absent gradient is an empty tensor of its own (outputs must not alias)
         return x.new_empty((0,), dtype=_param_dtype(x.dtype)) if g is None else torch.from_numpy(g)
 
     return _unrows(_torch(dx), x, last), grad(dgamma), grad(dbeta)
 
 
-def _grads_fake(dy, x, weight, has_bias):
+def _grads_fake(x, weight, has_bias):
     c = x.shape[1]
     pdtype = _param_dtype(x.dtype)
     return (_empty_out(x), x.new_empty((c if weight is not None else 0,), dtype=pdtype),
@@ -215,68 +243,91 @@ def _grads_fake(dy, x, weight, has_bias):
 
 def _train_backward_impl(dy, x, weight, mean, var, eps, has_bias):
     """(dx, dweight, dbias) through the batch statistics; empty dweight/dbias when absent."""
-    x, last = _input(x)
-    kernel = _kernel(True, x.dtype, x.shape[1], _rows(x, last)[1], eps, weight is not None, has_bias)
-    return _grads(kernel, dy, x, last, weight, mean, var, has_bias)
+    return _backward_impl(True, dy, x, weight, None, mean, var, eps, has_bias)
+
+
+def _eval_backward_impl(dy, x, weight, running_mean, running_var, eps, has_bias):
+    """(dx, dweight, dbias) of the frozen layer (the running statistics are constants)."""
+    return _backward_impl(False, dy, x, weight, None, running_mean, running_var, eps, has_bias)
+
+
+def _relu_train_backward_impl(dy, x, weight, bias, mean, var, eps):
+    """(dx, dweight, dbias) of `batch_norm_relu_train`: dy is the gradient of the ReLU's output."""
+    return _backward_impl(True, dy, x, weight, bias, mean, var, eps, bias is not None, relu=True)
+
+
+def _relu_eval_backward_impl(dy, x, weight, bias, running_mean, running_var, eps):
+    """(dx, dweight, dbias) of `batch_norm_relu_eval` (a frozen layer followed by a ReLU)."""
+    return _backward_impl(False, dy, x, weight, bias, running_mean, running_var, eps, bias is not None, relu=True)
 
 
 _train_backward = torch.library.custom_op(
     f"{_LIB}::batch_norm_train_backward", _train_backward_impl, mutates_args=(), tags=_TAGS,
     schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, bool has_bias) "
            "-> (Tensor, Tensor, Tensor)")
-
-
-@_train_backward.register_fake
-def _(dy, x, weight, mean, var, eps, has_bias):
-    return _grads_fake(dy, x, weight, has_bias)
-
-
-def _eval_backward_impl(dy, x, weight, running_mean, running_var, eps, has_bias):
-    """(dx, dweight, dbias) of the frozen layer (the running statistics are constants)."""
-    x, last = _input(x)
-    kernel = _kernel(False, x.dtype, x.shape[1], _rows(x, last)[1], eps, weight is not None, has_bias)
-    return _grads(kernel, dy, x, last, weight, running_mean, running_var, has_bias)
-
-
+_train_backward.register_fake(lambda dy, x, weight, mean, var, eps, has_bias: _grads_fake(x, weight, has_bias))
 _eval_backward = torch.library.custom_op(
     f"{_LIB}::batch_norm_eval_backward", _eval_backward_impl, mutates_args=(), tags=_TAGS,
     schema="(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, float eps, "
            "bool has_bias) -> (Tensor, Tensor, Tensor)")
-
-
-@_eval_backward.register_fake
-def _(dy, x, weight, running_mean, running_var, eps, has_bias):
-    return _grads_fake(dy, x, weight, has_bias)
+_eval_backward.register_fake(lambda dy, x, weight, running_mean, running_var, eps, has_bias:
+                             _grads_fake(x, weight, has_bias))
+_relu_train_backward = torch.library.custom_op(
+    f"{_LIB}::batch_norm_relu_train_backward", _relu_train_backward_impl, mutates_args=(), tags=_TAGS,
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps) "
+           "-> (Tensor, Tensor, Tensor)")
+_relu_train_backward.register_fake(lambda dy, x, weight, bias, mean, var, eps:
+                                   _grads_fake(x, weight, bias is not None))
+_relu_eval_backward = torch.library.custom_op(
+    f"{_LIB}::batch_norm_relu_eval_backward", _relu_eval_backward_impl, mutates_args=(), tags=_TAGS,
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) "
+           "-> (Tensor, Tensor, Tensor)")
+_relu_eval_backward.register_fake(lambda dy, x, weight, bias, running_mean, running_var, eps:
+                                  _grads_fake(x, weight, bias is not None))
 
 
 def _train_setup(ctx, inputs, output):
     x, weight, bias, eps = inputs
     _, mean, var = output
-    ctx.save_for_backward(x, weight, mean, var)
+    ctx.save_for_backward(x, weight, bias, mean, var)
     ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
     ctx.mark_non_differentiable(mean, var)
 
 
 def _train_grad(ctx, dy, _dmean, _dvar):
-    x, weight, mean, var = ctx.saved_tensors
+    x, weight, _, mean, var = ctx.saved_tensors
     dx, dweight, dbias = _train_backward(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
+    return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
+
+
+def _relu_train_grad(ctx, dy, _dmean, _dvar):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    dx, dweight, dbias = _relu_train_backward(dy, x, weight, bias, mean, var, ctx.eps)
     return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
 
 
 def _eval_setup(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, eps = inputs
-    ctx.save_for_backward(x, weight, running_mean, running_var)
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
     ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
 
 
 def _eval_grad(ctx, dy):
-    x, weight, running_mean, running_var = ctx.saved_tensors
+    x, weight, _, running_mean, running_var = ctx.saved_tensors
     dx, dweight, dbias = _eval_backward(dy, x, weight, running_mean, running_var, ctx.eps, ctx.has_bias)
+    return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
+
+
+def _relu_eval_grad(ctx, dy):
+    x, weight, bias, running_mean, running_var = ctx.saved_tensors
+    dx, dweight, dbias = _relu_eval_backward(dy, x, weight, bias, running_mean, running_var, ctx.eps)
     return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
 
 
 _train.register_autograd(_train_grad, setup_context=_train_setup)
 _eval.register_autograd(_eval_grad, setup_context=_eval_setup)
+_relu_train.register_autograd(_relu_train_grad, setup_context=_train_setup)
+_relu_eval.register_autograd(_relu_eval_grad, setup_context=_eval_setup)
 
 
 # Eager calls skip the custom-op machinery (dispatch, autograd wrapper: several times the
@@ -294,7 +345,7 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:  # (grads are not materialised) nothing reached y
             return None, None, None, None
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, _, mean, var = ctx.saved_tensors
         dx, dweight, dbias = _train_backward_impl(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
         return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
 
@@ -307,9 +358,117 @@ class _BatchNormEval(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, running_mean, running_var = ctx.saved_tensors
+        x, weight, _, running_mean, running_var = ctx.saved_tensors
         dx, dweight, dbias = _eval_backward_impl(dy, x, weight, running_mean, running_var, ctx.eps, ctx.has_bias)
         return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
+
+
+# -- batch norm + ReLU fusion under torch.compile ----------------------------------------------------
+# Inductor fuses its own batch norm with the ReLU after it; bngen's ops are opaque to it, so
+# without help the ReLU is a pass of its own over the activations (and, in the backward, the
+# mask of its gradient another).  `fuse_relu` rewrites the joint (forward + backward) graph:
+#   relu(batch_norm_*(x)[0])                     -> batch_norm_relu_*(x)[0]
+#   batch_norm_*_backward(mask(g, relu_out), x, ...) -> batch_norm_relu_*_backward(g, x, ..., bias, ...)
+# The fused kernels compute the same output (the ReLU applied to the same value) and recompute
+# the mask from x and the statistics, so results are bit-identical to the unfused graph.
+def _fusions():
+    ops = torch.ops.bngen
+    return {ops.batch_norm_train.default: (ops.batch_norm_relu_train.default, ops.batch_norm_train_backward.default,
+                                           ops.batch_norm_relu_train_backward.default),
+            ops.batch_norm_eval.default: (ops.batch_norm_relu_eval.default, ops.batch_norm_eval_backward.default,
+                                          ops.batch_norm_relu_eval_backward.default)}
+
+
+def _unalias(node):
+    """`node` without the aten.alias views (functionalisation's) in front of it."""
+    while isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.alias.default:
+        node = node.args[0]
+    return node
+
+
+def _is_zero(arg) -> bool:
+    if isinstance(arg, torch.fx.Node):
+        return arg.target is torch.ops.aten.scalar_tensor.default and arg.args[0] == 0
+    return isinstance(arg, (int, float)) and arg == 0
+
+
+def _masked_gradient(dy, relu):
+    """g when `dy` is the gradient through `relu` (threshold_backward(g, relu, 0), or its
+    decomposition where(relu <= 0, 0, g)); else None."""
+    aten = torch.ops.aten
+    if dy.target is aten.threshold_backward.default:
+        g, out, threshold = dy.args
+        return g if _unalias(out) is relu and threshold == 0 else None
+    if dy.target is aten.where.self:
+        cond, zero, g = dy.args
+        if cond.target is aten.le.Scalar and _unalias(cond.args[0]) is relu and cond.args[1] == 0 and _is_zero(zero):
+            return g
+    return None
+
+
+def _same_layer(forward, backward, training: bool) -> bool:
+    """Whether `backward` differentiates the batch norm `forward` (same x, weight, statistics, eps)."""
+    b = backward.args
+    if training:
+        stats = {u.args[1]: u for u in forward.users if u.target is operator.getitem}
+        x, weight, _, eps = forward.args
+        return b[1] is x and b[2] is weight and b[3] is stats.get(1) and b[4] is stats.get(2) and b[5] == eps
+    x, weight, _, running_mean, running_var, eps = forward.args
+    return b[1] is x and b[2] is weight and b[3] is running_mean and b[4] is running_var and b[5] == eps
+
+
+def _fuse_relu(graph: torch.fx.Graph) -> int:
+    """Rewrite `graph` in place (see above); the number of batch norms fused with their ReLU."""
+    fused = 0
+    fusions = _fusions()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in fusions:
+            continue
+        fused_forward, backward_op, fused_backward = fusions[node.target]
+        training = node.target is torch.ops.bngen.batch_norm_train.default
+        outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0] if training else [node]
+        if len(outputs) != 1 or len(outputs[0].users) != 1:
+            continue  # the output is used elsewhere too (a residual): it must stay the value before the ReLU
+        y = outputs[0]
+        relu = next(iter(y.users))
+        if relu.op != "call_function" or relu.target is not torch.ops.aten.relu.default:
+            continue
+        for backward in [u for u in node.args[0].users if u.target is backward_op]:
+            g = _masked_gradient(backward.args[0], relu)
+            if g is not None and _same_layer(node, backward, training):
+                backward.target = fused_backward
+                backward.args = (g,) + backward.args[1:3] + (node.args[2],) + backward.args[3:6]
+        node.target = fused_forward
+        relu.replace_all_uses_with(y)
+        graph.erase_node(relu)
+        fused += 1
+    if fused:
+        graph.eliminate_dead_code()  # the masks of the fused backwards
+    return fused
+
+
+def _fusion_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class FuseRelu(CustomGraphPass):
+        """Inductor graph pass fusing bngen's batch norms with the ReLU after them
+        (``torch.compile(model, options={"joint_custom_pre_pass": bngen.torch.fuse_relu})``)."""
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            _fuse_relu(graph)
+
+        def uuid(self):  # compiled graphs are cached under it: it changes with this module
+            return get_hash_for_files((__file__,))
+
+    return FuseRelu()
+
+
+def __getattr__(name: str):
+    # `fuse_relu` is made on first use: its base class is inductor's, whose import takes seconds
+    if name == "fuse_relu":
+        globals()[name] = _fusion_pass()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the functional form -----------------------------------------------------------------------

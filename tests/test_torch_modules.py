@@ -211,8 +211,8 @@ def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes():
         y = bn(torch.randn(n, 4, 5, 6))
         assert y.shape == (n, 4, 5, 6)
         bn(torch.randn(n, 4, 3, 2).contiguous(memory_format=torch.channels_last))  # any H, W: one (N*H*W, C) class
-    # (training, dtype, C, inner, eps, scale, center): one class per layout, whatever N, H and W
-    expected = {(True, torch.float32, 4, 30, 1e-5, True, True), (True, torch.float32, 4, 1, 1e-5, True, True)}
+    # (training, dtype, C, inner, eps, scale, center, relu): one class per layout, whatever N, H and W
+    expected = {(True, torch.float32, 4, 30, 1e-5, True, True, False), (True, torch.float32, 4, 1, 1e-5, True, True, False)}
     assert expected <= set(bnt._kernels) and set(bnt._kernels) - before <= expected
 
 
@@ -263,13 +263,14 @@ def test_functional_batch_norm_matches_torch():
 
 
 # -- autograd ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["eager", "custom_op"])
+@pytest.mark.parametrize("path", ["eager", "custom_op", "relu_op"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 def test_gradcheck(training, affine, fmt, path):
-    """float64 gradcheck of the eager path (autograd.Function) and of the custom ops'
-    autograd registration (what torch.compile records)."""
+    """float64 gradcheck of the eager path (autograd.Function), of the custom ops'
+    autograd registration (what torch.compile records) and of the ops fused with a ReLU
+    (what `fuse_relu` puts in a compiled graph)."""
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
@@ -280,11 +281,17 @@ def test_gradcheck(training, affine, fmt, path):
         w, b = p if affine else (None, None)
         if path == "eager":
             return bnt.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
+        relu = "relu_" if path == "relu_op" else ""
         if training:
-            return torch.ops.bngen.batch_norm_train(x, w, b, 1e-5)[0]
-        return torch.ops.bngen.batch_norm_eval(x, w, b, rm, rv, 1e-5)
+            return getattr(torch.ops.bngen, f"batch_norm_{relu}train")(x, w, b, 1e-5)[0]
+        return getattr(torch.ops.bngen, f"batch_norm_{relu}eval")(x, w, b, rm, rv, 1e-5)
 
     assert torch.autograd.gradcheck(fn, (x,) + params)
+    if path == "relu_op":  # the ReLU is there (gradcheck passes for the plain batch norm too)
+        y = fn(x.detach(), *(q.detach() for q in params))
+        unfused = torch.relu(bnt.batch_norm(x.detach(), None if training else rm, None if training else rv,
+                                            *(q.detach() for q in params), training=training))
+        assert (y == 0).any() and torch.equal(y, unfused)
 
 
 def test_custom_ops_pass_opcheck():
@@ -299,8 +306,16 @@ def test_custom_ops_pass_opcheck():
     dy = torch.randn_like(x)
     torch.library.opcheck(ops.batch_norm_train_backward.default, (dy, x, w, mean, var, 1e-5, True))
     torch.library.opcheck(ops.batch_norm_eval_backward.default, (dy, x, w, rm, rv, 1e-5, True))
+    # the ops fused with a ReLU (what `fuse_relu` puts in a compiled graph)
+    torch.library.opcheck(ops.batch_norm_relu_train.default, (x, w, b, 1e-5))
+    torch.library.opcheck(ops.batch_norm_relu_train.default, (x.contiguous(memory_format=torch.channels_last), w, None, 1e-5))
+    torch.library.opcheck(ops.batch_norm_relu_eval.default, (x, w, b, rm, rv, 1e-5))
+    torch.library.opcheck(ops.batch_norm_relu_train_backward.default, (dy, x, w, b, mean, var, 1e-5))
+    torch.library.opcheck(ops.batch_norm_relu_eval_backward.default, (dy, x, None, b, rm, rv, 1e-5))
     # inductor may hand them channels-last tensors without a copy into the traced layout
-    for name in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward"):
+    for name in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward",
+                 "batch_norm_relu_train", "batch_norm_relu_eval", "batch_norm_relu_train_backward",
+                 "batch_norm_relu_eval_backward"):
         assert torch.Tag.flexible_layout in getattr(ops, name).default.tags, name
 
 
@@ -322,6 +337,65 @@ def test_compile_has_no_graph_breaks_and_matches_eager():
     compiled.eval(), eager.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), atol=2e-5, rtol=2e-5)
+
+
+class _ResidualBlock(torch.nn.Module):
+    """conv-bn-relu (fusable), then a batch norm whose output also feeds a residual sum (not fusable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.conv1(x)))
+        b = self.bn2(self.conv2(a))
+        return self.head(torch.relu(b + a) + b)
+
+
+def _op_names(fn) -> list:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    # (an op's dispatch may show as an event nested in one of the same name: counted once)
+    return [e.name for e in prof.events()
+            if e.name.startswith("bngen::") and (e.cpu_parent is None or e.cpu_parent.name != e.name)]
+
+
+def test_fuse_relu_fuses_under_compile_with_the_same_results():
+    """`fuse_relu` as inductor's joint-graph pass: relu(bn(x)) runs as one fused op forward
+    and backward, a batch norm whose output has another user stays unfused, and 3 SGD
+    steps and eval give what the compiled model without the pass gives (2 compiles each)."""
+    torch.manual_seed(0)
+    base = bnt.convert(_ResidualBlock())
+    plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+    explanation = torch._dynamo.explain(copy.deepcopy(base))(torch.randn(6, 3, 5, 6))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled_plain = torch.compile(plain)
+    compiled_fused = torch.compile(fused, options={"joint_custom_pre_pass": bnt.fuse_relu})
+    batches = _batches(torch.float32, torch.contiguous_format, steps=3, sizes=(6, 6, 6))
+    np.testing.assert_allclose(_train(compiled_fused, batches, torch.float32),
+                               _train(compiled_plain, batches, torch.float32), rtol=1e-6)
+    for (name, a), (_, b) in zip(list(fused.named_parameters()) + list(fused.named_buffers()),
+                                 list(plain.named_parameters()) + list(plain.named_buffers())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+    x, target = batches[0]
+
+    def step():
+        F.mse_loss(compiled_fused(x).double(), target).backward()
+
+    names = _op_names(step)
+    F.mse_loss(compiled_plain(x).double(), target).backward()  # the same running statistics for eval below
+    assert names.count("bngen::batch_norm_relu_train") == 1 and names.count("bngen::batch_norm_train") == 1, names
+    assert names.count("bngen::batch_norm_relu_train_backward") == 1, names
+    assert names.count("bngen::batch_norm_train_backward") == 1, names
+    compiled_fused.eval(), compiled_plain.eval()
+    with torch.no_grad():
+        compiled_fused(x)  # compiles the inference graph (the compile runs the ops too)
+        names = _op_names(lambda: compiled_fused(x))
+        assert names.count("bngen::batch_norm_relu_eval") == 1 and names.count("bngen::batch_norm_eval") == 1, names
+        torch.testing.assert_close(compiled_fused(x), compiled_plain(x), atol=1e-6, rtol=1e-6)
 
 
 # -- state_dict, conversion -----------------------------------------------------------------------------------
