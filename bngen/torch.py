@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import operator
 import threading
+import weakref
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -82,21 +83,30 @@ def _channels_last(x: Tensor) -> bool:
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
 
-def _rows(x: Tensor, last: bool) -> Tuple[Tensor, int]:
-    """x as the kernel's view (no copy for the layouts taken) and its `inner` size."""
-    n, c = x.shape[0], x.shape[1]
+def _array(x: Tensor, last: bool) -> np.ndarray:
+    """x's memory as the kernel's array (see the module docstring; no copy for the layouts
+    taken).  The layout is rearranged in NumPy, whose views cost a fraction of torch's."""
+    a = _numpy(x)
     if last:
-        return x.movedim(1, -1).reshape(-1, c), 1
-    inner = x.numel() // (n * c) if n * c else 1
-    return (x.reshape(n, c) if inner == 1 else x.reshape(n, c, inner)), inner
+        return a.transpose(0, *range(2, a.ndim), 1).reshape(-1, a.shape[1])
+    n, c = a.shape[0], a.shape[1]
+    return a.reshape(n, c) if a.size == n * c else a.reshape(n, c, -1)  # (no spatial size but 1: one class)
 
 
-def _unrows(y: Tensor, like: Tensor, last: bool) -> Tensor:
-    """The kernel's output `y` in the shape of `like`, in the same memory layout."""
+def _inner(rows: np.ndarray) -> int:
+    """The `inner` size of the kernel's shape class for array `rows` (from `_array`)."""
+    return rows.shape[2] if rows.ndim == 3 else 1
+
+
+def _tensor(y: np.ndarray, like: Tensor, last: bool) -> Tensor:
+    """The kernel's output `y` as a tensor of `like`'s shape, in the same memory layout."""
+    shape = tuple(like.shape)
     if last:
-        shape = (like.shape[0],) + tuple(like.shape[2:]) + (like.shape[1],)
-        return y.view(shape).movedim(-1, 1)
-    return y.view(like.shape)
+        nd = len(shape)
+        y = y.reshape(shape[:1] + shape[2:] + shape[1:2]).transpose(0, nd - 1, *range(1, nd - 1))
+    else:
+        y = y.reshape(shape)
+    return _torch(y)
 
 
 def _bf16():
@@ -118,6 +128,25 @@ def _torch(a: np.ndarray) -> Tensor:
     if a.dtype == _bf16():
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
+
+
+# NumPy views of parameter tensors, made once per tensor: a kernel's fast path recognises
+# parameters it has seen by the identity of their arrays, and a new array each call would
+# cost it a look-up (several microseconds per call, ~18 calls in a ResNet step).  Keyed by
+# id: the entry leaves with its tensor (the weakref's callback), and holds a detached alias,
+# not the tensor itself.
+_params: Dict[int, tuple] = {}
+
+
+def _param(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    """`_numpy(t)` for a parameter or statistics vector: the same array while t's memory is."""
+    if t is None:
+        return None
+    key, ptr = id(t), t.data_ptr()
+    kept = _params.get(key)
+    if kept is None or kept[0]() is not t or kept[1] != ptr or kept[2].shape[0] != t.shape[0]:
+        kept = _params[key] = (weakref.ref(t, lambda _, key=key: _params.pop(key, None)), ptr, _numpy(t))
+    return kept[2]
 
 
 def _param_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -156,15 +185,31 @@ _LIB = "bngen"
 # their inputs into the layout of the trace: with its default for custom ops (exact strides),
 # a graph whose convolutions inductor switches to channels-last gets two copies per batch norm.
 _TAGS = (torch.Tag.flexible_layout,)
+# Each op has a twin without autograd, ``bngen::compiled_<name>``, that `fuse_relu` puts in
+# compiled graphs: there autograd has already been traced (the graphs run without it), and
+# the custom-op wrapper the twin skips costs more than a small kernel (~25 us a call).
+_LIBRARY = torch.library.Library(_LIB, "FRAGMENT")
+_COMPILED_PREFIX = "compiled_"
+
+
+def _define(name: str, impl, fake, schema: str):
+    """The custom op bngen::`name` (and its twin without autograd, see above)."""
+    op = torch.library.custom_op(f"{_LIB}::{name}", impl, mutates_args=(), tags=_TAGS, schema=schema)
+    op.register_fake(fake)
+    twin = _COMPILED_PREFIX + name
+    _LIBRARY.define(twin + schema, tags=_TAGS)
+    _LIBRARY.impl(twin, impl, "CPU")
+    torch.library.register_fake(f"{_LIB}::{twin}", fake, lib=_LIBRARY)
+    return op
 
 
 def _train_impl(x, weight, bias, eps, relu=False):
     """Normalise x with its own statistics (then the ReLU, if `relu`): (y, batch mean, biased batch variance)."""
     x, last = _input(x)
-    rows, inner = _rows(x, last)
-    kernel = _kernel(True, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None, relu)
-    y, mean, var = kernel.forward(_numpy(rows), _numpy(weight), _numpy(bias), threads=_threads())
-    return _unrows(_torch(y), x, last), torch.from_numpy(mean), torch.from_numpy(var)
+    rows = _array(x, last)
+    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu)
+    y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
+    return _tensor(y, x, last), torch.from_numpy(mean), torch.from_numpy(var)
 
 
 def _train_fake(x, weight, bias, eps):
@@ -173,9 +218,7 @@ def _train_fake(x, weight, bias, eps):
 
 
 _TRAIN_SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)"
-_train = torch.library.custom_op(f"{_LIB}::batch_norm_train", _train_impl, mutates_args=(), tags=_TAGS,
-                                 schema=_TRAIN_SCHEMA)
-_train.register_fake(_train_fake)
+_train = _define("batch_norm_train", _train_impl, _train_fake, _TRAIN_SCHEMA)
 
 
 def _relu_train_impl(x, weight, bias, eps):
@@ -183,19 +226,16 @@ def _relu_train_impl(x, weight, bias, eps):
     return _train_impl(x, weight, bias, eps, relu=True)
 
 
-_relu_train = torch.library.custom_op(f"{_LIB}::batch_norm_relu_train", _relu_train_impl, mutates_args=(),
-                                      tags=_TAGS, schema=_TRAIN_SCHEMA)
-_relu_train.register_fake(_train_fake)
+_relu_train = _define("batch_norm_relu_train", _relu_train_impl, _train_fake, _TRAIN_SCHEMA)
 
 
 def _eval_impl(x, weight, bias, running_mean, running_var, eps, relu=False):
     """Normalise x with the running statistics (then the ReLU, if `relu`)."""
     x, last = _input(x)
-    rows, inner = _rows(x, last)
-    kernel = _kernel(False, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None, relu)
-    y = kernel(_numpy(rows), _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
-               threads=_threads())
-    return _unrows(_torch(y), x, last)
+    rows = _array(x, last)
+    kernel = _kernel(False, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu)
+    y = kernel(rows, _param(weight), _param(bias), _param(running_mean), _param(running_var), threads=_threads())
+    return _tensor(y, x, last)
 
 
 def _eval_fake(x, weight, bias, running_mean, running_var, eps):
@@ -203,9 +243,7 @@ def _eval_fake(x, weight, bias, running_mean, running_var, eps):
 
 
 _EVAL_SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor"
-_eval = torch.library.custom_op(f"{_LIB}::batch_norm_eval", _eval_impl, mutates_args=(), tags=_TAGS,
-                                schema=_EVAL_SCHEMA)
-_eval.register_fake(_eval_fake)
+_eval = _define("batch_norm_eval", _eval_impl, _eval_fake, _EVAL_SCHEMA)
 
 
 def _relu_eval_impl(x, weight, bias, running_mean, running_var, eps):
@@ -213,25 +251,22 @@ def _relu_eval_impl(x, weight, bias, running_mean, running_var, eps):
     return _eval_impl(x, weight, bias, running_mean, running_var, eps, relu=True)
 
 
-_relu_eval = torch.library.custom_op(f"{_LIB}::batch_norm_relu_eval", _relu_eval_impl, mutates_args=(), tags=_TAGS,
-                                     schema=_EVAL_SCHEMA)
-_relu_eval.register_fake(_eval_fake)
+_relu_eval = _define("batch_norm_relu_eval", _relu_eval_impl, _eval_fake, _EVAL_SCHEMA)
 
 
 def _backward_impl(training, dy, x, weight, bias, mean, var, eps, has_bias, relu=False):
     """(dx, dweight, dbias); empty dweight/dbias when absent.  `bias` (beta) is read only by the
     ReLU's mask, which recomputes the forward output."""
     x, last = _input(x)
-    rows, inner = _rows(x, last)
-    kernel = _kernel(training, x.dtype, x.shape[1], inner, eps, weight is not None, has_bias, relu)
-    dy_rows, _ = _rows(_like(dy, x, last), last)
-    dx, dgamma, dbeta = kernel.backward(_numpy(dy_rows), _numpy(rows), _numpy(weight), _numpy(mean), _numpy(var),
-                                        beta=_numpy(bias) if relu else None, threads=_threads())
+    rows = _array(x, last)
+    kernel = _kernel(training, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, has_bias, relu)
+    dx, dgamma, dbeta = kernel.backward(_array(_like(dy, x, last), last), rows, _param(weight), _numpy(mean),
+                                        _numpy(var), beta=_param(bias) if relu else None, threads=_threads())
 
     def grad(g):  # an absent gradient is an empty tensor of its own (outputs must not alias)
         return x.new_empty((0,), dtype=_param_dtype(x.dtype)) if g is None else torch.from_numpy(g)
 
-    return _unrows(_torch(dx), x, last), grad(dgamma), grad(dbeta)
+    return _tensor(dx, x, last), grad(dgamma), grad(dbeta)
 
 
 def _grads_fake(x, weight, has_bias):
@@ -261,29 +296,24 @@ def _relu_eval_backward_impl(dy, x, weight, bias, running_mean, running_var, eps
     return _backward_impl(False, dy, x, weight, bias, running_mean, running_var, eps, bias is not None, relu=True)
 
 
-_train_backward = torch.library.custom_op(
-    f"{_LIB}::batch_norm_train_backward", _train_backward_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, bool has_bias) "
-           "-> (Tensor, Tensor, Tensor)")
-_train_backward.register_fake(lambda dy, x, weight, mean, var, eps, has_bias: _grads_fake(x, weight, has_bias))
-_eval_backward = torch.library.custom_op(
-    f"{_LIB}::batch_norm_eval_backward", _eval_backward_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, float eps, "
-           "bool has_bias) -> (Tensor, Tensor, Tensor)")
-_eval_backward.register_fake(lambda dy, x, weight, running_mean, running_var, eps, has_bias:
-                             _grads_fake(x, weight, has_bias))
-_relu_train_backward = torch.library.custom_op(
-    f"{_LIB}::batch_norm_relu_train_backward", _relu_train_backward_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps) "
-           "-> (Tensor, Tensor, Tensor)")
-_relu_train_backward.register_fake(lambda dy, x, weight, bias, mean, var, eps:
-                                   _grads_fake(x, weight, bias is not None))
-_relu_eval_backward = torch.library.custom_op(
-    f"{_LIB}::batch_norm_relu_eval_backward", _relu_eval_backward_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) "
-           "-> (Tensor, Tensor, Tensor)")
-_relu_eval_backward.register_fake(lambda dy, x, weight, bias, running_mean, running_var, eps:
-                                  _grads_fake(x, weight, bias is not None))
+_train_backward = _define(
+    "batch_norm_train_backward", _train_backward_impl,
+    lambda dy, x, weight, mean, var, eps, has_bias: _grads_fake(x, weight, has_bias),
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, bool has_bias) -> (Tensor, Tensor, Tensor)")
+_eval_backward = _define(
+    "batch_norm_eval_backward", _eval_backward_impl,
+    lambda dy, x, weight, running_mean, running_var, eps, has_bias: _grads_fake(x, weight, has_bias),
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, float eps, bool has_bias) "
+    "-> (Tensor, Tensor, Tensor)")
+_relu_train_backward = _define(
+    "batch_norm_relu_train_backward", _relu_train_backward_impl,
+    lambda dy, x, weight, bias, mean, var, eps: _grads_fake(x, weight, bias is not None),
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps) -> (Tensor, Tensor, Tensor)")
+_relu_eval_backward = _define(
+    "batch_norm_relu_eval_backward", _relu_eval_backward_impl,
+    lambda dy, x, weight, bias, running_mean, running_var, eps: _grads_fake(x, weight, bias is not None),
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) "
+    "-> (Tensor, Tensor, Tensor)")
 
 
 def _train_setup(ctx, inputs, output):
@@ -371,6 +401,7 @@ class _BatchNormEval(torch.autograd.Function):
 #   batch_norm_*_backward(mask(g, relu_out), x, ...) -> batch_norm_relu_*_backward(g, x, ..., bias, ...)
 # The fused kernels compute the same output (the ReLU applied to the same value) and recompute
 # the mask from x and the statistics, so results are bit-identical to the unfused graph.
+# Then every bngen op in the graph becomes its twin without autograd (see _define).
 def _fusions():
     ops = torch.ops.bngen
     return {ops.batch_norm_train.default: (ops.batch_norm_relu_train.default, ops.batch_norm_train_backward.default,
@@ -418,7 +449,8 @@ def _same_layer(forward, backward, training: bool) -> bool:
 
 
 def _fuse_relu(graph: torch.fx.Graph) -> int:
-    """Rewrite `graph` in place (see above); the number of batch norms fused with their ReLU."""
+    """Rewrite `graph` in place (see above), and put the ops' twins without autograd in it;
+    the number of batch norms fused with their ReLU."""
     fused = 0
     fusions = _fusions()
     for node in list(graph.nodes):
@@ -444,7 +476,20 @@ def _fuse_relu(graph: torch.fx.Graph) -> int:
         fused += 1
     if fused:
         graph.eliminate_dead_code()  # the masks of the fused backwards
+    twins = _twins()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in twins:
+            node.target = twins[node.target]
     return fused
+
+
+def _twins() -> dict:
+    """Each bngen op -> its twin without autograd (see _define)."""
+    ops = torch.ops.bngen
+    names = ("batch_norm_train", "batch_norm_eval", "batch_norm_relu_train", "batch_norm_relu_eval",
+             "batch_norm_train_backward", "batch_norm_eval_backward", "batch_norm_relu_train_backward",
+             "batch_norm_relu_eval_backward")
+    return {getattr(ops, name).default: getattr(ops, _COMPILED_PREFIX + name).default for name in names}
 
 
 def _fusion_pass():

@@ -203,9 +203,9 @@ def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes():
     bn = bnt.BatchNorm2d(4)
     x = torch.randn(3, 4, 5, 6)
     for t, last in ((x, False), (x.contiguous(memory_format=torch.channels_last), True)):
-        rows, _ = bnt._rows(t, bnt._channels_last(t))
+        rows = bnt._array(t, bnt._channels_last(t))
         assert bnt._channels_last(t) is last
-        assert rows.data_ptr() == t.data_ptr() and bnt._numpy(rows).__array_interface__["data"][0] == t.data_ptr()
+        assert rows.__array_interface__["data"][0] == t.data_ptr() and rows.shape == ((90, 4) if last else (3, 4, 30))
     before = set(bnt._kernels)
     for n in (1, 2, 7, 16):
         y = bn(torch.randn(n, 4, 5, 6))
@@ -317,6 +317,15 @@ def test_custom_ops_pass_opcheck():
                  "batch_norm_relu_train", "batch_norm_relu_eval", "batch_norm_relu_train_backward",
                  "batch_norm_relu_eval_backward"):
         assert torch.Tag.flexible_layout in getattr(ops, name).default.tags, name
+        assert torch.Tag.flexible_layout in getattr(ops, "compiled_" + name).default.tags, name
+    # the twins without autograd (what `fuse_relu` puts in compiled graphs): schema and fake tensors
+    twin_checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.compiled_batch_norm_train.default, (x, w, b, 1e-5), test_utils=twin_checks)
+    torch.library.opcheck(ops.compiled_batch_norm_relu_eval.default, (x, w, b, rm, rv, 1e-5), test_utils=twin_checks)
+    torch.library.opcheck(ops.compiled_batch_norm_relu_train_backward.default, (dy, x, w, b, mean, var, 1e-5),
+                          test_utils=twin_checks)
+    torch.library.opcheck(ops.compiled_batch_norm_eval_backward.default, (dy, x, w, rm, rv, 1e-5, True),
+                          test_utils=twin_checks)
 
 
 # -- torch.compile --------------------------------------------------------------------------------------------
@@ -358,14 +367,15 @@ def _op_names(fn) -> list:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     # (an op's dispatch may show as an event nested in one of the same name: counted once)
-    return [e.name for e in prof.events()
-            if e.name.startswith("bngen::") and (e.cpu_parent is None or e.cpu_parent.name != e.name)]
+    return [e.name.replace("bngen::compiled_", "bngen::") for e in prof.events()
+            if e.name.startswith("bngen::compiled_") and (e.cpu_parent is None or e.cpu_parent.name != e.name)]
 
 
 def test_fuse_relu_fuses_under_compile_with_the_same_results():
     """`fuse_relu` as inductor's joint-graph pass: relu(bn(x)) runs as one fused op forward
-    and backward, a batch norm whose output has another user stays unfused, and 3 SGD
-    steps and eval give what the compiled model without the pass gives (2 compiles each)."""
+    and backward, a batch norm whose output has another user stays unfused, every op runs
+    as its twin without autograd (the profiled names), and 3 SGD steps and eval give what
+    the compiled model without the pass gives (2 compiles each)."""
     torch.manual_seed(0)
     base = bnt.convert(_ResidualBlock())
     plain, fused = copy.deepcopy(base), copy.deepcopy(base)
