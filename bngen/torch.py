@@ -401,7 +401,8 @@ class _BatchNormEval(torch.autograd.Function):
 #   batch_norm_*_backward(mask(g, relu_out), x, ...) -> batch_norm_relu_*_backward(g, x, ..., bias, ...)
 # The fused kernels compute the same output (the ReLU applied to the same value) and recompute
 # the mask from x and the statistics, so results are bit-identical to the unfused graph.
-# Then every bngen op in the graph becomes its twin without autograd (see _define).
+# Then every bngen op in the graph becomes its twin without autograd (see _define), and the
+# masks of the other ReLUs are recomputed in the backward (_recomputed_masks).
 def _fusions():
     ops = torch.ops.bngen
     return {ops.batch_norm_train.default: (ops.batch_norm_relu_train.default, ops.batch_norm_train_backward.default,
@@ -477,10 +478,54 @@ def _fuse_relu(graph: torch.fx.Graph) -> int:
     if fused:
         graph.eliminate_dead_code()  # the masks of the fused backwards
     twins = _twins()
+    if not any(node.target in twins for node in graph.nodes):
+        return fused
     for node in graph.nodes:
         if node.op == "call_function" and node.target in twins:
             node.target = twins[node.target]
+    _recomputed_masks(graph)
     return fused
+
+
+def _recomputed_masks(graph: torch.fx.Graph) -> int:
+    """ReLU masks of the backward (``relu_out <= 0``) recomputed there from the saved ReLU
+    output, as in torch's own graphs, instead of saved as 1-byte tensors; the number of masks.
+
+    With bngen's ops in a graph the partitioner saves the mask (a bool is smaller than a
+    float), and inductor's code for a 4-d bool store is slow here (3 ms for the last block's
+    256K values, 10x the float store).  A ReLU after the model's last convolution (the last
+    block's, before the pooling) is outside inductor's channels-last layout, so what is
+    saved of it is a channels-last copy, made in the kernel that computes it.
+    """
+    from torch._inductor import config
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    convolutions = [n for n in graph.nodes if n.target is aten.convolution.default]
+    after_convolutions, seen = set(), False  # the nodes after the last convolution, in graph order
+    for n in graph.nodes:
+        seen = seen or bool(convolutions) and n is convolutions[-1]
+        if seen:
+            after_convolutions.add(n)
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.le.Scalar or node.args[1] != 0:
+            continue
+        relu = _unalias(node.args[0])
+        if relu.target is not aten.relu.default or not all(u.target is aten.where.self for u in node.users):
+            continue
+        saved = relu
+        val = relu.meta.get("val")
+        if config.layout_optimization and relu in after_convolutions and isinstance(val, torch.Tensor) \
+                and val.dim() == 4 and val.is_contiguous() and not val.is_contiguous(memory_format=torch.channels_last):
+            with graph.inserting_after(relu):
+                saved = graph.call_function(aten.clone.default, (relu,), {"memory_format": torch.channels_last})
+            saved.meta["val"] = val.clone(memory_format=torch.channels_last)
+        node.args = (saved, 0)
+        saved.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        count += 1
+    return count
 
 
 def _twins() -> dict:

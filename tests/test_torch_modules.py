@@ -349,7 +349,8 @@ def test_compile_has_no_graph_breaks_and_matches_eager():
 
 
 class _ResidualBlock(torch.nn.Module):
-    """conv-bn-relu (fusable), then a batch norm whose output also feeds a residual sum (not fusable)."""
+    """conv-bn-relu (fusable), then a batch norm whose output also feeds a residual sum (not fusable);
+    the masks of the other two ReLUs are recomputed in the backward (one after the last convolution)."""
 
     def __init__(self):
         super().__init__()
@@ -360,7 +361,7 @@ class _ResidualBlock(torch.nn.Module):
     def forward(self, x):
         a = torch.relu(self.bn1(self.conv1(x)))
         b = self.bn2(self.conv2(a))
-        return self.head(torch.relu(b + a) + b)
+        return torch.relu(self.head(torch.relu(b + a) + b))  # (a ReLU after the last convolution, too)
 
 
 def _op_names(fn) -> list:
