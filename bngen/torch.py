@@ -412,8 +412,8 @@ def _fusions():
 
 
 def _unalias(node):
-    """`node` without the aten.alias views (functionalisation's) in front of it."""
-    while isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.alias.default:
+    """`node` without the alias and detach views (functionalisation's, autograd's) in front of it."""
+    while isinstance(node, torch.fx.Node) and node.target in (torch.ops.aten.alias.default, torch.ops.aten.detach.default):
         node = node.args[0]
     return node
 

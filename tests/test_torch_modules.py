@@ -372,6 +372,54 @@ def _op_names(fn) -> list:
             if e.name.startswith("bngen::compiled_") and (e.cpu_parent is None or e.cpu_parent.name != e.name)]
 
 
+def test_fuse_relu_rewrites_the_joint_graph():
+    """The pass on a joint graph from AOTAutograd (inductor's decompositions, no inductor): one batch norm fused with its
+    ReLU forward and backward, the other (its output also feeds a sum) not, every op replaced
+    by its twin without autograd, the remaining ReLU's mask tagged for recomputation; the
+    partitioned graphs compute the gradients of the unfused function."""
+    from functorch.compile import aot_function, min_cut_rematerialization_partition
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    ops, aten = torch.ops.bngen, torch.ops.aten
+
+    def f(x, w, b, w2, b2):
+        a = torch.relu(ops.batch_norm_train(x, w, b, 1e-5)[0])
+        y = ops.batch_norm_train(a, w2, b2, 1e-5)[0]
+        return torch.relu(y + a) * y
+
+    seen = {}
+
+    def partition(joint, inputs, **kwargs):
+        seen["fused"] = bnt._fuse_relu(joint.graph)
+        seen["targets"] = [n.target for n in joint.graph.nodes if n.op == "call_function"]
+        seen["masks"] = [n.meta.get("recompute") for n in joint.graph.nodes if n.target is aten.le.Scalar]
+        joint.recompile()
+        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+
+    torch.manual_seed(0)
+    args = [torch.randn(4, 3, 5, 6), torch.rand(3) + 0.5, torch.randn(3), torch.rand(3) + 0.5, torch.randn(3)]
+    args = [t.requires_grad_() for t in args]
+    from torch._inductor.decomposition import select_decomp_table  # inductor's: the ReLU's backward as where(le)
+
+    compiled = aot_function(f, fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition,
+                            decompositions=select_decomp_table())
+    out = compiled(*args)
+    grads = torch.autograd.grad(out.square().sum(), args)
+    expected = f(*args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    assert seen["fused"] == 1
+    targets = seen["targets"]
+    for name, count in (("batch_norm_relu_train", 1), ("batch_norm_train", 1), ("batch_norm_relu_train_backward", 1),
+                        ("batch_norm_train_backward", 1)):
+        assert targets.count(getattr(ops, "compiled_" + name).default) == count, name
+        assert getattr(ops, name).default not in targets, name
+    assert targets.count(aten.relu.default) == 1  # the unfused one
+    assert seen["masks"] == [CheckpointPolicy.MUST_RECOMPUTE]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_fuse_relu_fuses_under_compile_with_the_same_results():
     """`fuse_relu` as inductor's joint-graph pass: relu(bn(x)) runs as one fused op forward
     and backward, a batch norm whose output has another user stays unfused, every op runs
