@@ -31,7 +31,9 @@ cumulative average), so a kernel does not depend on the momentum.
 from __future__ import annotations
 
 import math
+import operator
 import threading
+import weakref
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -46,7 +48,7 @@ from .jit.build import build
 from .jit.kernel import Kernel
 from .statistics import merge_moments
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]  # and fuse_relu (made on first use)
 
 _DTYPES = {getattr(torch, name): name for name in DTYPES}  # torch spells every spec dtype the same
 _LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -57,9 +59,10 @@ _kernels_lock = threading.Lock()
 
 
 def _kernel(training: bool, dtype: torch.dtype, channels: int, inner: int, eps: float, scale: bool,
-            center: bool) -> Kernel:
-    """The kernel of one shape class (see the module docstring), built once per process."""
-    key = (training, dtype, channels, inner, eps, scale, center)
+            center: bool, relu: bool = False) -> Kernel:
+    """The kernel of one shape class (see the module docstring), built once per process;
+    `relu`: with the ReLU fused (``Spec(activation="relu")``)."""
+    key = (training, dtype, channels, inner, eps, scale, center, relu)
     kernel = _kernels.get(key)
     if kernel is None:
         with _kernels_lock:
@@ -68,7 +71,8 @@ def _kernel(training: bool, dtype: torch.dtype, channels: int, inner: int, eps: 
                 shape = (None, channels) if inner == 1 else (None, channels, inner)
                 # momentum and unbiased do not matter: the running statistics are updated in torch
                 spec = Spec(shape=shape, axis=1, dtype=_DTYPES[dtype], training=training, mode=0, epsilon=eps,
-                            momentum=0.0, center=center, scale=scale, unbiased=False)
+                            momentum=0.0, center=center, scale=scale, unbiased=False,
+                            activation="relu" if relu else None)
                 kernel = _kernels[key] = build(spec)
     return kernel
 
@@ -79,21 +83,30 @@ def _channels_last(x: Tensor) -> bool:
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
 
-def _rows(x: Tensor, last: bool) -> Tuple[Tensor, int]:
-    """x as the kernel's view (no copy for the layouts taken) and its `inner` size."""
-    n, c = x.shape[0], x.shape[1]
+def _array(x: Tensor, last: bool) -> np.ndarray:
+    """x's memory as the kernel's array (see the module docstring; no copy for the layouts
+    taken).  The layout is rearranged in NumPy, whose views cost a fraction of torch's."""
+    a = _numpy(x)
     if last:
-        return x.movedim(1, -1).reshape(-1, c), 1
-    inner = x.numel() // (n * c) if n * c else 1
-    return (x.reshape(n, c) if inner == 1 else x.reshape(n, c, inner)), inner
+        return a.transpose(0, *range(2, a.ndim), 1).reshape(-1, a.shape[1])
+    n, c = a.shape[0], a.shape[1]
+    return a.reshape(n, c) if a.size == n * c else a.reshape(n, c, -1)  # (no spatial size but 1: one class)
 
 
-def _unrows(y: Tensor, like: Tensor, last: bool) -> Tensor:
-    """The kernel's output `y` in the shape of `like`, in the same memory layout."""
+def _inner(rows: np.ndarray) -> int:
+    """The `inner` size of the kernel's shape class for array `rows` (from `_array`)."""
+    return rows.shape[2] if rows.ndim == 3 else 1
+
+
+def _tensor(y: np.ndarray, like: Tensor, last: bool) -> Tensor:
+    """The kernel's output `y` as a tensor of `like`'s shape, in the same memory layout."""
+    shape = tuple(like.shape)
     if last:
-        shape = (like.shape[0],) + tuple(like.shape[2:]) + (like.shape[1],)
-        return y.view(shape).movedim(-1, 1)
-    return y.view(like.shape)
+        nd = len(shape)
+        y = y.reshape(shape[:1] + shape[2:] + shape[1:2]).transpose(0, nd - 1, *range(1, nd - 1))
+    else:
+        y = y.reshape(shape)
+    return _torch(y)
 
 
 def _bf16():
@@ -115,6 +128,25 @@ def _torch(a: np.ndarray) -> Tensor:
     if a.dtype == _bf16():
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
+
+
+# NumPy views of parameter tensors, made once per tensor: a kernel's fast path recognises
+# parameters it has seen by the identity of their arrays, and a new array each call would
+# cost it a look-up (several microseconds per call, ~18 calls in a ResNet step).  Keyed by
+# id: the entry leaves with its tensor (the weakref's callback), and holds a detached alias,
+# not the tensor itself.
+_params: Dict[int, tuple] = {}
+
+
+def _param(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    """`_numpy(t)` for a parameter or statistics vector: the same array while t's memory is."""
+    if t is None:
+        return None
+    key, ptr = id(t), t.data_ptr()
+    kept = _params.get(key)
+    if kept is None or kept[0]() is not t or kept[1] != ptr or kept[2].shape[0] != t.shape[0]:
+        kept = _params[key] = (weakref.ref(t, lambda _, key=key: _params.pop(key, None)), ptr, _numpy(t))
+    return kept[2]
 
 
 def _param_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -153,60 +185,91 @@ _LIB = "bngen"
 # their inputs into the layout of the trace: with its default for custom ops (exact strides),
 # a graph whose convolutions inductor switches to channels-last gets two copies per batch norm.
 _TAGS = (torch.Tag.flexible_layout,)
+# Each op has a twin without autograd, ``bngen::compiled_<name>``, that `fuse_relu` puts in
+# compiled graphs: there autograd has already been traced (the graphs run without it), and
+# the custom-op wrapper the twin skips costs more than a small kernel (~25 us a call).
+_LIBRARY = torch.library.Library(_LIB, "FRAGMENT")
+_COMPILED_PREFIX = "compiled_"
 
 
-def _train_impl(x, weight, bias, eps):
-    """Normalise x with its own statistics: (y, batch mean, biased batch variance)."""
+def _define(name: str, impl, fake, schema: str):
+    """The custom op bngen::`name` (and its twin without autograd, see above)."""
+    op = torch.library.custom_op(f"{_LIB}::{name}", impl, mutates_args=(), tags=_TAGS, schema=schema)
+    op.register_fake(fake)
+    twin = _COMPILED_PREFIX + name
+    _LIBRARY.define(twin + schema, tags=_TAGS)
+    _LIBRARY.impl(twin, impl, "CPU")
+    torch.library.register_fake(f"{_LIB}::{twin}", fake, lib=_LIBRARY)
+    return op
+
+
+def _train_impl(x, weight, bias, eps, relu=False):
+    """Normalise x with its own statistics (then the ReLU, if `relu`): (y, batch mean, biased batch variance)."""
     x, last = _input(x)
-    rows, inner = _rows(x, last)
-    kernel = _kernel(True, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None)
-    y, mean, var = kernel.forward(_numpy(rows), _numpy(weight), _numpy(bias), threads=_threads())
-    return _unrows(_torch(y), x, last), torch.from_numpy(mean), torch.from_numpy(var)
+    rows = _array(x, last)
+    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu)
+    y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
+    return _tensor(y, x, last), torch.from_numpy(mean), torch.from_numpy(var)
 
 
-_train = torch.library.custom_op(
-    f"{_LIB}::batch_norm_train", _train_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
-
-
-@_train.register_fake
-def _(x, weight, bias, eps):
+def _train_fake(x, weight, bias, eps):
     stat = x.new_empty((x.shape[1],), dtype=_param_dtype(x.dtype))
     return _empty_out(x), stat, torch.empty_like(stat)
 
 
-def _eval_impl(x, weight, bias, running_mean, running_var, eps):
-    """Normalise x with the running statistics."""
+_TRAIN_SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)"
+_train = _define("batch_norm_train", _train_impl, _train_fake, _TRAIN_SCHEMA)
+
+
+def _relu_train_impl(x, weight, bias, eps):
+    """relu(batch_norm_train(...)[0]) in one kernel, and the batch statistics."""
+    return _train_impl(x, weight, bias, eps, relu=True)
+
+
+_relu_train = _define("batch_norm_relu_train", _relu_train_impl, _train_fake, _TRAIN_SCHEMA)
+
+
+def _eval_impl(x, weight, bias, running_mean, running_var, eps, relu=False):
+    """Normalise x with the running statistics (then the ReLU, if `relu`)."""
     x, last = _input(x)
-    rows, inner = _rows(x, last)
-    kernel = _kernel(False, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None)
-    y = kernel(_numpy(rows), _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
-               threads=_threads())
-    return _unrows(_torch(y), x, last)
+    rows = _array(x, last)
+    kernel = _kernel(False, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu)
+    y = kernel(rows, _param(weight), _param(bias), _param(running_mean), _param(running_var), threads=_threads())
+    return _tensor(y, x, last)
 
 
-_eval = torch.library.custom_op(
-    f"{_LIB}::batch_norm_eval", _eval_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor")
-
-
-@_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps):
+def _eval_fake(x, weight, bias, running_mean, running_var, eps):
     return _empty_out(x)
 
 
-def _grads(kernel: Kernel, dy: Tensor, x: Tensor, last: bool, weight, mean, var, has_bias: bool):
-    rows, _ = _rows(x, last)
-    dy_rows, _ = _rows(_like(dy, x, last), last)
-    dx, dgamma, dbeta = kernel.backward(_numpy(dy_rows), _numpy(rows), _numpy(weight), _numpy(mean), _numpy(var),
-                                        threads=_threads())
+_EVAL_SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor"
+_eval = _define("batch_norm_eval", _eval_impl, _eval_fake, _EVAL_SCHEMA)
+
+
+def _relu_eval_impl(x, weight, bias, running_mean, running_var, eps):
+    """relu(batch_norm_eval(...)) in one kernel."""
+    return _eval_impl(x, weight, bias, running_mean, running_var, eps, relu=True)
+
+
+_relu_eval = _define("batch_norm_relu_eval", _relu_eval_impl, _eval_fake, _EVAL_SCHEMA)
+
+
+def _backward_impl(training, dy, x, weight, bias, mean, var, eps, has_bias, relu=False):
+    """(dx, dweight, dbias); empty dweight/dbias when absent.  `bias` (beta) is read only by the
+    ReLU's mask, which recomputes the forward output."""
+    x, last = _input(x)
+    rows = _array(x, last)
+    kernel = _kernel(training, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, has_bias, relu)
+    dx, dgamma, dbeta = kernel.backward(_array(_like(dy, x, last), last), rows, _param(weight), _numpy(mean),
+                                        _numpy(var), beta=_param(bias) if relu else None, threads=_threads())
+
     def grad(g):  # an absent gradient is an empty tensor of its own (outputs must not alias)
         return x.new_empty((0,), dtype=_param_dtype(x.dtype)) if g is None else torch.from_numpy(g)
 
-    return _unrows(_torch(dx), x, last), grad(dgamma), grad(dbeta)
+    return _tensor(dx, x, last), grad(dgamma), grad(dbeta)
 
 
-def _grads_fake(dy, x, weight, has_bias):
+def _grads_fake(x, weight, has_bias):
     c = x.shape[1]
     pdtype = _param_dtype(x.dtype)
     return (_empty_out(x), x.new_empty((c if weight is not None else 0,), dtype=pdtype),
@@ -215,68 +278,86 @@ def _grads_fake(dy, x, weight, has_bias):
 
 def _train_backward_impl(dy, x, weight, mean, var, eps, has_bias):
     """(dx, dweight, dbias) through the batch statistics; empty dweight/dbias when absent."""
-    x, last = _input(x)
-    kernel = _kernel(True, x.dtype, x.shape[1], _rows(x, last)[1], eps, weight is not None, has_bias)
-    return _grads(kernel, dy, x, last, weight, mean, var, has_bias)
-
-
-_train_backward = torch.library.custom_op(
-    f"{_LIB}::batch_norm_train_backward", _train_backward_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, bool has_bias) "
-           "-> (Tensor, Tensor, Tensor)")
-
-
-@_train_backward.register_fake
-def _(dy, x, weight, mean, var, eps, has_bias):
-    return _grads_fake(dy, x, weight, has_bias)
+    return _backward_impl(True, dy, x, weight, None, mean, var, eps, has_bias)
 
 
 def _eval_backward_impl(dy, x, weight, running_mean, running_var, eps, has_bias):
     """(dx, dweight, dbias) of the frozen layer (the running statistics are constants)."""
-    x, last = _input(x)
-    kernel = _kernel(False, x.dtype, x.shape[1], _rows(x, last)[1], eps, weight is not None, has_bias)
-    return _grads(kernel, dy, x, last, weight, running_mean, running_var, has_bias)
+    return _backward_impl(False, dy, x, weight, None, running_mean, running_var, eps, has_bias)
 
 
-_eval_backward = torch.library.custom_op(
-    f"{_LIB}::batch_norm_eval_backward", _eval_backward_impl, mutates_args=(), tags=_TAGS,
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, float eps, "
-           "bool has_bias) -> (Tensor, Tensor, Tensor)")
+def _relu_train_backward_impl(dy, x, weight, bias, mean, var, eps):
+    """(dx, dweight, dbias) of `batch_norm_relu_train`: dy is the gradient of the ReLU's output."""
+    return _backward_impl(True, dy, x, weight, bias, mean, var, eps, bias is not None, relu=True)
 
 
-@_eval_backward.register_fake
-def _(dy, x, weight, running_mean, running_var, eps, has_bias):
-    return _grads_fake(dy, x, weight, has_bias)
+def _relu_eval_backward_impl(dy, x, weight, bias, running_mean, running_var, eps):
+    """(dx, dweight, dbias) of `batch_norm_relu_eval` (a frozen layer followed by a ReLU)."""
+    return _backward_impl(False, dy, x, weight, bias, running_mean, running_var, eps, bias is not None, relu=True)
+
+
+_train_backward = _define(
+    "batch_norm_train_backward", _train_backward_impl,
+    lambda dy, x, weight, mean, var, eps, has_bias: _grads_fake(x, weight, has_bias),
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, bool has_bias) -> (Tensor, Tensor, Tensor)")
+_eval_backward = _define(
+    "batch_norm_eval_backward", _eval_backward_impl,
+    lambda dy, x, weight, running_mean, running_var, eps, has_bias: _grads_fake(x, weight, has_bias),
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor running_mean, Tensor running_var, float eps, bool has_bias) "
+    "-> (Tensor, Tensor, Tensor)")
+_relu_train_backward = _define(
+    "batch_norm_relu_train_backward", _relu_train_backward_impl,
+    lambda dy, x, weight, bias, mean, var, eps: _grads_fake(x, weight, bias is not None),
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps) -> (Tensor, Tensor, Tensor)")
+_relu_eval_backward = _define(
+    "batch_norm_relu_eval_backward", _relu_eval_backward_impl,
+    lambda dy, x, weight, bias, running_mean, running_var, eps: _grads_fake(x, weight, bias is not None),
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) "
+    "-> (Tensor, Tensor, Tensor)")
 
 
 def _train_setup(ctx, inputs, output):
     x, weight, bias, eps = inputs
     _, mean, var = output
-    ctx.save_for_backward(x, weight, mean, var)
+    ctx.save_for_backward(x, weight, bias, mean, var)
     ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
     ctx.mark_non_differentiable(mean, var)
 
 
 def _train_grad(ctx, dy, _dmean, _dvar):
-    x, weight, mean, var = ctx.saved_tensors
+    x, weight, _, mean, var = ctx.saved_tensors
     dx, dweight, dbias = _train_backward(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
+    return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
+
+
+def _relu_train_grad(ctx, dy, _dmean, _dvar):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    dx, dweight, dbias = _relu_train_backward(dy, x, weight, bias, mean, var, ctx.eps)
     return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
 
 
 def _eval_setup(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, eps = inputs
-    ctx.save_for_backward(x, weight, running_mean, running_var)
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
     ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
 
 
 def _eval_grad(ctx, dy):
-    x, weight, running_mean, running_var = ctx.saved_tensors
+    x, weight, _, running_mean, running_var = ctx.saved_tensors
     dx, dweight, dbias = _eval_backward(dy, x, weight, running_mean, running_var, ctx.eps, ctx.has_bias)
+    return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
+
+
+def _relu_eval_grad(ctx, dy):
+    x, weight, bias, running_mean, running_var = ctx.saved_tensors
+    dx, dweight, dbias = _relu_eval_backward(dy, x, weight, bias, running_mean, running_var, ctx.eps)
     return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
 
 
 _train.register_autograd(_train_grad, setup_context=_train_setup)
 _eval.register_autograd(_eval_grad, setup_context=_eval_setup)
+_relu_train.register_autograd(_relu_train_grad, setup_context=_train_setup)
+_relu_eval.register_autograd(_relu_eval_grad, setup_context=_eval_setup)
 
 
 # Eager calls skip the custom-op machinery (dispatch, autograd wrapper: several times the
@@ -294,7 +375,7 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:  # (grads are not materialised) nothing reached y
             return None, None, None, None
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, _, mean, var = ctx.saved_tensors
         dx, dweight, dbias = _train_backward_impl(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
         return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
 
@@ -307,9 +388,177 @@ class _BatchNormEval(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, running_mean, running_var = ctx.saved_tensors
+        x, weight, _, running_mean, running_var = ctx.saved_tensors
         dx, dweight, dbias = _eval_backward_impl(dy, x, weight, running_mean, running_var, ctx.eps, ctx.has_bias)
         return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
+
+
+# -- batch norm + ReLU fusion under torch.compile ----------------------------------------------------
+# Inductor fuses its own batch norm with the ReLU after it; bngen's ops are opaque to it, so
+# without help the ReLU is a pass of its own over the activations (and, in the backward, the
+# mask of its gradient another).  `fuse_relu` rewrites the joint (forward + backward) graph:
+#   relu(batch_norm_*(x)[0])                     -> batch_norm_relu_*(x)[0]
+#   batch_norm_*_backward(mask(g, relu_out), x, ...) -> batch_norm_relu_*_backward(g, x, ..., bias, ...)
+# The fused kernels compute the same output (the ReLU applied to the same value) and recompute
+# the mask from x and the statistics, so results are bit-identical to the unfused graph.
+# Then every bngen op in the graph becomes its twin without autograd (see _define), and the
+# masks of the other ReLUs are recomputed in the backward (_recomputed_masks).
+def _fusions():
+    ops = torch.ops.bngen
+    return {ops.batch_norm_train.default: (ops.batch_norm_relu_train.default, ops.batch_norm_train_backward.default,
+                                           ops.batch_norm_relu_train_backward.default),
+            ops.batch_norm_eval.default: (ops.batch_norm_relu_eval.default, ops.batch_norm_eval_backward.default,
+                                          ops.batch_norm_relu_eval_backward.default)}
+
+
+def _unalias(node):
+    """`node` without the alias and detach views (functionalisation's, autograd's) in front of it."""
+    while isinstance(node, torch.fx.Node) and node.target in (torch.ops.aten.alias.default, torch.ops.aten.detach.default):
+        node = node.args[0]
+    return node
+
+
+def _is_zero(arg) -> bool:
+    if isinstance(arg, torch.fx.Node):
+        return arg.target is torch.ops.aten.scalar_tensor.default and arg.args[0] == 0
+    return isinstance(arg, (int, float)) and arg == 0
+
+
+def _masked_gradient(dy, relu):
+    """g when `dy` is the gradient through `relu` (threshold_backward(g, relu, 0), or its
+    decomposition where(relu <= 0, 0, g)); else None."""
+    aten = torch.ops.aten
+    if dy.target is aten.threshold_backward.default:
+        g, out, threshold = dy.args
+        return g if _unalias(out) is relu and threshold == 0 else None
+    if dy.target is aten.where.self:
+        cond, zero, g = dy.args
+        if cond.target is aten.le.Scalar and _unalias(cond.args[0]) is relu and cond.args[1] == 0 and _is_zero(zero):
+            return g
+    return None
+
+
+def _same_layer(forward, backward, training: bool) -> bool:
+    """Whether `backward` differentiates the batch norm `forward` (same x, weight, statistics, eps)."""
+    b = backward.args
+    if training:
+        stats = {u.args[1]: u for u in forward.users if u.target is operator.getitem}
+        x, weight, _, eps = forward.args
+        return b[1] is x and b[2] is weight and b[3] is stats.get(1) and b[4] is stats.get(2) and b[5] == eps
+    x, weight, _, running_mean, running_var, eps = forward.args
+    return b[1] is x and b[2] is weight and b[3] is running_mean and b[4] is running_var and b[5] == eps
+
+
+def _fuse_relu(graph: torch.fx.Graph) -> int:
+    """Rewrite `graph` in place (see above), and put the ops' twins without autograd in it;
+    the number of batch norms fused with their ReLU."""
+    fused = 0
+    fusions = _fusions()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in fusions:
+            continue
+        fused_forward, backward_op, fused_backward = fusions[node.target]
+        training = node.target is torch.ops.bngen.batch_norm_train.default
+        outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0] if training else [node]
+        if len(outputs) != 1 or len(outputs[0].users) != 1:
+            continue  # the output is used elsewhere too (a residual): it must stay the value before the ReLU
+        y = outputs[0]
+        relu = next(iter(y.users))
+        if relu.op != "call_function" or relu.target is not torch.ops.aten.relu.default:
+            continue
+        for backward in [u for u in node.args[0].users if u.target is backward_op]:
+            g = _masked_gradient(backward.args[0], relu)
+            if g is not None and _same_layer(node, backward, training):
+                backward.target = fused_backward
+                backward.args = (g,) + backward.args[1:3] + (node.args[2],) + backward.args[3:6]
+        node.target = fused_forward
+        relu.replace_all_uses_with(y)
+        graph.erase_node(relu)
+        fused += 1
+    if fused:
+        graph.eliminate_dead_code()  # the masks of the fused backwards
+    twins = _twins()
+    if not any(node.target in twins for node in graph.nodes):
+        return fused
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in twins:
+            node.target = twins[node.target]
+    _recomputed_masks(graph)
+    return fused
+
+
+def _recomputed_masks(graph: torch.fx.Graph) -> int:
+    """ReLU masks of the backward (``relu_out <= 0``) recomputed there from the saved ReLU
+    output, as in torch's own graphs, instead of saved as 1-byte tensors; the number of masks.
+
+    With bngen's ops in a graph the partitioner saves the mask (a bool is smaller than a
+    float), and inductor's code for a 4-d bool store is slow here (3 ms for the last block's
+    256K values, 10x the float store).  A ReLU after the model's last convolution (the last
+    block's, before the pooling) is outside inductor's channels-last layout, so what is
+    saved of it is a channels-last copy, made in the kernel that computes it.
+    """
+    from torch._inductor import config
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    convolutions = [n for n in graph.nodes if n.target is aten.convolution.default]
+    after_convolutions, seen = set(), False  # the nodes after the last convolution, in graph order
+    for n in graph.nodes:
+        seen = seen or bool(convolutions) and n is convolutions[-1]
+        if seen:
+            after_convolutions.add(n)
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.le.Scalar or node.args[1] != 0:
+            continue
+        relu = _unalias(node.args[0])
+        if relu.target is not aten.relu.default or not all(u.target is aten.where.self for u in node.users):
+            continue
+        saved = relu
+        val = relu.meta.get("val")
+        if config.layout_optimization and relu in after_convolutions and isinstance(val, torch.Tensor) \
+                and val.dim() == 4 and val.is_contiguous() and not val.is_contiguous(memory_format=torch.channels_last):
+            with graph.inserting_after(relu):
+                saved = graph.call_function(aten.clone.default, (relu,), {"memory_format": torch.channels_last})
+            saved.meta["val"] = val.clone(memory_format=torch.channels_last)
+        node.args = (saved, 0)
+        saved.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        count += 1
+    return count
+
+
+def _twins() -> dict:
+    """Each bngen op -> its twin without autograd (see _define)."""
+    ops = torch.ops.bngen
+    names = ("batch_norm_train", "batch_norm_eval", "batch_norm_relu_train", "batch_norm_relu_eval",
+             "batch_norm_train_backward", "batch_norm_eval_backward", "batch_norm_relu_train_backward",
+             "batch_norm_relu_eval_backward")
+    return {getattr(ops, name).default: getattr(ops, _COMPILED_PREFIX + name).default for name in names}
+
+
+def _fusion_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class FuseRelu(CustomGraphPass):
+        """Inductor graph pass fusing bngen's batch norms with the ReLU after them
+        (``torch.compile(model, options={"joint_custom_pre_pass": bngen.torch.fuse_relu})``)."""
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            _fuse_relu(graph)
+
+        def uuid(self):  # compiled graphs are cached under it: it changes with this module
+            return get_hash_for_files((__file__,))
+
+    return FuseRelu()
+
+
+def __getattr__(name: str):
+    # `fuse_relu` is made on first use: its base class is inductor's, whose import takes seconds
+    if name == "fuse_relu":
+        globals()[name] = _fusion_pass()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the functional form -----------------------------------------------------------------------

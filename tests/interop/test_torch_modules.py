@@ -203,16 +203,16 @@ def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes():
     bn = bnt.BatchNorm2d(4)
     x = torch.randn(3, 4, 5, 6)
     for t, last in ((x, False), (x.contiguous(memory_format=torch.channels_last), True)):
-        rows, _ = bnt._rows(t, bnt._channels_last(t))
+        rows = bnt._array(t, bnt._channels_last(t))
         assert bnt._channels_last(t) is last
-        assert rows.data_ptr() == t.data_ptr() and bnt._numpy(rows).__array_interface__["data"][0] == t.data_ptr()
+        assert rows.__array_interface__["data"][0] == t.data_ptr() and rows.shape == ((90, 4) if last else (3, 4, 30))
     before = set(bnt._kernels)
     for n in (1, 2, 7, 16):
         y = bn(torch.randn(n, 4, 5, 6))
         assert y.shape == (n, 4, 5, 6)
         bn(torch.randn(n, 4, 3, 2).contiguous(memory_format=torch.channels_last))  # any H, W: one (N*H*W, C) class
-    # (training, dtype, C, inner, eps, scale, center): one class per layout, whatever N, H and W
-    expected = {(True, torch.float32, 4, 30, 1e-5, True, True), (True, torch.float32, 4, 1, 1e-5, True, True)}
+    # (training, dtype, C, inner, eps, scale, center, relu): one class per layout, whatever N, H and W
+    expected = {(True, torch.float32, 4, 30, 1e-5, True, True, False), (True, torch.float32, 4, 1, 1e-5, True, True, False)}
     assert expected <= set(bnt._kernels) and set(bnt._kernels) - before <= expected
 
 
@@ -263,13 +263,14 @@ def test_functional_batch_norm_matches_torch():
 
 
 # -- autograd ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["eager", "custom_op"])
+@pytest.mark.parametrize("path", ["eager", "custom_op", "relu_op"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 def test_gradcheck(training, affine, fmt, path):
-    """float64 gradcheck of the eager path (autograd.Function) and of the custom ops'
-    autograd registration (what torch.compile records)."""
+    """float64 gradcheck of the eager path (autograd.Function), of the custom ops'
+    autograd registration (what torch.compile records) and of the ops fused with a ReLU
+    (what `fuse_relu` puts in a compiled graph)."""
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
@@ -280,11 +281,17 @@ def test_gradcheck(training, affine, fmt, path):
         w, b = p if affine else (None, None)
         if path == "eager":
             return bnt.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
+        relu = "relu_" if path == "relu_op" else ""
         if training:
-            return torch.ops.bngen.batch_norm_train(x, w, b, 1e-5)[0]
-        return torch.ops.bngen.batch_norm_eval(x, w, b, rm, rv, 1e-5)
+            return getattr(torch.ops.bngen, f"batch_norm_{relu}train")(x, w, b, 1e-5)[0]
+        return getattr(torch.ops.bngen, f"batch_norm_{relu}eval")(x, w, b, rm, rv, 1e-5)
 
     assert torch.autograd.gradcheck(fn, (x,) + params)
+    if path == "relu_op":  # the ReLU is there (gradcheck passes for the plain batch norm too)
+        y = fn(x.detach(), *(q.detach() for q in params))
+        unfused = torch.relu(bnt.batch_norm(x.detach(), None if training else rm, None if training else rv,
+                                            *(q.detach() for q in params), training=training))
+        assert (y == 0).any() and torch.equal(y, unfused)
 
 
 def test_custom_ops_pass_opcheck():
@@ -299,9 +306,26 @@ def test_custom_ops_pass_opcheck():
     dy = torch.randn_like(x)
     torch.library.opcheck(ops.batch_norm_train_backward.default, (dy, x, w, mean, var, 1e-5, True))
     torch.library.opcheck(ops.batch_norm_eval_backward.default, (dy, x, w, rm, rv, 1e-5, True))
+    # the ops fused with a ReLU (what `fuse_relu` puts in a compiled graph)
+    torch.library.opcheck(ops.batch_norm_relu_train.default, (x, w, b, 1e-5))
+    torch.library.opcheck(ops.batch_norm_relu_train.default, (x.contiguous(memory_format=torch.channels_last), w, None, 1e-5))
+    torch.library.opcheck(ops.batch_norm_relu_eval.default, (x, w, b, rm, rv, 1e-5))
+    torch.library.opcheck(ops.batch_norm_relu_train_backward.default, (dy, x, w, b, mean, var, 1e-5))
+    torch.library.opcheck(ops.batch_norm_relu_eval_backward.default, (dy, x, None, b, rm, rv, 1e-5))
     # inductor may hand them channels-last tensors without a copy into the traced layout
-    for name in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward"):
+    for name in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward",
+                 "batch_norm_relu_train", "batch_norm_relu_eval", "batch_norm_relu_train_backward",
+                 "batch_norm_relu_eval_backward"):
         assert torch.Tag.flexible_layout in getattr(ops, name).default.tags, name
+        assert torch.Tag.flexible_layout in getattr(ops, "compiled_" + name).default.tags, name
+    # the twins without autograd (what `fuse_relu` puts in compiled graphs): schema and fake tensors
+    twin_checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.compiled_batch_norm_train.default, (x, w, b, 1e-5), test_utils=twin_checks)
+    torch.library.opcheck(ops.compiled_batch_norm_relu_eval.default, (x, w, b, rm, rv, 1e-5), test_utils=twin_checks)
+    torch.library.opcheck(ops.compiled_batch_norm_relu_train_backward.default, (dy, x, w, b, mean, var, 1e-5),
+                          test_utils=twin_checks)
+    torch.library.opcheck(ops.compiled_batch_norm_eval_backward.default, (dy, x, w, rm, rv, 1e-5, True),
+                          test_utils=twin_checks)
 
 
 # -- torch.compile --------------------------------------------------------------------------------------------
@@ -322,6 +346,115 @@ def test_compile_has_no_graph_breaks_and_matches_eager():
     compiled.eval(), eager.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), atol=2e-5, rtol=2e-5)
+
+
+class _ResidualBlock(torch.nn.Module):
+    """conv-bn-relu (fusable), then a batch norm whose output also feeds a residual sum (not fusable);
+    the masks of the other two ReLUs are recomputed in the backward (one after the last convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.conv1(x)))
+        b = self.bn2(self.conv2(a))
+        return torch.relu(self.head(torch.relu(b + a) + b))  # (a ReLU after the last convolution, too)
+
+
+def _op_names(fn) -> list:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    # (an op's dispatch may show as an event nested in one of the same name: counted once)
+    return [e.name.replace("bngen::compiled_", "bngen::") for e in prof.events()
+            if e.name.startswith("bngen::compiled_") and (e.cpu_parent is None or e.cpu_parent.name != e.name)]
+
+
+def test_fuse_relu_rewrites_the_joint_graph():
+    """The pass on a joint graph from AOTAutograd (inductor's decompositions, no inductor): one batch norm fused with its
+    ReLU forward and backward, the other (its output also feeds a sum) not, every op replaced
+    by its twin without autograd, the remaining ReLU's mask tagged for recomputation; the
+    partitioned graphs compute the gradients of the unfused function."""
+    from functorch.compile import aot_function, min_cut_rematerialization_partition
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    ops, aten = torch.ops.bngen, torch.ops.aten
+
+    def f(x, w, b, w2, b2):
+        a = torch.relu(ops.batch_norm_train(x, w, b, 1e-5)[0])
+        y = ops.batch_norm_train(a, w2, b2, 1e-5)[0]
+        return torch.relu(y + a) * y
+
+    seen = {}
+
+    def partition(joint, inputs, **kwargs):
+        seen["fused"] = bnt._fuse_relu(joint.graph)
+        seen["targets"] = [n.target for n in joint.graph.nodes if n.op == "call_function"]
+        seen["masks"] = [n.meta.get("recompute") for n in joint.graph.nodes if n.target is aten.le.Scalar]
+        joint.recompile()
+        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+
+    torch.manual_seed(0)
+    args = [torch.randn(4, 3, 5, 6), torch.rand(3) + 0.5, torch.randn(3), torch.rand(3) + 0.5, torch.randn(3)]
+    args = [t.requires_grad_() for t in args]
+    from torch._inductor.decomposition import select_decomp_table  # inductor's: the ReLU's backward as where(le)
+
+    compiled = aot_function(f, fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition,
+                            decompositions=select_decomp_table())
+    out = compiled(*args)
+    grads = torch.autograd.grad(out.square().sum(), args)
+    expected = f(*args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    assert seen["fused"] == 1
+    targets = seen["targets"]
+    for name, count in (("batch_norm_relu_train", 1), ("batch_norm_train", 1), ("batch_norm_relu_train_backward", 1),
+                        ("batch_norm_train_backward", 1)):
+        assert targets.count(getattr(ops, "compiled_" + name).default) == count, name
+        assert getattr(ops, name).default not in targets, name
+    assert targets.count(aten.relu.default) == 1  # the unfused one
+    assert seen["masks"] == [CheckpointPolicy.MUST_RECOMPUTE]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_relu_fuses_under_compile_with_the_same_results():
+    """`fuse_relu` as inductor's joint-graph pass: relu(bn(x)) runs as one fused op forward
+    and backward, a batch norm whose output has another user stays unfused, every op runs
+    as its twin without autograd (the profiled names), and 3 SGD steps and eval give what
+    the compiled model without the pass gives (2 compiles each)."""
+    torch.manual_seed(0)
+    base = bnt.convert(_ResidualBlock())
+    plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+    explanation = torch._dynamo.explain(copy.deepcopy(base))(torch.randn(6, 3, 5, 6))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled_plain = torch.compile(plain)
+    compiled_fused = torch.compile(fused, options={"joint_custom_pre_pass": bnt.fuse_relu})
+    batches = _batches(torch.float32, torch.contiguous_format, steps=3, sizes=(6, 6, 6))
+    np.testing.assert_allclose(_train(compiled_fused, batches, torch.float32),
+                               _train(compiled_plain, batches, torch.float32), rtol=1e-6)
+    for (name, a), (_, b) in zip(list(fused.named_parameters()) + list(fused.named_buffers()),
+                                 list(plain.named_parameters()) + list(plain.named_buffers())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+    x, target = batches[0]
+
+    def step():
+        F.mse_loss(compiled_fused(x).double(), target).backward()
+
+    names = _op_names(step)
+    F.mse_loss(compiled_plain(x).double(), target).backward()  # the same running statistics for eval below
+    assert names.count("bngen::batch_norm_relu_train") == 1 and names.count("bngen::batch_norm_train") == 1, names
+    assert names.count("bngen::batch_norm_relu_train_backward") == 1, names
+    assert names.count("bngen::batch_norm_train_backward") == 1, names
+    compiled_fused.eval(), compiled_plain.eval()
+    with torch.no_grad():
+        compiled_fused(x)  # compiles the inference graph (the compile runs the ops too)
+        names = _op_names(lambda: compiled_fused(x))
+        assert names.count("bngen::batch_norm_relu_eval") == 1 and names.count("bngen::batch_norm_eval") == 1, names
+        torch.testing.assert_close(compiled_fused(x), compiled_plain(x), atol=1e-6, rtol=1e-6)
 
 
 # -- state_dict, conversion -----------------------------------------------------------------------------------
