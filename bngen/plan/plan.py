@@ -93,7 +93,7 @@ class Plan:
     @property
     def stream_isa(self) -> Optional[str]:
         """The instructions of the streaming stores (templates/stream_<isa>.c.j2), None
-        without streaming: SSE2's, the only ones `bngen.target.host_target` turns on."""
+        without streaming: SSE2's, the only ones `bngen.plan.target.host_target` turns on."""
         return "sse2" if self.streaming else None
 
     @property
