@@ -11,7 +11,8 @@ pointers, sets taking turns, every in-place change of a kept array, kept moving 
 overlap with x and out, unchained errors, two threads, every fallback), the memory probes and
 `bngen bench` itself (a smoke run, never a timed assertion).
 
-Specs: 22 kernels (10 general, 4 with streaming forced on, 1 real-size streaming, 4 backward,
+Specs: 27 kernels (10 general, 4 with streaming forced on, 2 real-size streaming and a never-streaming twin,
+2 x 2 with dx streamed or not (each with its split phases), 4 backward,
 2 memory probes, bench's own).  Examples: about 330 drawn calls in all (40 per
 hypothesis test) plus ~800 fixed calls (600 of them from two threads).
 """
@@ -211,8 +212,62 @@ def test_streaming_into_an_unaligned_output(streamed_kernels, rng):
         check(kernel, _data(shape, np.float32, "normal", rng), random_params(spec, rng), 2, out=out)
 
 
+STREAMED_GRADIENTS = [  # channels-first training backward: dx streamed (Plan.streams_gradient)
+    S((None, 6, None), axis=1, epsilon=0.00123),
+    S((None, 5, None), axis=1, epsilon=0.00123, activation="relu", center=False),
+]
+
+
+@pytest.fixture(scope="module")
+def gradient_pairs(build):
+    """Each STREAMED_GRADIENTS spec built twice, with its split phases: with dx streamed for
+    every size (a threshold of 0 bytes) and with the default tuning (these small tensors
+    never stream)."""
+    tuning = Tuning(stream_min_bytes=0)
+    pairs = [(build(spec, tuning=tuning, split=True), build(spec, split=True)) for spec in STREAMED_GRADIENTS]
+    for streamed, plain in pairs:
+        assert streamed.plan.streams_gradient and "stream_lines(dxr + i0, buf, chunk)" in streamed.source
+        assert "#define STREAM_MIN_BYTES 0" in streamed.source and plain.plan.stream_min == DEFAULT_TUNING.stream_min_bytes
+    return pairs
+
+
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_streamed_gradients_equal_plain_ones(gradient_pairs, data):
+    """Streaming moves where dx is written, not what: the backward and the split phases'
+    backward_apply of a streamed kernel equal the plain kernel's bit for bit, into new
+    arrays and into outputs at every alignment.  2 specs, EXAMPLES examples."""
+    streamed, plain = data.draw(st.sampled_from(gradient_pairs), label="pair")
+    spec = streamed.spec
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    shape = tuple(data.draw(st.sampled_from([1, 2, 5, 15, 16, 17, 47, 100, 333]), label=f"dim{i}") if d is None else d
+                  for i, d in enumerate(spec.shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gamma, beta, mm, mv = random_params(spec, rng)
+    _, mean, var = plain.forward(x, gamma, beta, mm.copy(), mv.copy())
+    threads = data.draw(st.integers(1, 3), label="threads")
+    offset = data.draw(st.sampled_from([None, 0, 1, 3, 7, 8, 15]), label="out offset")
+    beta_mask = beta if spec.activation == "relu" else None
+    want = plain.backward(dy, x, gamma, mean, var, beta=beta_mask, threads=threads)
+    out = None if offset is None else _out_at(shape, np.float32, offset)
+    got = streamed.backward(dy, x, gamma, mean, var, beta=beta_mask, out=out, threads=threads)
+    for name, w, g in zip(("dx", "dgamma", "dbeta"), want, got):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+    mean64, var64 = mean.astype(np.float64), var.astype(np.float64)
+    relu = spec.activation == "relu"  # (the sums read gamma only for the ReLU's mask)
+    sums = plain.backward_sums(dy, x, mean64, var64, gamma=gamma if relu else None, beta=beta_mask)
+    count = float(np.prod(shape) // spec.channels)
+    want = plain.backward_apply(dy, x, gamma, mean64, var64, sums=sums, count=count, beta=beta_mask, threads=threads)
+    out = None if offset is None else _out_at(shape, np.float32, offset)
+    got = streamed.backward_apply(dy, x, gamma, mean64, var64, sums=sums, count=count, out=out, beta=beta_mask,
+                                  threads=threads)
+    np.testing.assert_array_equal(got[0], want[0], err_msg="backward_apply dx")
+
+
 def test_streaming_above_the_real_threshold(build, rng):
-    """One tensor above STREAM_MIN_BYTES (16 MiB) through both kinds of channels-first kernel."""
+    """One tensor above STREAM_MIN_BYTES (16 MiB) through both kinds of channels-first
+    kernel, and the training one's backward (whose dx streams at this size)."""
     shape = (2, 16, 368, 368)  # 17.3 MB of float32
     assert 4 * np.prod(shape) >= DEFAULT_TUNING.stream_min_bytes
     for training in (True, False):
@@ -220,6 +275,14 @@ def test_streaming_above_the_real_threshold(build, rng):
         x = _data(shape, np.float32, "normal", rng)
         check(build(spec), x, random_params(spec, rng), 2)
         check(build(spec), x, random_params(spec, rng), 2, out=np.empty_like(x))  # streams into out= only
+    # the backward streams dx from this size on, into new arrays too: equal to a kernel that never streams
+    spec = S((None, 16, 368, 368), axis=1)
+    streamed, plain = build(spec), build(spec, tuning=Tuning(stream_min_bytes=1 << 62))
+    x, dy = _data(shape, np.float32, "normal", rng), _data(shape, np.float32, "normal", rng)
+    gamma, beta, mm, mv = random_params(spec, rng)
+    _, mean, var = plain.forward(x, gamma, beta, mm, mv)
+    for want, got in zip(plain.backward(dy, x, gamma, mean, var, threads=2), streamed.backward(dy, x, gamma, mean, var, threads=2)):
+        np.testing.assert_array_equal(got, want)
 
 
 # -- threads: determinism, and the accuracy cases on every schedule -------------------------------
