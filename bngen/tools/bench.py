@@ -3,7 +3,7 @@
 For each case (an input shape and feature axis) and kernel kind (inference, training
 forward, backward when the kernel has one) every implementation runs in turn, A B C A B
 C ..., so that a slow spell of a shared machine hits all of them alike; the report gives
-medians.  In the same rotation run bngen's own memory probes (templates/memory.c.j2): a
+medians.  In the same rounds run bngen's own memory probes (templates/memory.c.j2): a
 copy (read x, write y) and a read of the same size, with the same threads and the same
 store policy as the kernels.  From them comes each kind's memory-traffic floor: the least
 traffic the kind can get away with, timed (a copy is timed with plain and with streaming
@@ -21,7 +21,7 @@ stores, and the faster counts):
 
 ``bngen / floor`` is the kernel's time over that floor: 1.0 means it runs at the speed of
 memory.  Other peers are opt-in: ``isas`` builds and times bngen for other -march values
-in the same rotation (an AVX2 build on an AVX-512 machine, say), ``inductor`` times
+in the same rounds (an AVX2 build on an AVX-512 machine, say), ``inductor`` times
 torch.compile's generated C++ (its compile time reported apart).
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -138,6 +139,9 @@ def case_from_spec(spec: Spec, fill: int = 32) -> Case:
 
 
 # -- timing --------------------------------------------------------------------------------
+ORDER_SEED = 2026  # the rounds' orders (measure)
+
+
 def _calls_per_sample(fn: Callable[[], object]) -> int:
     fn()
     t = time.perf_counter()
@@ -147,12 +151,18 @@ def _calls_per_sample(fn: Callable[[], object]) -> int:
 
 
 def measure(fns: Dict[str, Callable[[], object]], repeat: int) -> Dict[str, List[float]]:
-    """Seconds per call of each function: `repeat` samples each, taken in rotation."""
+    """Seconds per call of each function: `repeat` samples each, one of each per round,
+    in a new order every round (a fixed seed, so runs repeat).  A fixed cycle would
+    always run an implementation right after the same other one: a kernel that follows
+    the one that just read x into the caches (an ISA build of the same kernel, say)
+    looked up to 20% faster than it is."""
     loops = {name: _calls_per_sample(fn) for name, fn in fns.items()}
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeat):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+    order = list(fns)
+    shuffle = random.Random(ORDER_SEED).shuffle
+    for _ in range(repeat):
+        shuffle(order)
+        for name in order:
             fn, n = fns[name], loops[name]
             t = time.perf_counter()
             for _ in range(n):
@@ -406,7 +416,7 @@ def run(cases: Sequence[Case], threads: Sequence[int], repeat: int = 21, kinds: 
         isas: Sequence[str] = (), inductor: bool = False) -> dict:
     """Benchmarks every case x kind x thread count; returns a JSON-ready report.
 
-    `isas`: other ``-march`` values to build bngen for and time in the same rotation
+    `isas`: other ``-march`` values to build bngen for and time in the same rounds
     (one row each); `inductor`: also time torch.compile (Inductor) of torch's batch norm."""
     warm_malloc = keep_freed_memory()
     rows = []
@@ -521,7 +531,7 @@ def markdown(report: dict) -> str:
     notes = [
         "",
         f"{report.get('cpu', 'unknown CPU')}. Median of {report['repeat']} samples per cell, implementations timed "
-        "in rotation; spread = interquartile range of bngen's samples over its median. "
+        "in rounds, each in a new order; spread = interquartile range of bngen's samples over its median. "
         f"NumPy {report['numpy']}" + (f", PyTorch {report['torch']}" if has_torch else ", PyTorch not installed") + ". "
         "floor = the kind's least memory traffic timed with bngen's copy/read probes "
         "(inference 1 copy; training forward 1 copy channels-first, 1 copy + 1 read channels-last; "

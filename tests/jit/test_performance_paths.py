@@ -609,7 +609,7 @@ def test_bench_smoke(session_cache, strict_compiler, dtype):
 
 def test_bench_other_isa_and_inductor(session_cache, strict_compiler):
     """--march builds a second bngen (here the AVX2 baseline, x86 only) timed in the same
-    rotation, one row each; --inductor adds torch.compile's column when torch is there."""
+    rounds, one row each; --inductor adds torch.compile's column when torch is there."""
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -619,10 +619,29 @@ def test_bench_other_isa_and_inductor(session_cache, strict_compiler):
                        isas=["x86-64-v3"], inductor=False)
     assert [r["isa"] for r in report["rows"]] == ["native", "x86-64-v3"]
     native, avx2 = report["rows"]
-    assert native["timings"]["numpy"] is avx2["timings"]["numpy"]  # one rotation: peers timed once
+    assert native["timings"]["numpy"] is avx2["timings"]["numpy"]  # one set of rounds: peers timed once
     assert native["timings"]["bngen"] is not avx2["timings"]["bngen"]
     assert "| isa |" in bench.markdown(report) and "| x86-64-v3 |" in bench.markdown(report)
     assert "AVX" in report["cpu"] or "scalar" in report["cpu"]
+
+
+def test_measure_takes_one_sample_each_per_round_in_changing_orders():
+    """No implementation always runs right after the same other one (a fixed cycle let
+    the second ISA build of a kernel find x in the caches the first had just filled)."""
+    import time
+
+    calls = []
+
+    def sample(name):  # slower than a sample's time, so one call per sample
+        calls.append(name)
+        time.sleep(bench.SAMPLE_SECONDS)
+
+    times = bench.measure({name: (lambda name=name: sample(name)) for name in "abcd"}, 40)
+    assert {name: len(samples) for name, samples in times.items()} == dict.fromkeys("abcd", 40)
+    samples = calls[8:]  # after two calibration calls each
+    assert len(samples) == 4 * 40 and all(sorted(samples[i:i + 4]) == list("abcd") for i in range(0, 160, 4))
+    before_b = {prev for prev, name in zip(samples, samples[1:]) if name == "b"}
+    assert before_b >= {"a", "c", "d"}
 
 
 def test_floors_follow_the_least_traffic():
