@@ -1,9 +1,10 @@
 """`bngen bench`: bngen's kernels timed beside NumPy and PyTorch, and against memory.
 
 For each case (an input shape and feature axis) and kernel kind (inference, training
-forward, backward when the kernel has one) every implementation runs in turn, A B C A B
-C ..., so that a slow spell of a shared machine hits all of them alike; the report gives
-medians.  In the same rounds run bngen's own memory probes (templates/memory.c.j2): a
+forward, backward when the kernel has one) every implementation takes one sample per
+round, in a new order every round (`measure`), so that a slow spell of a shared machine
+hits all of them alike and none always follows the one that warmed the caches for it;
+the report gives medians.  In the same rounds run bngen's own memory probes (templates/memory.c.j2): a
 copy (read x, write y) and a read of the same size, with the same threads and the same
 store policy as the kernels.  From them comes each kind's memory-traffic floor: the least
 traffic the kind can get away with, timed (a copy is timed with plain and with streaming
