@@ -19,9 +19,10 @@ class Precision:
     compute: str  # C type the arithmetic is done in
     half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
     stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
-    # float16 conversions: "bits" (portable integer arithmetic), "native" (the compiler's
-    # __fp16 where it has one, bits otherwise) or "f16c" (x86 vcvtph2ps/vcvtps2ph, eight
-    # values at a time, see Plan.staged): the target's choice (bngen.plan.target.Target), set by the plan.
+    # How half storage is converted: "bits" (portable integer arithmetic), "native" (the
+    # compiler's __fp16 where it has one, float16), "f16c" (x86 vcvtph2ps/vcvtps2ph, float16)
+    # or "avx512bf16" (x86 vcvtneps2bf16, bfloat16), the last two eight values at a time,
+    # see Plan.staged: the target's choice (bngen.plan.target.Target), set by the plan.
     half_conversion: str = "bits"
 
     @property

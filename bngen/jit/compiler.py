@@ -90,8 +90,9 @@ class Compiler:
         that a new process loading a cached kernel compiles nothing at all."""
         identity = self.identity()
         record = None
-        if store is not None:  # keyed by flags too: -march decides what the target has
-            key = "\n".join([identity, *self.flags, machine_tag()])
+        if store is not None:  # keyed by flags too (-march decides what the target has) and
+            # by the macros asked about, so a bngen that asks about more probes again
+            key = "\n".join([identity, *self.flags, machine_tag(), *TARGET_MACROS])
             record = store / f"compiler-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
             found = Features.from_record(record)
             if found is not None:
@@ -255,7 +256,7 @@ class Features:
 
 # The predefined macros that say what the target has (read with ``cc -dM -E``).
 TARGET_MACROS = ("__x86_64__", "__i386__", "__aarch64__", "__arm__", "__SSE2__", "__AVX__", "__AVX2__", "__F16C__",
-                 "__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512BF16__", "__AVX512FP16__", "__ARM_NEON",
+                 "__AVX512F__", "__AVX512BW__", "__AVX512DQ__", "__AVX512VL__", "__AVX512BF16__", "__AVX512FP16__", "__ARM_NEON",
                  "__ARM_FP16_FORMAT_IEEE")
 
 

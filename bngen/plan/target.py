@@ -40,9 +40,12 @@ class Target:
     ptrdiff_bits: int = 64  # width of its ptrdiff_t, which indexes the elements
     # float16 conversions: "bits" (portable integer arithmetic), "native" (the compiler's
     # __fp16, one FPU instruction each way, where it has an IEEE one; bits otherwise) or
-    # "f16c" (x86 F16C on staged spans).  bfloat16 is always bits: a shift to load, a
-    # rounding add and a shift to store.
+    # "f16c" (x86 F16C on staged spans).
     half_conversion: str = "bits"
+    # bfloat16 conversions: "bits" (a shift to load; a rounding add, a NaN test and a shift
+    # to store, about 14 vector operations per eight values) or "avx512bf16" (staged spans
+    # narrowed by vcvtneps2bf16, eight values per instruction).
+    bfloat16_conversion: str = "bits"
     # Export banners only: the compiler and flags the instructions name.
     cc: str = "cc"
     flags: str = ""
@@ -127,6 +130,10 @@ EXPORT_TARGETS: Dict[str, Target] = {
 }
 
 
+# What staged bfloat16 (half_avx512bf16.c.j2) needs the compiler to target.
+AVX512_BF16_STAGING = ("__AVX512BF16__", "__AVX512VL__", "__AVX512DQ__")
+
+
 def host_target(macros: Dict[str, str], flags, openmp: bool, simd_pragmas: bool) -> Target:
     """The JIT target from the compiler's predefined `macros` (``cc -dM -E`` with its
     `flags`) and whether it has OpenMP / ``omp simd``."""
@@ -153,6 +160,8 @@ def host_target(macros: Dict[str, str], flags, openmp: bool, simd_pragmas: bool)
         openmp=openmp,
         simd_pragmas=simd_pragmas,
         half_conversion="f16c" if f16c else "bits",
+        # the 256-bit vcvtneps2bf16 is AVX512-BF16 with VL; the subnormal test, DQ's vfpclassps
+        bfloat16_conversion="avx512bf16" if all(m in macros for m in AVX512_BF16_STAGING) else "bits",
     )
 
 

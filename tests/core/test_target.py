@@ -1,0 +1,55 @@
+"""The target record read off a compiler's macros, and what the plan takes from it.
+
+Pure data: no compiler runs.  Cases: 6 targets (macro sets) x 4 dtypes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import bngen
+from bngen.plan.plan import make_plan
+from bngen.plan.target import AVX512_BF16_STAGING, host_target
+
+X86 = {"__x86_64__", "__SSE2__", "__AVX__", "__AVX2__"}
+SPR = X86 | {"__F16C__", "__AVX512F__", "__AVX512BW__", "__AVX512DQ__", "__AVX512VL__", "__AVX512BF16__",
+             "__AVX512FP16__"}
+
+
+def _target(macros, flags=("-O3", "-march=native")):
+    return host_target(dict.fromkeys(macros, "1"), flags, openmp=True, simd_pragmas=True)
+
+
+# (macros, float16 conversion, bfloat16 conversion)
+TARGETS = [
+    (set(X86), "bits", "bits"),  # an AVX2 machine without F16C
+    (X86 | {"__F16C__"}, "f16c", "bits"),  # -march=x86-64-v3
+    (SPR, "f16c", "avx512bf16"),  # Sapphire Rapids, Zen 4
+    (SPR - {"__AVX512VL__"}, "f16c", "bits"),  # no 256-bit form of vcvtneps2bf16
+    (SPR - {"__AVX512DQ__"}, "f16c", "bits"),  # no vfpclassps for the subnormal test
+    ({"__aarch64__", "__ARM_NEON", "__ARM_FP16_FORMAT_IEEE"}, "bits", "bits"),
+]
+
+
+@pytest.mark.parametrize("macros, f16, bf16", TARGETS)
+def test_conversions_follow_the_instructions_the_compiler_targets(macros, f16, bf16):
+    target = _target(macros)
+    assert (target.half_conversion, target.bfloat16_conversion) == (f16, bf16)
+    assert target.avx512_bf16 == ("__AVX512BF16__" in macros)
+    for dtype, conversion in (("float32", "bits"), ("float64", "bits"), ("float16", f16), ("bfloat16", bf16)):
+        plan = make_plan(bngen.Spec((None, 8, 64), axis=1, dtype=dtype), target)
+        assert plan.precision.half_conversion == conversion, dtype
+        # hardware conversions stage spans; float32/float64 never convert
+        assert plan.staged == (conversion in ("f16c", "avx512bf16")), dtype
+
+
+def test_the_staging_macros_are_ones_the_probe_asks_about():
+    from bngen.jit.compiler import TARGET_MACROS
+
+    assert set(AVX512_BF16_STAGING) <= set(TARGET_MACROS)
+
+
+def test_vector_width_follows_the_flags():
+    assert _target(SPR).vector_bytes == 32  # GCC prefers 256-bit vectors on AVX-512 unless told
+    assert _target(SPR, ("-O3", "-march=native", "-mprefer-vector-width=512")).vector_bytes == 64
+    assert _target({"__x86_64__", "__SSE2__"}).vector_bytes == 16
