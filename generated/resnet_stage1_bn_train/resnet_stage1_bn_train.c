@@ -84,18 +84,24 @@ NOINLINE static void lanes_add_sum(acc_t *restrict s, const data_t *restrict x, 
         s[k] += LOAD(x[whole + k]) - shift;
 }
 
-/* Sums d = x[i] - center and d * d over a run, lane by lane as in lanes_add_sum.  Reading
- * from L1, it asks meanwhile for the next run to sum, `ahead` (NULL: none; as long as
- * this one): without that, memory would sit idle while this pass computes. */
-NOINLINE static void lanes_add_dev(acc_t *restrict s1, acc_t *restrict s2, const data_t *restrict x, ptrdiff_t len,
-                                   acc_t center, const data_t *ahead)
+/* Adds d = x[i] - center and d * d over a run to the lane sums sum1 and sum2, lane by
+ * lane as in lanes_add_sum.  Reading from L1, it asks meanwhile for the next run to sum,
+ * `ahead` (NULL: none; as long as this one): without that, memory would sit idle while
+ * this pass computes.  With none it asks for x itself, already in L1.  The sums are local
+ * copies: with prefetches in the loop GCC would store sum1 and sum2 every group. */
+NOINLINE static void lanes_add_dev(acc_t *restrict sum1, acc_t *restrict sum2, const data_t *restrict x,
+                                   ptrdiff_t len, acc_t center, const data_t *ahead)
 {
+    const data_t *next = ahead ? ahead : x;
     const ptrdiff_t whole = len / LANES * LANES;
+    acc_t s1[LANES], s2[LANES];
+    for (int k = 0; k < LANES; k++) {
+        s1[k] = sum1[k];
+        s2[k] = sum2[k];
+    }
     for (ptrdiff_t i = 0; i < whole; i += LANES) {
-        if (ahead) {  /* the lines of LANES values of data_t */
-            PREFETCH(ahead + i);
-            PREFETCH(ahead + i + LANES / 2);
-        }
+        PREFETCH(next + i);  /* the lines of LANES values of data_t */
+        PREFETCH(next + i + LANES / 2);
         OMP(omp simd)
         for (int k = 0; k < LANES; k++) {
             const acc_t d = LOAD(x[i + k]) - center;
@@ -107,6 +113,10 @@ NOINLINE static void lanes_add_dev(acc_t *restrict s1, acc_t *restrict s2, const
         const acc_t d = LOAD(x[whole + k]) - center;
         s1[k] += d;
         s2[k] += d * d;
+    }
+    for (int k = 0; k < LANES; k++) {
+        sum1[k] = s1[k];
+        sum2[k] = s2[k];
     }
 }
 
