@@ -549,6 +549,7 @@ def markdown(report: dict) -> str:
 
 # -- the end-to-end training step (bngen bench --model) -----------------------------------------------
 MODEL_MODES = ("eager", "compiled")
+NO_BATCH_NORM = "without batch norm"  # the reference model of the batch-norm cost
 
 
 def _is_batch_norm(name: str) -> bool:
@@ -579,12 +580,15 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
     torch.nn.BatchNorm2d and with ``bngen.torch.convert`` of the same model, eager and
     compiled, per thread count; JSON-ready.
 
-    Per cell: the median step time of `repeat` steps (the two models' steps alternate),
-    and the share of a step spent in batch norm over `profiled` steps under
-    torch.profiler (None where no batch-norm operator is left to see: inductor compiles
-    torch's own batch norm into its generated code).  Before timing, both models are
-    trained `steps` steps from the same initialisation on the same batches; the largest
-    relative difference of their losses is reported.
+    Per cell: the median step time of `repeat` steps (the models' steps alternate, in a
+    new order each round); the batch-norm cost, the median minus that of the same model
+    without batch norm (`resnet.without_batch_norm`, timed in the same rounds): what batch
+    norm adds to a step where it runs, caches and all; and the share of a step spent in
+    batch norm over `profiled` steps under torch.profiler (None where no batch-norm
+    operator is left to see: inductor compiles torch's own batch norm into its generated
+    code).  Before timing, both models are trained `steps` steps from the same
+    initialisation on the same batches; the largest relative difference of their losses
+    is reported.
     """
     import copy
 
@@ -607,12 +611,13 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
                 torch.set_num_threads(nthreads)
                 torch.manual_seed(0)
                 base = resnet.ResNet(dims).to(memory_format=fmt)
-                models = {"torch": base, "bngen": bnt.convert(copy.deepcopy(base))}
+                models = {"torch": base, "bngen": bnt.convert(copy.deepcopy(base)),
+                          NO_BATCH_NORM: resnet.without_batch_norm(copy.deepcopy(base))}
                 if mode == "compiled":
                     torch._dynamo.reset()  # each thread count compiles afresh
                     # bngen's model with its batch norm + ReLU fusion, as the README tells users to compile it
-                    models = {"torch": torch.compile(models["torch"]),
-                              "bngen": torch.compile(models["bngen"], options={"joint_custom_pre_pass": bnt.fuse_relu})}
+                    models = {k: torch.compile(m, options={"joint_custom_pre_pass": bnt.fuse_relu} if k == "bngen" else None)
+                              for k, m in models.items()}
                 opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
 
                 def step(name, batch):
@@ -625,13 +630,14 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
 
                 progress(f"model {size} | {mode} | {nthreads} thread(s): {steps} steps for the loss check")
                 losses = {k: [step(k, batches[i % len(batches)]) for i in range(steps)] for k in models}
+                del losses[NO_BATCH_NORM]  # trained too (so that it is warm), but not compared
                 diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["bngen"], losses["torch"]))
                 agreement[f"{mode}, {nthreads} thread(s)"] = {"max_relative_difference": diff,
                                                                "torch": losses["torch"], "bngen": losses["bngen"]}
                 progress(f"model {size} | {mode} | {nthreads} thread(s): timing")
                 times = measure({k: (lambda k=k: step(k, batches[0])) for k in models}, repeat)
                 shares = {}
-                for name in models:
+                for name in ("torch", "bngen"):
                     # one step with the profiler on but not recording: its start-up is not in the share
                     schedule = torch.profiler.schedule(wait=0, warmup=1, active=profiled, repeat=1)
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
@@ -645,9 +651,11 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
                         wall = (time.perf_counter() - start) * 1e3
                     bn = _bn_ms(prof)
                     shares[name] = (bn / profiled, bn / wall) if bn > 0 else (None, None)
-                for name in models:
+                without = summary(times[NO_BATCH_NORM])["median_ms"]
+                for name in ("torch", "bngen"):
                     stats = summary(times[name])
                     rows.append({"mode": mode, "threads": nthreads, "implementation": name, "step": stats,
+                                 "bn_cost_ms": stats["median_ms"] - without, "without_bn_ms": without,
                                  "bn_ms": shares[name][0], "bn_share": shares[name][1],
                                  "torch_over_bngen": summary(times["torch"])["median_ms"] / stats["median_ms"]})
     finally:
@@ -660,21 +668,23 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
 
 def model_markdown(report: dict) -> str:
     """The model report as a markdown table (median step time)."""
-    lines = ["| mode | threads | batch norm | step ms | spread | BN ms | BN share | torch / this |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | threads | batch norm | step ms | spread | BN cost ms | profiled BN ms | BN share | torch / this |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         s = row["step"]
         spread = (s["q3_ms"] - s["q1_ms"]) / s["median_ms"]
         bn = "-" if row["bn_ms"] is None else _ms(row["bn_ms"])
         share = "-" if row["bn_share"] is None else f"{row['bn_share']:.0%}"
         lines.append(f"| {row['mode']} | {row['threads']} | {row['implementation']} | {_ms(s['median_ms'])} | "
-                     f"{spread:.0%} | {bn} | {share} | {row['torch_over_bngen']:.2f}x |")
+                     f"{spread:.0%} | {_ms(row['bn_cost_ms'])} | {bn} | {share} | {row['torch_over_bngen']:.2f}x |")
     size = report["size"]
     worst = max((v["max_relative_difference"] for v in report["losses"].values()), default=0.0)
     lines += ["", f"ResNet-style CNN ({report['size_name']}: batch {size['batch']}, {size['image']}x{size['image']} "
               f"images, widths {tuple(size['widths'])}{', channels_last' if report['channels_last'] else ''}), "
-              f"one SGD training step; median of {report['repeat']} steps, the two models alternating; "
-              f"PyTorch {report['torch']}. BN ms/share: batch-norm operators under torch.profiler "
+              f"one SGD training step; median of {report['repeat']} steps, the models alternating; "
+              f"PyTorch {report['torch']}. BN cost: the step minus the step of the same model without batch norm "
+              "(identities in its place, timed in the same rounds). "
+              "Profiled BN ms/share: batch-norm operators under torch.profiler "
               "('-': none left to see, inductor compiled torch's batch norm into its own code). "
               f"Losses over {report['steps']} steps from the same initialisation agree to {worst:.1e} "
               "(largest relative difference)."]

@@ -524,6 +524,15 @@ def test_import_bngen_does_not_import_torch():
 
 
 # -- the end-to-end benchmark, functionally ------------------------------------------------------------------
+def test_without_batch_norm_leaves_no_batch_norm():
+    from bngen.tools.resnet import SIZES, ResNet, without_batch_norm
+
+    model = without_batch_norm(ResNet(SIZES["tiny"]))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.Identity) for m in model.modules()) == 9
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
 def test_bench_model_runs_and_losses_agree(tmp_path, capsys):
     """`bngen bench --model` at the tiny size, eager, one thread (no timing conclusions drawn)."""
     import json
@@ -537,6 +546,10 @@ def test_bench_model_runs_and_losses_agree(tmp_path, capsys):
     assert [(r["mode"], r["threads"], r["implementation"]) for r in report["rows"]] == [
         ("eager", 1, "torch"), ("eager", 1, "bngen")]
     assert all(r["bn_share"] is not None and 0 < r["bn_share"] < 1 for r in report["rows"])
+    # the batch-norm cost is the step against the same model without batch norm, timed alongside
+    assert all(r["bn_cost_ms"] == r["step"]["median_ms"] - r["without_bn_ms"] and r["without_bn_ms"] > 0
+               for r in report["rows"])
+    assert set(report["losses"]["eager, 1 thread(s)"]) == {"max_relative_difference", "torch", "bngen"}
     losses = report["losses"]["eager, 1 thread(s)"]
     assert len(losses["bngen"]) == 4 and losses["max_relative_difference"] < 1e-4
     assert "| eager | 1 | bngen |" in capsys.readouterr().out
