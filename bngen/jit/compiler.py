@@ -254,10 +254,11 @@ class Features:
         return cls(openmp=openmp, simd=simd, macros=tuple(macros))
 
 
-# The predefined macros that say what the target has (read with ``cc -dM -E``).
+# The predefined macros that say what the target has (read with ``cc -dM -E``), and
+# __clang__, whose builtins some ISA partials do not spell.
 TARGET_MACROS = ("__x86_64__", "__i386__", "__aarch64__", "__arm__", "__SSE2__", "__AVX__", "__AVX2__", "__F16C__",
                  "__AVX512F__", "__AVX512BW__", "__AVX512DQ__", "__AVX512VL__", "__AVX512BF16__", "__AVX512FP16__", "__ARM_NEON",
-                 "__ARM_FP16_FORMAT_IEEE")
+                 "__ARM_FP16_FORMAT_IEEE", "__clang__")
 
 
 def _check(cmd: list, code: int, errors: str) -> None:

@@ -160,8 +160,10 @@ def host_target(macros: Dict[str, str], flags, openmp: bool, simd_pragmas: bool)
         openmp=openmp,
         simd_pragmas=simd_pragmas,
         half_conversion="f16c" if f16c else "bits",
-        # the 256-bit vcvtneps2bf16 is AVX512-BF16 with VL; the subnormal test, DQ's vfpclassps
-        bfloat16_conversion="avx512bf16" if all(m in macros for m in AVX512_BF16_STAGING) else "bits",
+        # the 256-bit vcvtneps2bf16 is AVX512-BF16 with VL; the subnormal test, DQ's vfpclassps;
+        # the template calls GCC's builtins, which clang spells otherwise
+        bfloat16_conversion="avx512bf16" if all(m in macros for m in AVX512_BF16_STAGING)
+        and "__clang__" not in macros else "bits",
     )
 
 
