@@ -21,8 +21,8 @@ ACTIVATIONS = (None, "relu")
 
 
 
-# The most elements a static shape may have: ptrdiff_t, which indexes them in C, is 64 bits
-# on every host bngen compiles for (targets with a narrower one check their own limit).
+# The most elements a static shape may have: the element index type of the kernels is 64
+# bits on every JIT host (export targets with a narrower one check their own limit).
 MAX_ELEMENTS = 2**63 - 1
 
 
