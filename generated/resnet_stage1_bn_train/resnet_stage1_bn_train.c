@@ -69,50 +69,76 @@ static inline void moments_merge(moments_t *acc, stat_t count, stat_t mean, stat
     acc->count = total;
 }
 
-/* Sums x[i] - shift over a run of `len` values into LANES partial sums, one per lane, so
- * the loop vectorises without reordering any one sum; the values past the last whole
- * group of LANES go one to a lane too.  The caller adds the lanes up in a fixed order. */
-NOINLINE static void lanes_add_sum(acc_t *restrict s, const data_t *restrict x, ptrdiff_t len, acc_t shift)
+/* Sums x[i] - shift over `rows` runs of `len` contiguous values, `stride` apart, into
+ * LANES partial sums, one per lane, so the loop vectorises without reordering any one
+ * sum; the values past a run's last whole group of LANES go one to a lane too.  The
+ * caller adds the lanes up in a fixed order.  The sums are local copies, held in
+ * registers across the runs. */
+NOINLINE static void lanes_add_sum(acc_t *restrict sum, const data_t *restrict x, ptrdiff_t rows, ptrdiff_t len,
+                                   ptrdiff_t stride, acc_t shift)
 {
     const ptrdiff_t whole = len / LANES * LANES;
-    for (ptrdiff_t i = 0; i < whole; i += LANES) {
-        OMP(omp simd)
-        for (int k = 0; k < LANES; k++)
-            s[k] += LOAD(x[i + k]) - shift;
+    acc_t s[LANES];
+    for (int k = 0; k < LANES; k++)
+        s[k] = sum[k];
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const data_t *restrict xr = x + r * stride;
+        for (ptrdiff_t i = 0; i < whole; i += LANES) {
+            OMP(omp simd)
+            for (int k = 0; k < LANES; k++)
+                s[k] += LOAD(xr[i + k]) - shift;
+        }
+        if (whole < len) {
+            acc_t t[LANES] = {0};  /* lanes past the run's end add 0 */
+            for (ptrdiff_t k = 0; k < len - whole; k++)
+                t[k] = LOAD(xr[whole + k]) - shift;
+            OMP(omp simd)
+            for (int k = 0; k < LANES; k++)
+                s[k] += t[k];
+        }
     }
-    for (ptrdiff_t k = 0; k < len - whole; k++)
-        s[k] += LOAD(x[whole + k]) - shift;
+    for (int k = 0; k < LANES; k++)
+        sum[k] = s[k];
 }
 
-/* Adds d = x[i] - center and d * d over a run to the lane sums sum1 and sum2, lane by
- * lane as in lanes_add_sum.  Reading from L1, it asks meanwhile for the next run to sum,
- * `ahead` (NULL: none; as long as this one): without that, memory would sit idle while
- * this pass computes.  With none it asks for x itself, already in L1.  The sums are local
- * copies: with prefetches in the loop GCC would store sum1 and sum2 every group. */
+/* Adds d = x[i] - center and d * d over `rows` runs as in lanes_add_sum to the lane
+ * sums sum1 and sum2.  Reading from L1, it asks meanwhile for the next block to sum,
+ * `ahead` (NULL: none; runs as many and as long, `stride` apart too): without that,
+ * memory would sit idle while this pass computes.  With none it asks for x itself,
+ * already in L1.  The sums are local copies: with prefetches in the loop GCC would store
+ * sum1 and sum2 every group. */
 NOINLINE static void lanes_add_dev(acc_t *restrict sum1, acc_t *restrict sum2, const data_t *restrict x,
-                                   ptrdiff_t len, acc_t center, const data_t *ahead)
+                                   ptrdiff_t rows, ptrdiff_t len, ptrdiff_t stride, acc_t center, const data_t *ahead)
 {
-    const data_t *next = ahead ? ahead : x;
     const ptrdiff_t whole = len / LANES * LANES;
     acc_t s1[LANES], s2[LANES];
     for (int k = 0; k < LANES; k++) {
         s1[k] = sum1[k];
         s2[k] = sum2[k];
     }
-    for (ptrdiff_t i = 0; i < whole; i += LANES) {
-        PREFETCH(next + i);  /* the lines of LANES values of data_t */
-        PREFETCH(next + i + LANES / 2);
-        OMP(omp simd)
-        for (int k = 0; k < LANES; k++) {
-            const acc_t d = LOAD(x[i + k]) - center;
-            s1[k] += d;
-            s2[k] += d * d;
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const data_t *restrict xr = x + r * stride;
+        const data_t *next = ahead ? ahead + r * stride : xr;
+        for (ptrdiff_t i = 0; i < whole; i += LANES) {
+            PREFETCH(next + i);  /* the lines of LANES values of data_t */
+            PREFETCH(next + i + LANES / 2);
+            OMP(omp simd)
+            for (int k = 0; k < LANES; k++) {
+                const acc_t d = LOAD(xr[i + k]) - center;
+                s1[k] += d;
+                s2[k] += d * d;
+            }
         }
-    }
-    for (ptrdiff_t k = 0; k < len - whole; k++) {
-        const acc_t d = LOAD(x[whole + k]) - center;
-        s1[k] += d;
-        s2[k] += d * d;
+        if (whole < len) {
+            acc_t t[LANES] = {0};  /* lanes past the run's end add 0 */
+            for (ptrdiff_t k = 0; k < len - whole; k++)
+                t[k] = LOAD(xr[whole + k]) - center;
+            OMP(omp simd)
+            for (int k = 0; k < LANES; k++) {
+                s1[k] += t[k];
+                s2[k] += t[k] * t[k];
+            }
+        }
     }
     for (int k = 0; k < LANES; k++) {
         sum1[k] = s1[k];
@@ -172,12 +198,10 @@ static inline void moments_add_block(moments_t *acc, const data_t *x, ptrdiff_t 
     const acc_t shift = LOAD(x[0]);
     const stat_t count = (stat_t)(rows * len);
     acc_t s[LANES] = {0};
-    for (ptrdiff_t r = 0; r < rows; r++)
-        lanes_add_sum(s, x + r * stride, len, shift);
+    lanes_add_sum(s, x, rows, len, stride, shift);
     const acc_t center = shift + (acc_t)(lanes_total(s) / count);
     acc_t s1[LANES] = {0}, s2[LANES] = {0};
-    for (ptrdiff_t r = 0; r < rows; r++)
-        lanes_add_dev(s1, s2, x + r * stride, len, center, ahead ? ahead + r * stride : NULL);
+    lanes_add_dev(s1, s2, x, rows, len, stride, center, ahead);
     const stat_t dev = lanes_total(s1);
     const stat_t mean = center + dev / count, m2 = lanes_total(s2) - dev * dev / count;
     if (!is_finite(mean) || !is_finite(m2)) {  /* an acc_t sum overflowed (or x holds inf/NaN) */
