@@ -66,7 +66,7 @@ def _bshape(spec: Spec, ndim: int):
 
 def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, moving_stddev=None,
             renorm_mean=None, renorm_stddev=None, rmax=None, rmin=None, dmax=None, adjust_scale=None,
-            adjust_bias=None) -> Forward:
+            adjust_bias=None, residual=None) -> Forward:
     """What the forward kernel of `spec` computes, in float64.
 
     Training with renorm (Keras 3.14+): ``s = sqrt(var + eps)``, ``s_bar = max(renorm_stddev,
@@ -75,7 +75,10 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
     and renorm_stddev move with renorm_momentum, moving_mean and moving_stddev with
     momentum, and ``moving_variance = max(moving_stddev**2 - eps, 0)``.  With the
     adjustment (a, b) the output is ``gamma * (a * (x_hat * r + d) + b) + beta``.
+    ``residual=True``: `residual` (shaped like x) is added before the activation.
     """
+    if spec.residual != (residual is not None):
+        raise TypeError(f"residual: {'required' if spec.residual else 'not used'} with residual={spec.residual}")
     x = _f64(x)
     bshape = _bshape(spec, x.ndim)
     g = _f64(gamma).reshape(bshape) if spec.scale else 1.0
@@ -92,7 +95,8 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
         return _ghost_forward(spec, x, gamma, beta, mm, mv)
     if spec.uses_batch_stats and (spec.renorm or spec.adjustment) and spec.training:
         return _variant_forward(spec, x, g, b, bshape, mm, mv, _f64(moving_stddev), _f64(renorm_mean),
-                                _f64(renorm_stddev), (rmax, rmin, dmax), _f64(adjust_scale), _f64(adjust_bias))
+                                _f64(renorm_stddev), (rmax, rmin, dmax), _f64(adjust_scale), _f64(adjust_bias),
+                                residual)
     if spec.uses_batch_stats:
         mean, var = statistics(spec, x)
         m, v = mean.reshape(bshape), var.reshape(bshape)
@@ -103,10 +107,10 @@ def forward(spec: Spec, x, gamma=None, beta=None, moving_mean=None, moving_varia
             keep = spec.momentum
             mm = None if mm is None else keep * mm + (1 - keep) * mean
             mv = None if mv is None else keep * mv + (1 - keep) * fed
-        return Forward(_activate(spec, y), mean, var, mm, mv)
+        return Forward(_activate(spec, y, residual), mean, var, mm, mv)
     a = g / np.sqrt(mv.reshape(bshape) + spec.epsilon)
     y = (x - mm.reshape(bshape)) * a + b
-    return Forward(_activate(spec, y), None, None, mm, mv)
+    return Forward(_activate(spec, y, residual), None, None, mm, mv)
 
 
 def ghost_batches(spec: Spec, n: int) -> int:
@@ -141,7 +145,7 @@ def _ghost_forward(spec, x, gamma, beta, mm, mv) -> Forward:
     return Forward(y, mean, var, mm, mv)
 
 
-def _variant_forward(spec, x, g, b, bshape, mm, mv, msd, rm, rsd, clip, a, adj_b) -> Forward:
+def _variant_forward(spec, x, g, b, bshape, mm, mv, msd, rm, rsd, clip, a, adj_b, residual=None) -> Forward:
     """Training with renorm and/or the adjustment (see `forward`)."""
     mean, var = statistics(spec, x)
     eps, keep, rkeep = spec.epsilon, spec.momentum, spec.renorm_momentum
@@ -172,7 +176,7 @@ def _variant_forward(spec, x, g, b, bshape, mm, mv, msd, rm, rsd, clip, a, adj_b
     if spec.adjustment:
         m, t = a * m, a * t + adj_b
     y = g * (x_hat * m.reshape(bshape) + t.reshape(bshape)) + b
-    return Forward(_activate(spec, y), mean, var, mm, mv, r, d, msd, rm, rsd)
+    return Forward(_activate(spec, y, residual), mean, var, mm, mv, r, d, msd, rm, rsd)
 
 
 def inference_coefficients(gamma, beta, mean, variance, epsilon: float):
@@ -187,7 +191,10 @@ def inference_coefficients(gamma, beta, mean, variance, epsilon: float):
     return scale, beta - _f64(mean) * scale
 
 
-def _activate(spec: Spec, y: np.ndarray) -> np.ndarray:
+def _activate(spec: Spec, y: np.ndarray, residual=None) -> np.ndarray:
+    """The output from the normalised values `y`: plus the residual, if any, then the activation."""
+    if residual is not None:
+        y = y + _f64(residual)
     if spec.activation == "relu":
         return np.where(y < 0, 0.0, y)
     return y

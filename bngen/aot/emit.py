@@ -147,6 +147,10 @@ def check_exportable(spec: Spec, target: Target, baked: bool = False) -> None:
                     "the plain training kernels only); export the inference kernel (training=False), which the "
                     "statistics variants do not change, or use bngen.build for training"
                 )
+    if spec.residual:
+        raise ValueError("spec: residual=True cannot be exported yet (the exported entry points and their test "
+                         "harness take no residual input); use bngen.build, or export residual=False and add "
+                         "the residual after the call")
     if target.single_precision and spec.dtype == "float64":
         raise ValueError(
             f"dtype: float64 on target {target.name!r}, which is single precision throughout "

@@ -144,6 +144,10 @@ class Spec:
     renorm_momentum: float = 0.99  # weight of the OLD renorm_mean / renorm_stddev
     virtual_batch_size: Optional[int] = None  # ghost batch norm: statistics per ghost batch
     adjustment: bool = False  # training output gamma*(x_hat*a + b) + beta, a and b per call
+    # A fusion, left out of `to_dict` at its default like the variants: the forward adds a
+    # residual input shaped like x to the normalised values, before the activation
+    # (ResNet's relu(bn(conv(x)) + shortcut)); such kernels have no gradient entry.
+    residual: bool = False
 
     def __post_init__(self) -> None:
         shape = _canonical_shape(self.shape)
@@ -151,7 +155,7 @@ class Spec:
         put("shape", shape)
         put("axis", _canonical_axis(self.axis, shape))
         put("dtype", _canonical_dtype(self.dtype))
-        for flag in ("training", "center", "scale", "unbiased", "renorm", "adjustment"):
+        for flag in ("training", "center", "scale", "unbiased", "renorm", "adjustment", "residual"):
             v = getattr(self, flag)
             if not isinstance(v, bool):
                 raise SpecError(f"{flag}: {_short(v)} is not a bool")
@@ -174,6 +178,9 @@ class Spec:
                 f"feature axis to be the last one ({len(shape) - 1})"
             )
         self._check_variants()
+        if self.residual and (self.mode == 1 or self.virtual_batch_size is not None):
+            raise SpecError(f"residual: True with {'mode=1' if self.mode == 1 else 'virtual_batch_size'}; the "
+                            "residual input is fused into the feature-wise schedules of modes 0 and 2 only")
         n = self.values_per_feature
         if n is not None and n < self.min_values_per_feature:
             raise SpecError(
@@ -267,8 +274,9 @@ class Spec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """The fields by name; the statistics variants only where they differ from their
-        defaults (so specs written before the variants existed read and write unchanged)."""
+        """The fields by name; the statistics variants and the residual fusion only where
+        they differ from their defaults (so specs written before they existed read and
+        write unchanged)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in _VARIANT_FIELDS or getattr(self, f.name) != f.default}
         d["shape"] = list(self.shape)
@@ -379,7 +387,7 @@ def clip_problem(rmax: Optional[float], rmin: Optional[float], dmax: Optional[fl
     return None
 
 
-_VARIANT_FIELDS = ("renorm", "renorm_momentum", "virtual_batch_size", "adjustment")
+_VARIANT_FIELDS = ("renorm", "renorm_momentum", "virtual_batch_size", "adjustment", "residual")
 
 
 def _product(dims) -> Optional[int]:

@@ -152,7 +152,10 @@ def _normalising_params(spec: Spec, entry: Entry) -> list:
 
 def _forward_face(spec: Spec, entry: Entry, method: str) -> Face:
     a = entry.arg
-    params = _normalising_params(spec, entry) + _variant_params(spec, entry) + _tail(entry, "y")
+    residual = Param("residual", DATA, a("residual"), used=spec.residual, required=spec.residual,
+                     why="the spec has residual=True: y = activation(normalised x + residual)" if spec.residual
+                     else "the spec has residual=False")
+    params = _normalising_params(spec, entry) + [residual] + _variant_params(spec, entry) + _tail(entry, "y")
     if method == "forward":
         return Face(method, entry, tuple(params), ("y", "mean", "variance") + (("r", "d") if a("r") else ()))
     return Face(method, entry, tuple(params), ("y",), single=True)
@@ -275,8 +278,17 @@ def call_checked(kernel, face: Face, values: Dict[str, Any]):
     x = checked["x"]
     ghosts = check_ghosts(spec, x)
     for p in data:
-        if p.name != "x":
-            checked[p.name] = check_like(kernel, p.name, values[p.name], x)
+        if p.name == "x":
+            continue
+        value = values.get(p.name)
+        if not p.used or value is None:  # (a used data array is a required one)
+            if p.used:
+                raise TypeError(f"{p.name}: required ({p.why})")
+            if value is not None:
+                raise TypeError(f"{p.name}: not used by this kernel ({p.why}); pass None")
+            checked[p.name] = None
+            continue
+        checked[p.name] = check_like(kernel, p.name, value, x)
     written = {"out"}
     for p in face.params:
         if p.kind == PARAM:
@@ -696,7 +708,7 @@ def fast_path(kernel, face: Face, checked):
     if spec.min_values_per_feature > 1 and not face.partial:
         n_expr = " * ".join([sizes.get("outer", str(plan.outer)), sizes.get("inner", str(plan.inner))])
         emit(f"if {n_expr} < {spec.min_values_per_feature}: raise _Refused")
-    others = [p for p in face.params if p.kind == DATA and p.name != "x"]
+    others = [p for p in face.params if p.kind == DATA and p.name != "x" and p.used]
     for p in others:
         emit(f"if {p.name}.__class__ is not ndarray or ({p.name}.dtype is not dtype and {p.name}.dtype != dtype) "
              f"or {p.name}.shape != shape: raise _Refused")
@@ -723,7 +735,7 @@ def fast_path(kernel, face: Face, checked):
     else:
         emit("pointers, spans = (), ()")
     # the data arrays: C pointers (from_buffer raises ValueError unless C-contiguous)
-    data = [p for p in face.params if p.kind == DATA]
+    data = [p for p in face.params if p.kind == DATA and p.used]
     for p in data:
         emit(f"if not {p.name}.flags.aligned: raise _Refused")
         emit(f"c_{p.name} = from_buffer(data_ct, {p.name})")

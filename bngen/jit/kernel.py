@@ -80,17 +80,17 @@ class Kernel:
     # -- public calls (the checked path; a kernel's fast path calls these for what it refuses) --
     def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None,
                  moving_stddev=None, renorm_mean=None, renorm_stddev=None, rmax=None, rmin=None, dmax=None,
-                 adjust_scale=None, adjust_bias=None, threads=None):
+                 adjust_scale=None, adjust_bias=None, residual=None, threads=None):
         """Normalise `x`; returns y (written into `out` if given).  The keyword-only
-        arguments of the statistics variants are those of `forward`."""
+        arguments of the statistics variants and `residual` are those of `forward`."""
         return binder.call_checked(self, self._faces["__call__"], dict(
             x=x, gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance, out=out,
             moving_stddev=moving_stddev, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev, rmax=rmax, rmin=rmin,
-            dmax=dmax, adjust_scale=adjust_scale, adjust_bias=adjust_bias, threads=threads))
+            dmax=dmax, adjust_scale=adjust_scale, adjust_bias=adjust_bias, residual=residual, threads=threads))
 
     def forward(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, out=None, *,
                 moving_stddev=None, renorm_mean=None, renorm_stddev=None, rmax=None, rmin=None, dmax=None,
-                adjust_scale=None, adjust_bias=None, threads=None):
+                adjust_scale=None, adjust_bias=None, residual=None, threads=None):
         """Normalise `x` with its own statistics; returns ``(y, mean, variance)``.
 
         mean and variance are the batch mean and biased batch variance per feature
@@ -102,6 +102,8 @@ class Kernel:
         d (None: no clip on that side).  ``adjustment=True`` (training): keyword-only
         ``adjust_scale`` and ``adjust_bias`` (a, b), one value per feature; the output is
         ``gamma * (x_hat * a + b) + beta`` (with renorm, ``gamma * (a * (x_hat * r + d) + b) + beta``).
+        ``residual=True`` specs: keyword-only ``residual``, an array like x added to the
+        normalised values before the activation (so ``relu(bn(x) + residual)``).
         """
         face = self._faces.get("forward")
         if face is None:
@@ -112,7 +114,7 @@ class Kernel:
         return binder.call_checked(self, face, dict(
             x=x, gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance, out=out,
             moving_stddev=moving_stddev, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev, rmax=rmax, rmin=rmin,
-            dmax=dmax, adjust_scale=adjust_scale, adjust_bias=adjust_bias, threads=threads))
+            dmax=dmax, adjust_scale=adjust_scale, adjust_bias=adjust_bias, residual=residual, threads=threads))
 
     def backward(self, dy, x, gamma=None, mean=None, variance=None, out=None, *, beta=None,
                  moving_mean=None, moving_variance=None, r=None, d=None, adjust_scale=None, adjust_bias=None,
@@ -156,6 +158,10 @@ class Kernel:
         """
         face = self._faces.get("backward")
         if face is None:
+            if self.spec.residual:
+                raise TypeError("backward: a residual=True kernel has no backward; the gradient of x is the "
+                                "backward of the same spec with residual=False, fed dy masked by the activation "
+                                "(relu: dy where y > 0), which is also the residual's gradient")
             raise TypeError("backward: this kernel was built without a backward")
         return binder.call_checked(self, face, dict(
             dy=dy, x=x, gamma=gamma, beta=beta, mean=mean, variance=variance, moving_mean=moving_mean,
@@ -221,6 +227,7 @@ class Kernel:
             return binder.call_checked(self, face, values)
         if not has_split_phases(self.spec):
             kind = ("mode 1" if self.spec.mode == 1 else "mode-0 inference" if not self.spec.uses_batch_stats
+                    else "a residual=True kernel" if self.spec.residual
                     else "a statistics variant (renorm, virtual_batch_size or adjustment)")
             raise TypeError(f"{method}: only kernels of plain specs that normalise with batch statistics (training, "
                             f"or mode 2) have split phases; this one is {kind}")

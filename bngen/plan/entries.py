@@ -123,14 +123,15 @@ def kernel_entries(spec: Spec, outer: Optional[int], inner: Optional[int], threa
     """The entry points of a JIT or exported kernel: the forward, then its gradient."""
     sizes = runtime_sizes(outer, inner, threaded)
     forward = forward_entry(spec, sizes, streaming)
-    backward = backward_entry(spec, sizes) if with_backward else None
+    backward = backward_entry(spec, sizes) if with_backward and not spec.residual else None
     return (forward,) if backward is None else (forward, backward)
 
 
 def forward_entry(spec: Spec, sizes: Tuple[Arg, ...], streaming: bool) -> Entry:
     """``bn_forward`` (batch statistics) or ``bn_inference`` (moving statistics)."""
     affine = _affine(spec)
-    io = (Arg("x", Role.DATA_IN), Arg("y", Role.DATA_OUT))
+    residual = (Arg("residual", Role.DATA_IN),) if spec.residual else ()
+    io = (Arg("x", Role.DATA_IN),) + residual + (Arg("y", Role.DATA_OUT),)
     # Streaming stores into fresh pages (a new output, its pages first touched by this
     # call) measured ~25% slower than plain ones, into resident pages ~7% faster: the
     # caller says whether y is a buffer it reuses.
@@ -152,8 +153,9 @@ def forward_entry(spec: Spec, sizes: Tuple[Arg, ...], streaming: bool) -> Entry:
 
 def has_split_phases(spec: Spec) -> bool:
     """Whether `spec` has split phases: plain specs that normalise with batch statistics
-    (modes 0 and 2; the statistics variants have none)."""
-    return spec.uses_batch_stats and spec.mode != 1 and not (spec.renorm or spec.virtual_batch_size or spec.adjustment)
+    (modes 0 and 2; the statistics variants and the residual fusion have none)."""
+    return spec.uses_batch_stats and spec.mode != 1 and not (
+        spec.renorm or spec.virtual_batch_size or spec.adjustment or spec.residual)
 
 
 def split_entries(spec: Spec, sizes: Tuple[Arg, ...]) -> Tuple[Entry, ...]:

@@ -144,6 +144,12 @@ class Plan:
         return self.spec.activation == "relu"
 
     @property
+    def residual(self) -> bool:
+        """True when the forward adds a residual input (shaped like x, read beside it) to
+        the normalised values, before the activation."""
+        return self.spec.residual
+
+    @property
     def variant(self) -> bool:
         """True when a statistics variant (renorm's r and d, the adjustment's a and b)
         reshapes the normalised values, y = gamma * (x_hat * m + t) + beta: at batch
