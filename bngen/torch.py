@@ -59,10 +59,11 @@ _kernels_lock = threading.Lock()
 
 
 def _kernel(training: bool, dtype: torch.dtype, channels: int, inner: int, eps: float, scale: bool,
-            center: bool, relu: bool = False) -> Kernel:
+            center: bool, relu: bool = False, residual: bool = False) -> Kernel:
     """The kernel of one shape class (see the module docstring), built once per process;
-    `relu`: with the ReLU fused (``Spec(activation="relu")``)."""
-    key = (training, dtype, channels, inner, eps, scale, center, relu)
+    `relu`: with the ReLU fused (``Spec(activation="relu")``); `residual`: with a residual
+    input added before it (``Spec(residual=True)``)."""
+    key = (training, dtype, channels, inner, eps, scale, center, relu, residual)
     kernel = _kernels.get(key)
     if kernel is None:
         with _kernels_lock:
@@ -72,7 +73,7 @@ def _kernel(training: bool, dtype: torch.dtype, channels: int, inner: int, eps: 
                 # momentum and unbiased do not matter: the running statistics are updated in torch
                 spec = Spec(shape=shape, axis=1, dtype=_DTYPES[dtype], training=training, mode=0, epsilon=eps,
                             momentum=0.0, center=center, scale=scale, unbiased=False,
-                            activation="relu" if relu else None)
+                            activation="relu" if relu else None, residual=residual)
                 kernel = _kernels[key] = build(spec)
     return kernel
 
@@ -196,11 +197,16 @@ def _define(name: str, impl, fake, schema: str):
     """The custom op bngen::`name` (and its twin without autograd, see above)."""
     op = torch.library.custom_op(f"{_LIB}::{name}", impl, mutates_args=(), tags=_TAGS, schema=schema)
     op.register_fake(fake)
+    _define_compiled(name, impl, fake, schema)
+    return op
+
+
+def _define_compiled(name: str, impl, fake, schema: str) -> None:
+    """The op bngen::compiled_`name`, without autograd: for compiled graphs only (see above)."""
     twin = _COMPILED_PREFIX + name
     _LIBRARY.define(twin + schema, tags=_TAGS)
     _LIBRARY.impl(twin, impl, "CPU")
     torch.library.register_fake(f"{_LIB}::{twin}", fake, lib=_LIBRARY)
-    return op
 
 
 def _train_impl(x, weight, bias, eps, relu=False):
@@ -252,6 +258,39 @@ def _relu_eval_impl(x, weight, bias, running_mean, running_var, eps):
 
 
 _relu_eval = _define("batch_norm_relu_eval", _relu_eval_impl, _eval_fake, _EVAL_SCHEMA)
+
+
+def _add_train_impl(x, residual, weight, bias, eps, relu):
+    """batch_norm_train's output plus `residual` (then the ReLU, if `relu`) in one kernel, and the batch statistics."""
+    x, last = _input(x)
+    rows = _array(x, last)
+    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu,
+                     residual=True)
+    y, mean, var = kernel.forward(rows, _param(weight), _param(bias), residual=_array(_like(residual, x, last), last),
+                                  threads=_threads())
+    return _tensor(y, x, last), torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def _add_eval_impl(x, residual, weight, bias, running_mean, running_var, eps, relu):
+    """batch_norm_eval's output plus `residual` (then the ReLU, if `relu`) in one kernel."""
+    x, last = _input(x)
+    rows = _array(x, last)
+    kernel = _kernel(False, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu,
+                     residual=True)
+    y = kernel(rows, _param(weight), _param(bias), _param(running_mean), _param(running_var),
+               residual=_array(_like(residual, x, last), last), threads=_threads())
+    return _tensor(y, x, last)
+
+
+# Only in compiled graphs, where `fuse_relu` puts them (no autograd: the backward of the
+# batch norm stays its own op, fed the gradient through the sum and the ReLU).
+_define_compiled("batch_norm_add_train", _add_train_impl,
+                 lambda x, residual, weight, bias, eps, relu: _train_fake(x, weight, bias, eps),
+                 "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, bool relu) -> (Tensor, Tensor, Tensor)")
+_define_compiled("batch_norm_add_eval", _add_eval_impl,
+                 lambda x, residual, weight, bias, running_mean, running_var, eps, relu: _empty_out(x),
+                 "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+                 "float eps, bool relu) -> Tensor")
 
 
 def _backward_impl(training, dy, x, weight, bias, mean, var, eps, has_bias, relu=False):
@@ -449,10 +488,66 @@ def _same_layer(forward, backward, training: bool) -> bool:
     return b[1] is x and b[2] is weight and b[3] is running_mean and b[4] is running_var and b[5] == eps
 
 
+def _same_type(a, b) -> bool:
+    """Whether graph nodes `a` and `b` hold tensors of the same shape, dtype and device (their fake values)."""
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape \
+        and va.dtype is vb.dtype and va.device == vb.device
+
+
+def _fuse_residuals(graph: torch.fx.Graph) -> int:
+    """Rewrite `graph` in place: a batch norm whose output only goes to a sum with another
+    tensor of its type, relu(batch_norm_*(x)[0] + r) (ResNet's block output) or without the
+    ReLU, becomes one op, batch_norm_add_*(x, r, ..., relu); the number rewritten.  The
+    backward is unchanged: it masks its gradient with the ReLU's output, which the fused
+    op now computes (the same values), and differentiates the batch norm as before."""
+    aten, ops = torch.ops.aten, torch.ops.bngen
+    fused_ops = {ops.batch_norm_train.default: ops.compiled_batch_norm_add_train.default,
+                 ops.batch_norm_eval.default: ops.compiled_batch_norm_add_eval.default}
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in fused_ops:
+            continue
+        training = node.target is ops.batch_norm_train.default
+        outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0] if training else [node]
+        if len(outputs) != 1 or len(outputs[0].users) != 1:
+            continue
+        y = outputs[0]
+        add = next(iter(y.users))
+        if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+            continue
+        r = add.args[1] if add.args[0] is y else add.args[0]
+        if r is y or not isinstance(r, torch.fx.Node) or not _same_type(r, y) or not _same_type(add, y):
+            continue
+        relu = next(iter(add.users)) if len(add.users) == 1 else None
+        relu = relu if relu is not None and relu.target is aten.relu.default else None
+        out = relu or add
+        args = (node.args[0], r) + tuple(node.args[1:]) + (relu is not None,)
+        with graph.inserting_before(add):  # after both y and r
+            fused = graph.call_function(fused_ops[node.target], args)
+        fused.meta.update(node.meta)
+        if training:  # the statistics and the output come from the fused op: y's getitem becomes the sum's
+            for u in list(node.users):
+                u.args = (fused, u.args[1])
+            out.replace_all_uses_with(y)
+            y.meta["val"] = out.meta.get("val")
+        else:
+            out.replace_all_uses_with(fused)
+        for dead in (relu, add, node):
+            if dead is not None:
+                graph.erase_node(dead)
+        count += 1
+    if count:
+        from torch._inductor.pattern_matcher import stable_topological_sort
+
+        stable_topological_sort(graph)  # the statistics' users now follow the fused op
+    return count
+
+
 def _fuse_relu(graph: torch.fx.Graph) -> int:
     """Rewrite `graph` in place (see above), and put the ops' twins without autograd in it;
-    the number of batch norms fused with their ReLU."""
-    fused = 0
+    the number of batch norms fused with their ReLU (or with a residual sum)."""
+    fused = _fuse_residuals(graph)
     fusions = _fusions()
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in fusions:
@@ -512,7 +607,7 @@ def _recomputed_masks(graph: torch.fx.Graph) -> int:
         if node.op != "call_function" or node.target is not aten.le.Scalar or node.args[1] != 0:
             continue
         relu = _unalias(node.args[0])
-        if relu.target is not aten.relu.default or not all(u.target is aten.where.self for u in node.users):
+        if not _is_relu_output(relu) or not all(u.target is aten.where.self for u in node.users):
             continue
         saved = relu
         val = relu.meta.get("val")
@@ -526,6 +621,18 @@ def _recomputed_masks(graph: torch.fx.Graph) -> int:
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         count += 1
     return count
+
+
+def _is_relu_output(node) -> bool:
+    """Whether graph node `node` is a ReLU's output: aten.relu, or a batch norm fused with
+    a residual sum and the ReLU (`_fuse_residuals`)."""
+    ops = torch.ops.bngen
+    if node.target is torch.ops.aten.relu.default:
+        return True
+    if node.target is operator.getitem and node.args[1] == 0:
+        node = node.args[0]
+    return node.target in (ops.compiled_batch_norm_add_train.default, ops.compiled_batch_norm_add_eval.default) \
+        and node.args[-1] is True
 
 
 def _twins() -> dict:

@@ -211,8 +211,9 @@ def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes():
         y = bn(torch.randn(n, 4, 5, 6))
         assert y.shape == (n, 4, 5, 6)
         bn(torch.randn(n, 4, 3, 2).contiguous(memory_format=torch.channels_last))  # any H, W: one (N*H*W, C) class
-    # (training, dtype, C, inner, eps, scale, center, relu): one class per layout, whatever N, H and W
-    expected = {(True, torch.float32, 4, 30, 1e-5, True, True, False), (True, torch.float32, 4, 1, 1e-5, True, True, False)}
+    # (training, dtype, C, inner, eps, scale, center, relu, residual): one class per layout, whatever N, H and W
+    expected = {(True, torch.float32, 4, 30, 1e-5, True, True, False, False),
+                (True, torch.float32, 4, 1, 1e-5, True, True, False, False)}
     assert expected <= set(bnt._kernels) and set(bnt._kernels) - before <= expected
 
 
@@ -326,6 +327,20 @@ def test_custom_ops_pass_opcheck():
                           test_utils=twin_checks)
     torch.library.opcheck(ops.compiled_batch_norm_eval_backward.default, (dy, x, w, rm, rv, 1e-5, True),
                           test_utils=twin_checks)
+    # the batch norms fused with a residual sum (and the ReLU), also with the residual in another layout
+    last = x.contiguous(memory_format=torch.channels_last)
+    for xr, r in ((x, torch.randn_like(x)), (last, torch.randn_like(x)), (x, torch.randn_like(last))):
+        torch.library.opcheck(ops.compiled_batch_norm_add_train.default, (xr, r, w, b, 1e-5, True), test_utils=twin_checks)
+        torch.library.opcheck(ops.compiled_batch_norm_add_eval.default, (xr, r, None, b, rm, rv, 1e-5, False),
+                              test_utils=twin_checks)
+        assert torch.Tag.flexible_layout in ops.compiled_batch_norm_add_train.default.tags
+        y, mean, var = ops.compiled_batch_norm_add_train(xr, r, w, b, 1e-5, True)
+        plain_y, plain_mean, plain_var = ops.batch_norm_train(xr, w, b, 1e-5)
+        torch.testing.assert_close(y, torch.relu(plain_y + r), atol=1e-6, rtol=1e-6)
+        assert torch.equal(mean, plain_mean) and torch.equal(var, plain_var)
+        assert y.is_contiguous(memory_format=torch.channels_last if xr is last else torch.contiguous_format)
+        torch.testing.assert_close(ops.compiled_batch_norm_add_eval(xr, r, None, b, rm, rv, 1e-5, False),
+                                   ops.batch_norm_eval(xr, None, b, rm, rv, 1e-5) + r, atol=1e-6, rtol=1e-6)
 
 
 # -- torch.compile --------------------------------------------------------------------------------------------
@@ -455,6 +470,82 @@ def test_fuse_relu_fuses_under_compile_with_the_same_results():
         names = _op_names(lambda: compiled_fused(x))
         assert names.count("bngen::batch_norm_relu_eval") == 1 and names.count("bngen::batch_norm_eval") == 1, names
         torch.testing.assert_close(compiled_fused(x), compiled_plain(x), atol=1e-6, rtol=1e-6)
+
+
+def test_fuse_relu_fuses_residual_sums_in_the_joint_graph():
+    """relu(bn(x) + r) and bn(x) + r become one op each (batch_norm_add_train), also where
+    r is computed after the batch norm (a projection shortcut: the graph is reordered);
+    the partitioned graphs compute the values and gradients of the unfused function."""
+    from functorch.compile import aot_function, min_cut_rematerialization_partition
+
+    ops = torch.ops.bngen
+
+    def f(x, w, b, w2, b2, s):
+        y = ops.batch_norm_train(x, w, b, 1e-5)[0]
+        shortcut = ops.batch_norm_train(x * s, w2, b2, 1e-5)[0]  # traced after y
+        out = torch.relu(y + shortcut)  # the shortcut's output feeds the sum too: only y's batch norm fuses
+        return ops.batch_norm_train(out, w, None, 1e-5)[0] + out  # no ReLU
+
+    seen = {}
+
+    def partition(joint, inputs, **kwargs):
+        seen["fused"] = bnt._fuse_relu(joint.graph)
+        joint.graph.lint()  # in topological order
+        seen["targets"] = [n.target for n in joint.graph.nodes if n.op == "call_function"]
+        joint.recompile()
+        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+
+    torch.manual_seed(0)
+    args = [torch.randn(4, 3, 5, 6), torch.rand(3) + 0.5, torch.randn(3), torch.rand(3) + 0.5, torch.randn(3),
+            torch.rand(1, 3, 1, 1) + 0.5]
+    args = [t.requires_grad_() for t in args]
+    from torch._inductor.decomposition import select_decomp_table
+
+    compiled = aot_function(f, fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition,
+                            decompositions=select_decomp_table())
+    out = compiled(*args)
+    grads = torch.autograd.grad(out.square().sum(), args)
+    expected = f(*args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    assert seen["fused"] == 2
+    assert seen["targets"].count(ops.compiled_batch_norm_add_train.default) == 2
+    assert seen["targets"].count(ops.compiled_batch_norm_train.default) == 1  # the shortcut's
+    assert torch.ops.aten.relu.default not in seen["targets"]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_fuse_relu_fuses_resnet_block_outputs_under_compile(fmt):
+    """The benchmark's model (tiny): every block's relu(bn2(conv2(.)) + shortcut) runs as one
+    op in training and in eval; 3 SGD steps and eval give what the compiled model without
+    the pass gives."""
+    from bngen.tools import resnet
+
+    torch.manual_seed(0)
+    base = bnt.convert(resnet.ResNet(resnet.SIZES["tiny"])).to(memory_format=fmt)
+    plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+    compiled_plain = torch.compile(plain)
+    compiled_fused = torch.compile(fused, options={"joint_custom_pre_pass": bnt.fuse_relu})
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 3, 8, 8, generator=g).contiguous(memory_format=fmt),
+                torch.randn(4, 10, generator=g, dtype=torch.float64)) for _ in range(3)]
+    np.testing.assert_allclose(_train(compiled_fused, batches, torch.float32),
+                               _train(compiled_plain, batches, torch.float32), rtol=1e-5)
+    for (name, a), (_, b) in zip(list(fused.named_parameters()) + list(fused.named_buffers()),
+                                 list(plain.named_parameters()) + list(plain.named_buffers())):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    x, target = batches[0]
+    names = _op_names(lambda: F.mse_loss(compiled_fused(x).double(), target).backward())
+    F.mse_loss(compiled_plain(x).double(), target).backward()  # the same running statistics for eval below
+    assert names.count("bngen::batch_norm_add_train") == 3, names
+    compiled_fused.eval(), compiled_plain.eval()
+    with torch.no_grad():
+        compiled_fused(x)
+        names = _op_names(lambda: compiled_fused(x))
+        assert names.count("bngen::batch_norm_add_eval") == 3, names
+        torch.testing.assert_close(compiled_fused(x), compiled_plain(x), atol=1e-5, rtol=1e-5)
 
 
 # -- state_dict, conversion -----------------------------------------------------------------------------------
