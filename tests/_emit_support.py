@@ -220,7 +220,8 @@ def draw_case(data, plan, params=None):
 
 def draw_cases(data, plan, params=None):
     """A `Case` of every call of `emit.calls(plan)` (every entry point, a training forward
-    also without its moving statistics), all on one x, with dy for the gradients:
+    also without its moving statistics), all on one x, with dy for the gradients (and a
+    residual for a ``residual=True`` forward):
     dynamic sizes, data offset and spread drawn by hypothesis."""
     spec = plan.spec
     shape = [data.draw(st.integers(1, 6), label=f"dim{i}") if d is None else d for i, d in enumerate(spec.shape)]
@@ -243,7 +244,9 @@ def draw_cases(data, plan, params=None):
         }
         params = {k: v.astype(spec.param_dtype) for k, v in params.items()}
     dy = (rng.standard_normal(shape) * 10 ** rng.uniform(-2, 2)).astype(numpy_dtype(spec.dtype))
-    return make_cases(plan, x, params, dy)  # baked: the float64 values its constants were folded from
+    residual = (rng.standard_normal(shape) * 10 ** rng.uniform(-2, 2)).astype(numpy_dtype(spec.dtype)) \
+        if spec.residual else None
+    return make_cases(plan, x, params, dy, residual)  # baked: the float64 values its constants were folded from
 
 
 def lazy_programs(tmp_path_factory, toolchain: "Toolchain", cases, target):

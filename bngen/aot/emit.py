@@ -147,10 +147,6 @@ def check_exportable(spec: Spec, target: Target, baked: bool = False) -> None:
                     "the plain training kernels only); export the inference kernel (training=False), which the "
                     "statistics variants do not change, or use bngen.build for training"
                 )
-    if spec.residual:
-        raise ValueError("spec: residual=True cannot be exported yet (the exported entry points and their test "
-                         "harness take no residual input); use bngen.build, or export residual=False and add "
-                         "the residual after the call")
     if target.single_precision and spec.dtype == "float64":
         raise ValueError(
             f"dtype: float64 on target {target.name!r}, which is single precision throughout "
@@ -233,7 +229,7 @@ def export_plan(spec: Spec, name: str, target: Target, baked: bool = False) -> P
     """The plan of `spec` exported for `target`: freestanding, symbols prefixed `name`."""
     plan = make_plan(spec, target, prefix=name)
     if baked:
-        plan = dataclasses.replace(plan, entries=(baked_entry(runtime_sizes(plan.outer, plan.inner, plan.threaded)),))
+        plan = dataclasses.replace(plan, entries=(baked_entry(spec, runtime_sizes(plan.outer, plan.inner, plan.threaded)),))
     return plan
 
 
@@ -302,7 +298,8 @@ def harness_cases(plan: Plan, params: Optional[Mapping] = None, seed: int = HARN
         }
         values = {k: v.astype(pdtype) for k, v in values.items()}
     dy = rng.standard_normal(shape).astype(dtype) if plan.backward else None
-    return make_cases(plan, x, values, dy)
+    residual = rng.standard_normal(shape).astype(dtype) if spec.residual else None
+    return make_cases(plan, x, values, dy, residual)
 
 
 def calls(plan: Plan) -> List[Tuple[Entry, Tuple[str, ...]]]:
@@ -318,29 +315,32 @@ def calls(plan: Plan) -> List[Tuple[Entry, Tuple[str, ...]]]:
     return result
 
 
-def make_cases(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray], dy: Optional[np.ndarray] = None) -> List[Case]:
-    """The `Case` of every call in `calls(plan)` on `x`, parameter `values` and (for the
-    gradient entry points) the incoming gradient `dy`.  With a fused ReLU, dy is zeroed
+def make_cases(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray], dy: Optional[np.ndarray] = None,
+               residual: Optional[np.ndarray] = None) -> List[Case]:
+    """The `Case` of every call in `calls(plan)` on `x`, parameter `values`, (for the
+    gradient entry points) the incoming gradient `dy` and (``residual=True``) the `residual`.  With a fused ReLU, dy is zeroed
     where the forward output before the ReLU is within twice its tolerance of 0: there
     the kernel (which recomputes that output) and the oracle may mask differently, and
     with dy = 0 the gradient does not depend on the mask."""
     spec = plan.spec
-    if dy is not None and spec.activation == "relu":
+    if dy is not None and spec.activation == "relu" and plan.backward:
         plain = spec.replace(activation=None)
         gamma, beta = values.get("gamma") if spec.scale else None, values.get("beta") if spec.center else None
         mm, mv = (values.get("moving_mean"), values.get("moving_variance")) if spec.mode == 0 else (None, None)
         ref = oracle.forward(plain, x, gamma, beta, mm, mv)
         edge = np.abs(ref.y) <= 2 * tolerances(spec, x, values, ref)["y"]
         dy = np.where(edge, np.zeros((), dy.dtype), dy)
-    return [make_case(plan, x, values, entry=entry.name, dy=dy, null=null) for entry, null in calls(plan)]
+    return [make_case(plan, x, values, entry=entry.name, dy=dy, null=null, residual=residual)
+            for entry, null in calls(plan)]
 
 
 def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray], entry: Optional[str] = None,
-              dy: Optional[np.ndarray] = None, null: Tuple[str, ...] = ()) -> Case:
+              dy: Optional[np.ndarray] = None, null: Tuple[str, ...] = (), residual: Optional[np.ndarray] = None) -> Case:
     """The `Case` of calling the entry point `entry` (default: the first) of `plan` on `x`
     and parameter `values` (the parameters the entry does not take are ignored), with the
     nullable arguments `null` passed as NULL.  A gradient entry point also takes `dy`,
-    and the statistics a training forward returns, rounded to the parameter dtype."""
+    and the statistics a training forward returns, rounded to the parameter dtype; a
+    forward of ``residual=True`` takes `residual`."""
     spec = plan.spec
     entry_ = plan.entries[0] if entry is None else plan.entry(entry)
     if entry_ is None:
@@ -352,11 +352,14 @@ def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray], entry
         spec, x,
         values.get("gamma") if spec.scale else None, values.get("beta") if spec.center else None,
         values.get("moving_mean") if spec.mode == 0 else None, values.get("moving_variance") if spec.mode == 0 else None,
+        residual=residual,
     )
     inputs = {}
     for arg in entry_.args:
         if arg.name == "x":
             inputs["x"] = x
+        elif arg.name == "residual":
+            inputs["residual"] = residual
         elif arg.name == "dy":
             inputs["dy"] = dy
         elif arg.role == "param_in" and arg.name in ("mean", "variance") and entry_.name == "bn_backward":
@@ -378,7 +381,7 @@ def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray], entry
             expected.update(mean=ref.mean, variance=ref.variance)
         if spec.updates_moving_stats:
             expected.update(moving_mean=ref.moving_mean, moving_variance=ref.moving_variance)
-        tolerance = tolerances(spec, x, values, ref)
+        tolerance = tolerances(spec, x, values, ref, residual)
     names = {a.name for a in entry_.args if a.role in OUTPUT_ROLES and a.name not in null}
     expected = {k: v for k, v in expected.items() if k in names}
     return Case(outer, inner, inputs, expected, {k: tolerance[k] for k in expected},
@@ -389,12 +392,12 @@ def make_case(plan: Plan, x: np.ndarray, values: Mapping[str, np.ndarray], entry
 OUTPUT_ROLES = ("data_out", "stat_out", "param_inout", "grad_out")
 
 
-def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
+def tolerances(spec: Spec, x, values, ref, residual=None) -> Dict[str, float]:
     """Absolute tolerances: TOLERANCE_ULPS units of the arithmetic's precision times the
     magnitude of the terms each output is made of (so cancellation is allowed for, and
-    a formula that loses precision, like a one-pass variance, is not).  Half-precision
-    y adds one unit of its storage type: half for the kernel's rounding, half for the
-    expected value's."""
+    a formula that loses precision, like a one-pass variance, is not; the residual is
+    one more term of y).  Half-precision y adds one unit of its storage type: half for
+    the kernel's rounding, half for the expected value's."""
     eps = float(np.finfo(np.dtype(spec.param_dtype)).eps) * TOLERANCE_ULPS
     x = np.asarray(x, np.float64)
     mag_x = float(np.max(np.abs(x)))
@@ -411,6 +414,8 @@ def tolerances(spec: Spec, x, values, ref) -> Dict[str, float]:
         # Folded inference computes x * a + (beta - mean * a): both terms count.
         mag_y = mag_x * float(np.max(a)) + float(np.max(b)) + float(np.max(np.abs(ref.y)))
         var, std = None, 0.0
+    if residual is not None:
+        mag_y += float(np.max(np.abs(np.asarray(residual, np.float64))))
     tol = {"y": eps * mag_y}
     if spec.dtype in ("float16", "bfloat16"):
         storage = ml_finfo(spec.dtype)

@@ -223,10 +223,11 @@ def backward_entry(spec: Spec, sizes: Tuple[Arg, ...]) -> Optional[Entry]:
     return Entry(name, tuple(args) + (_ghost(spec, sizes) if spec.uses_batch_stats else sizes), phase)
 
 
-def baked_entry(sizes: Tuple[Arg, ...]) -> Entry:
+def baked_entry(spec: Spec, sizes: Tuple[Arg, ...]) -> Entry:
     """The exported inference kernel with its folded parameters compiled in: ``bn(x, y)``
-    plus the dynamic sizes."""
-    return Entry("bn", (Arg("x", Role.DATA_IN), Arg("y", Role.DATA_OUT)) + tuple(sizes), Phase.BAKED)
+    (``bn(x, residual, y)`` with the residual fusion) plus the dynamic sizes."""
+    residual = (Arg("residual", Role.DATA_IN),) if spec.residual else ()
+    return Entry("bn", (Arg("x", Role.DATA_IN),) + residual + (Arg("y", Role.DATA_OUT),) + tuple(sizes), Phase.BAKED)
 
 
 def probe_entries(threaded: bool) -> Tuple[Entry, ...]:

@@ -1,8 +1,9 @@
 """bngen.emit on the host: emitted C compiled strictly with gcc and run against the oracle.
 
-Property tests: 9 exported kernels (baked, runtime-parameter inference, training, modes
-1 and 2; float32/float64; the host and cortex-m arithmetic, the latter checked on the
-host with -Wdouble-promotion; with and without OpenMP), 25 hypothesis examples each
+Property tests: 12 exported kernels (baked, runtime-parameter inference, training, modes
+1 and 2, the residual fusion; float32/float64/float16; the host and cortex-m arithmetic,
+the latter checked on the host with -Wdouble-promotion; with and without OpenMP), 25
+hypothesis examples each
 (sizes of the dynamic dimensions, data offset and spread, parameters, NULL outputs), one
 driver process per example.  Then the header, the includes, byte-identical re-emits,
 in-place baked calls, the harness, and one test per class of bad argument.
@@ -38,6 +39,13 @@ HOST_CASES = [
     ("train-cl-cortexm-math", bngen.Spec((None, 40), momentum=0.9), "cortex-m", False, ()),
     ("mode1-f64", bngen.Spec((None, 33), mode=1, dtype="float64"), "host", False, ()),
     ("mode2-nchw-cortexm-math", bngen.Spec((None, 5, 6), axis=1, mode=2, training=False), "cortex-m", False, ()),
+    # the residual fusion: y = relu(normalised x + residual)
+    ("baked-nchw-f32-residual", bngen.Spec((None, 4, 6), axis=1, training=False, residual=True, activation="relu"),
+     "host", True, ()),
+    ("train-nhwc-f16-residual", bngen.Spec((None, 3, 16), dtype="float16", residual=True, activation="relu"),
+     "host", False, ()),
+    ("infer-nchw-residual-cortexm-math", bngen.Spec((None, 5, 7), axis=1, training=False, residual=True), "cortex-m",
+     False, ()),
 ]
 
 

@@ -6,7 +6,7 @@ with the adjustment), 140 examples drawn over them, each against the float64 ora
 with the residual added, and against the same spec without the residual: the
 statistics must be the same bits.  Then the streamed stores (outputs of 16 MiB and
 more, with ``out=``: plain and staged half precision), the fast path, and every
-error a caller can make.
+error a caller can make.  Exports of it run in tests/aot/test_emit.py.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def test_bad_residual_calls_raise_before_any_c_runs(build, rng):
         kernel.moments(x)
 
 
-def test_residual_spec_rules():
+def test_residual_spec_rules(tmp_path):
     with pytest.raises(bngen.SpecError, match="residual: True with mode=1"):
         S((None, 8), mode=1, residual=True)
     with pytest.raises(bngen.SpecError, match="residual: True with virtual_batch_size"):
@@ -170,5 +170,7 @@ def test_residual_spec_rules():
     plain, fused = S((None, 8)), S((None, 8), residual=True)
     assert "residual" not in json.loads(plain.to_json())  # specs written before it read and write unchanged
     assert S.from_json(fused.to_json()) == fused and fused != plain
-    with pytest.raises(ValueError, match="residual=True cannot be exported"):
-        bngen.emit(fused, "unused-directory")
+    # exported too (tests/aot/test_emit.py runs such exports): the header documents the argument
+    bngen.emit(fused, tmp_path, name="block")
+    header = (tmp_path / "block.h").read_text()
+    assert "input added to the normalised x" in header and "const float *residual," in header
