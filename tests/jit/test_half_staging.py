@@ -7,9 +7,8 @@ portable kernels run, with every conversion exact or correctly rounded either wa
 (bfloat16: the groups that vcvtneps2bf16 would flush to zero are narrowed again in
 software).  So the two must agree bit for bit (NaN for NaN) on every output: dx, y, and
 the float32 statistics and parameter gradients.  The portable kernel comes from the
-same compiler and target less the conversion instructions (-mno-f16c,
--mno-avx512bf16).  test_half.py holds the default (staged, on such a machine) kernels
-to the oracle.
+same compiler, flags and target but for the conversion, set to the portable bits.
+test_half.py holds the default (staged, on such a machine) kernels to the oracle.
 
 Specs: 7 per dtype (14), each built twice (staged and portable), covering every staged
 loop: the channels-first, channels-last and per-sample forward and backward, the
@@ -21,6 +20,8 @@ streaming-store path.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -42,35 +43,66 @@ SHAPES = [
     dict(shape=(None, 600), mode=1),
     dict(shape=(None, 7, None), axis=1, mode=2, center=False),
 ]
-HALVES = ("float16", "bfloat16")
-SPECS = [S(dtype=dtype, **kw) for dtype in HALVES for kw in SHAPES]
+
+
+@dataclasses.dataclass(frozen=True)
+class Staging:
+    """A staged conversion and the builds that compare it with the portable one."""
+
+    conversion: str  # the target field's value in the staged build
+    dtype: str
+    field: str  # the Target field that names the conversion
+    isa: str = "native"  # the instruction set both builds target
+    nan_payloads: bool = False  # whether NaN payloads must agree too, not only NaN positions
+
+
+STAGINGS = [
+    Staging("f16c", "float16", "half_conversion"),
+    Staging("avx512bf16", "bfloat16", "bfloat16_conversion"),
+]
+CASES = [(staging, S(dtype=staging.dtype, **kw)) for staging in STAGINGS for kw in SHAPES]
 SPECIALS = {
     "float16": [np.nan, np.inf, -np.inf, 6.0e-8, -3.0e-5, 65504.0, 0.0, -0.0],
     "bfloat16": [np.nan, np.inf, -np.inf, 9.2e-41, -3.0e-39, 3.38e38, 0.0, -0.0],
 }
-# The flag that takes each dtype's conversion instructions away, and the target field saying
-# the compiler has them.
-WITHOUT = {"float16": ("-mno-f16c", "half_conversion", "f16c"),
-           "bfloat16": ("-mno-avx512bf16", "bfloat16_conversion", "avx512bf16")}
+
+
+def _flags(staging):
+    """Both builds' flags for `staging`'s instruction set, with -ffp-contract=off: which
+    a * b + c a compiler fuses may differ from loop to loop, and that is not what this
+    test is about."""
+    flags = tuple(f if not f.startswith("-march=") else f"-march={staging.isa}" for f in DEFAULT_FLAGS)
+    return (*flags, "-ffp-contract=off")
+
+
+def _staged_compiler(staging, cache):
+    """The compiler of `staging`'s staged build; skips the test where this machine (or
+    this compiler for this machine) does not stage it."""
+    native = Compiler(flags=DEFAULT_FLAGS, warnings=STRICT_WARNINGS)
+    if staging.isa != "native" and "__AVX2__" not in native.features(cache).macros:
+        pytest.skip(f"this machine cannot run the {staging.isa} build")
+    flags = _flags(staging)
+    with_hw = Compiler(flags=flags, warnings=STRICT_WARNINGS)
+    if getattr(with_hw.features(cache).target(flags), staging.field) != staging.conversion:
+        pytest.skip(f"this compiler's {staging.isa} target has no {staging.conversion}: "
+                    f"every {staging.dtype} kernel is the portable one")
+    return with_hw
 
 
 @pytest.fixture(scope="module")
 def pair(session_cache):
-    """Builds a spec twice, staged and portable: for this machine's target with and
-    without the dtype's conversion instructions.  Both with -ffp-contract=off: which
-    a * b + c a compiler fuses may differ from loop to loop, and that is not what this
-    test is about."""
-    flags = (*DEFAULT_FLAGS, "-ffp-contract=off")
-    with_hw = Compiler(flags=flags, warnings=STRICT_WARNINGS)
+    """Builds a spec twice, staged and portable: with `staging`'s compiler, for its target
+    and for that target with the portable conversion."""
 
-    def _pair(spec):
-        flag, field, conversion = WITHOUT[spec.dtype]
-        if getattr(with_hw.features(session_cache).target(flags), field) != conversion:
-            pytest.skip(f"this machine's target has no {conversion}: every {spec.dtype} kernel is the portable one")
-        without = Compiler(flags=(*flags, flag), warnings=STRICT_WARNINGS)
+    def _pair(staging, spec):
+        with_hw = _staged_compiler(staging, session_cache)
+        target = with_hw.features(session_cache).target(with_hw.flags)
+        portable = dataclasses.replace(target, **{staging.field: "bits"})
         staged = bngen.build(spec, session_cache, compiler=with_hw)
-        plain = bngen.build(spec, session_cache, compiler=without)
+        plain = bngen.build(spec, session_cache, compiler=with_hw, target=portable)
+        assert staged.plan.precision.half_conversion == staging.conversion
         assert staged.plan.staged and not plain.plan.staged
+        assert plain.plan.precision.half_conversion == "bits"
         return staged, plain
 
     return _pair
@@ -128,42 +160,51 @@ def _run(kernel, x, dy, params):
     return [y, dx, dgamma, dbeta]
 
 
-def _assert_same_bits(got, want):
+def _assert_same_bits(got, want, nan_payloads=False):
     for g, w in zip(got, want):
         if g is None or w is None:
             assert g is None and w is None
             continue
         assert g.dtype == w.dtype and g.shape == w.shape
+        bits = {2: np.uint16, 4: np.uint32}[g.dtype.itemsize]
+        if nan_payloads:
+            np.testing.assert_array_equal(g.view(bits), w.view(bits))
+            continue
         nan = np.isnan(g.astype(np.float32))
         np.testing.assert_array_equal(nan, np.isnan(w.astype(np.float32)))
         # NaN payloads may differ (hardware conversions quiet them); every other bit may not
-        bits = {2: np.uint16, 4: np.uint32}[g.dtype.itemsize]
         np.testing.assert_array_equal(g.view(bits)[~nan], w.view(bits)[~nan])
 
 
-@pytest.mark.parametrize("spec", SPECS,
-                         ids=lambda s: f"{s.dtype}-mode{s.mode}-{'train' if s.training else 'infer'}-{s.shape}")
-def test_staged_equals_portable(pair, spec):
-    staged, plain = pair(spec)
+def _case_id(case):
+    staging, s = case
+    return f"{staging.conversion}-mode{s.mode}-{'train' if s.training else 'infer'}-{s.shape}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_staged_equals_portable(pair, case):
+    staging, spec = case
+    staged, plain = pair(staging, spec)
 
     @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(problems(spec))
     def check(problem):
         x, dy, params = problem
         x_before, dy_before = x.copy(), dy.copy()
-        _assert_same_bits(_run(staged, x, dy, params), _run(plain, x, dy, params))
+        _assert_same_bits(_run(staged, x, dy, params), _run(plain, x, dy, params), staging.nan_payloads)
         np.testing.assert_array_equal(x.view(np.uint16), x_before.view(np.uint16))
         np.testing.assert_array_equal(dy.view(np.uint16), dy_before.view(np.uint16))
 
     check()
 
 
-@pytest.mark.parametrize("dtype", HALVES)
-def test_streamed_forward_equals_portable(pair, dtype):
+@pytest.mark.parametrize("staging", STAGINGS, ids=lambda s: s.conversion)
+def test_streamed_forward_equals_portable(pair, staging):
     """An output past STREAM_MIN_BYTES, from an odd offset: the staged streaming path
     (plain head, streamed lines, plain tail) writes what the portable one writes."""
+    dtype = staging.dtype
     spec = S((None, 2, None), axis=1, dtype=dtype)
-    staged, plain = pair(spec)
+    staged, plain = pair(staging, spec)
     assert staged.plan.streaming
     rng = np.random.default_rng(7)
     n = staged.plan.stream_min // 2 // 4 + 4099  # values per (sample, channel)
@@ -174,4 +215,5 @@ def test_streamed_forward_equals_portable(pair, dtype):
     got = staged.forward(x, gamma, beta, out=out)
     want = plain.forward(x, gamma, beta)
     assert got[0] is out
-    _assert_same_bits(got, want)
+    _assert_same_bits(got, want, staging.nan_payloads)
+
