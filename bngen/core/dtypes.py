@@ -20,9 +20,10 @@ class Precision:
     half: Optional[str] = None  # "float16" / "bfloat16" when storage needs conversion
     stat: str = "double"  # C type statistics are merged and per-channel coefficients computed in
     # How half storage is converted: "bits" (portable integer arithmetic), "native" (the
-    # compiler's __fp16 where it has one, float16), "f16c" (x86 vcvtph2ps/vcvtps2ph, float16)
-    # or "avx512bf16" (x86 vcvtneps2bf16, bfloat16), the last two eight values at a time,
-    # see Plan.staged: the target's choice (bngen.plan.target.Target), set by the plan.
+    # compiler's __fp16 where it has one, float16), "f16c" (x86 vcvtph2ps/vcvtps2ph, float16),
+    # "avx512bf16" (x86 vcvtneps2bf16, bfloat16) or "avx2bf16" (the bit arithmetic on AVX2's
+    # eight integer lanes, bfloat16), the last three eight values at a time, see
+    # Plan.staged: the target's choice (bngen.plan.target.Target), set by the plan.
     half_conversion: str = "bits"
 
     @property

@@ -16,8 +16,9 @@ from ..core.spec import Spec
 from .entries import Arg, Entry, Phase, Role, backward_reads_x, has_split_phases, kernel_entries, runtime_sizes, split_entries
 from .target import DEFAULT_TUNING, Target, Tuning
 
-# Half conversions done eight values at a time in hardware, on staged spans (Plan.staged).
-STAGED_CONVERSIONS = frozenset({"f16c", "avx512bf16"})
+# Half conversions done eight values at a time in vector registers, on staged spans
+# (Plan.staged): by conversion instructions, or (avx2bf16) by integer lanes.
+STAGED_CONVERSIONS = frozenset({"f16c", "avx512bf16", "avx2bf16"})
 
 __all__ = ["Plan", "Precision", "PRECISIONS", "make_plan", "Arg", "Entry", "Phase", "Role"]
 
@@ -88,10 +89,11 @@ class Plan:
     def staged(self) -> bool:
         """True when the loops work on small float arrays that blocks of stored values
         (eight, or a group of lanes) are widened into and narrowed from in registers,
-        eight at a time in hardware (F16C for float16, AVX512-BF16 for bfloat16), instead
-        of converting value by value: GCC does not vectorise a loop of scalar hardware
-        conversions, and the portable bit arithmetic costs about 20 vector operations per
-        value each way (float16; about 14 per eight values to narrow bfloat16)."""
+        eight at a time (F16C for float16; AVX512-BF16, or AVX2's integer lanes, for
+        bfloat16), instead of converting value by value: GCC does not vectorise a loop
+        of scalar hardware conversions, and the portable bit arithmetic costs about 20
+        vector operations per value each way (float16; about 14 per eight values to
+        narrow bfloat16), woven into every loop that converts."""
         return self.precision.half_conversion in STAGED_CONVERSIONS
 
     @property
@@ -185,8 +187,8 @@ def make_plan(spec: Spec, target: Optional[Target] = None, tuning: Optional[Tuni
     with the block sizes of `tuning`.
 
     The target decides threads (OpenMP), ``omp simd`` pragmas, streaming stores (for the
-    kernels in ``tuning.streaming_kinds``), how float16 is converted (F16C plans widen and
-    narrow their values in blocks: `Plan.staged`), the type statistics are merged in, the
+    kernels in ``tuning.streaming_kinds``), how float16 and bfloat16 are converted (F16C,
+    AVX512-BF16 and AVX2 plans widen and narrow their values in blocks: `Plan.staged`), the type statistics are merged in, the
     channel tile (its stack) and, with the tuning, the number of independent partial sums.
     `backward`: also make the gradient entry point.
     An export target (``target.export``) gives freestanding C whose symbols start with

@@ -43,7 +43,8 @@ class Target:
     # "f16c" (x86 F16C on staged spans).
     half_conversion: str = "bits"
     # bfloat16 conversions: "bits" (a shift to load; a rounding add, a NaN test and a shift
-    # to store, about 14 vector operations per eight values) or "avx512bf16" (staged spans
+    # to store, about 14 vector operations per eight values), "avx2bf16" (the same
+    # arithmetic on staged spans, eight values per vector) or "avx512bf16" (staged spans
     # narrowed by vcvtneps2bf16, eight values per instruction).
     bfloat16_conversion: str = "bits"
     # Export banners only: the compiler and flags the instructions name.
@@ -85,7 +86,7 @@ class Tuning:
     streaming_kinds: FrozenSet[str] = frozenset({"channels_first training"})
     # Values per L1 buffer that the normalisation fills before it is streamed out.
     stream_chunk: int = 1024
-    # Values per span that staged (F16C) plans narrow into an L1 buffer before streaming it
+    # Values per span that staged plans narrow into an L1 buffer before streaming it
     # out: a few KiB, and a multiple of a cache line of float16, so spans split no line.
     stage_values: int = 512
     # Channels up to which channels-first inference computes every channel's coefficients
@@ -132,6 +133,8 @@ EXPORT_TARGETS: Dict[str, Target] = {
 
 # What staged bfloat16 (half_avx512bf16.c.j2) needs the compiler to target.
 AVX512_BF16_STAGING = ("__AVX512BF16__", "__AVX512VL__", "__AVX512DQ__")
+# ... and the staged bit arithmetic (half_avx2bf16.c.j2), where that is missing.
+AVX2_BF16_STAGING = ("__AVX2__",)
 
 
 def host_target(macros: Dict[str, str], flags, openmp: bool, simd_pragmas: bool) -> Target:
@@ -160,11 +163,21 @@ def host_target(macros: Dict[str, str], flags, openmp: bool, simd_pragmas: bool)
         openmp=openmp,
         simd_pragmas=simd_pragmas,
         half_conversion="f16c" if f16c else "bits",
-        # the 256-bit vcvtneps2bf16 is AVX512-BF16 with VL; the subnormal test, DQ's vfpclassps;
-        # the template calls GCC's builtins, which clang spells otherwise
-        bfloat16_conversion="avx512bf16" if all(m in macros for m in AVX512_BF16_STAGING)
-        and "__clang__" not in macros else "bits",
+        bfloat16_conversion=_bfloat16_conversion(macros),
     )
+
+
+def _bfloat16_conversion(macros: Dict[str, str]) -> str:
+    """The bfloat16 conversion a compiler with `macros` gets."""
+    if "__clang__" in macros:  # both staged partials call GCC's builtins, which clang spells otherwise
+        return "bits"
+    # the 256-bit vcvtneps2bf16 is AVX512-BF16 with VL; the subnormal test, DQ's vfpclassps
+    if all(m in macros for m in AVX512_BF16_STAGING):
+        return "avx512bf16"
+    # 256-bit integer lanes (vpmovzxwd to widen; the rounding on eight lanes to narrow)
+    if all(m in macros for m in AVX2_BF16_STAGING):
+        return "avx2bf16"
+    return "bits"
 
 
 def get_export_target(target) -> Target:

@@ -1,6 +1,6 @@
 """The target record read off a compiler's macros, and what the plan takes from it.
 
-Pure data: no compiler runs.  Cases: 7 targets (macro sets) x 4 dtypes.
+Pure data: no compiler runs.  Cases: 10 targets (macro sets) x 4 dtypes.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 import bngen
-from bngen.plan.plan import make_plan
-from bngen.plan.target import AVX512_BF16_STAGING, host_target
+from bngen.plan.plan import STAGED_CONVERSIONS, make_plan
+from bngen.plan.target import AVX2_BF16_STAGING, AVX512_BF16_STAGING, host_target
 
 X86 = {"__x86_64__", "__SSE2__", "__AVX__", "__AVX2__"}
 SPR = X86 | {"__F16C__", "__AVX512F__", "__AVX512BW__", "__AVX512DQ__", "__AVX512VL__", "__AVX512BF16__",
@@ -22,12 +22,15 @@ def _target(macros, flags=("-O3", "-march=native")):
 
 # (macros, float16 conversion, bfloat16 conversion)
 TARGETS = [
-    (set(X86), "bits", "bits"),  # an AVX2 machine without F16C
-    (X86 | {"__F16C__"}, "f16c", "bits"),  # -march=x86-64-v3
+    (set(X86), "bits", "avx2bf16"),  # an AVX2 machine without F16C
+    (X86 | {"__F16C__"}, "f16c", "avx2bf16"),  # -march=x86-64-v3
+    (X86 | {"__F16C__", "__clang__"}, "f16c", "bits"),  # clang spells the AVX2 partial's builtins otherwise
+    (X86 - {"__AVX2__"} | {"__F16C__"}, "f16c", "bits"),  # AVX without AVX2: no 256-bit integer lanes
+    ({"__x86_64__", "__SSE2__"}, "bits", "bits"),  # the x86-64 baseline
     (SPR, "f16c", "avx512bf16"),  # Sapphire Rapids, Zen 4
-    (SPR - {"__AVX512VL__"}, "f16c", "bits"),  # no 256-bit form of vcvtneps2bf16
-    (SPR - {"__AVX512DQ__"}, "f16c", "bits"),  # no vfpclassps for the subnormal test
-    (SPR | {"__clang__"}, "f16c", "bits"),  # the bfloat16 partial calls GCC's builtins
+    (SPR - {"__AVX512VL__"}, "f16c", "avx2bf16"),  # no 256-bit form of vcvtneps2bf16: AVX2's lanes
+    (SPR - {"__AVX512DQ__"}, "f16c", "avx2bf16"),  # no vfpclassps for the subnormal test: AVX2's lanes
+    (SPR | {"__clang__"}, "f16c", "bits"),  # the bfloat16 partials call GCC's builtins
     ({"__aarch64__", "__ARM_NEON", "__ARM_FP16_FORMAT_IEEE"}, "bits", "bits"),
 ]
 
@@ -40,14 +43,18 @@ def test_conversions_follow_the_instructions_the_compiler_targets(macros, f16, b
     for dtype, conversion in (("float32", "bits"), ("float64", "bits"), ("float16", f16), ("bfloat16", bf16)):
         plan = make_plan(bngen.Spec((None, 8, 64), axis=1, dtype=dtype), target)
         assert plan.precision.half_conversion == conversion, dtype
-        # hardware conversions stage spans; float32/float64 never convert
-        assert plan.staged == (conversion in ("f16c", "avx512bf16")), dtype
+        # conversions eight values at a time stage spans; float32/float64 never convert
+        assert plan.staged == (conversion in ("f16c", "avx512bf16", "avx2bf16")), dtype
+
+
+def test_every_staged_conversion_is_one_a_target_can_choose():
+    assert STAGED_CONVERSIONS == {"f16c", "avx512bf16", "avx2bf16"}
 
 
 def test_the_staging_macros_are_ones_the_probe_asks_about():
     from bngen.jit.compiler import TARGET_MACROS
 
-    assert set(AVX512_BF16_STAGING) <= set(TARGET_MACROS)
+    assert set(AVX512_BF16_STAGING) | set(AVX2_BF16_STAGING) | {"__clang__"} <= set(TARGET_MACROS)
 
 
 def test_vector_width_follows_the_flags():

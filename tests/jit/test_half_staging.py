@@ -1,22 +1,26 @@
-"""Half precision on x86 targets that convert in hardware: staged kernels (Plan.staged)
-against portable ones.  float16 on F16C; bfloat16 on AVX512-BF16 (with VL and DQ).
+"""Half precision on x86 targets that convert eight values at a time: staged kernels
+(Plan.staged) against portable ones.  float16 on F16C; bfloat16 on AVX512-BF16 (with VL
+and DQ) and, in the build for x86-64-v3 (AVX2, no AVX-512), on AVX2's integer lanes.
 
-Staged kernels widen spans of stored values to float buffers eight at a time in
-hardware and narrow the results back; the loops between are the float code the
-portable kernels run, with every conversion exact or correctly rounded either way
-(bfloat16: the groups that vcvtneps2bf16 would flush to zero are narrowed again in
-software).  So the two must agree bit for bit (NaN for NaN) on every output: dx, y, and
-the float32 statistics and parameter gradients.  The portable kernel comes from the
-same compiler, flags and target but for the conversion, set to the portable bits.
-test_half.py holds the default (staged, on such a machine) kernels to the oracle.
+Staged kernels widen spans of stored values to float buffers eight at a time and narrow
+the results back; the loops between are the float code the portable kernels run, with
+every conversion exact or correctly rounded either way (bfloat16: the groups that
+vcvtneps2bf16 would flush to zero are narrowed again in software; on AVX2 the portable
+rounding itself runs on eight lanes).  So the two must agree bit for bit (NaN for NaN;
+on AVX2 NaN payloads too) on every output: dx, y, and the float32 statistics and
+parameter gradients.  The portable kernel comes from the same compiler, flags and target
+but for the conversion, set to the portable bits (no flag takes exactly the one away: a
+machine without AVX512-BF16 stages bfloat16 on AVX2's lanes, and one without AVX2 has no
+AVX-512 either).  test_half.py holds the default (staged, on such a machine) kernels to
+the oracle.
 
-Specs: 7 per dtype (14), each built twice (staged and portable), covering every staged
-loop: the channels-first, channels-last and per-sample forward and backward, the
-training and frozen backward of both layouts (with and without the fused ReLU and the
-parameter sums).  Examples: 30 per spec (420 in all) with odd dynamic sizes, NaN,
-infinities, subnormal inputs, results that are subnormal (a channel whose gamma is) and
-values that overflow; plus, for each dtype, one forward large enough to take the
-streaming-store path.
+Specs: 7 per staged conversion (21), each built twice (staged and portable), covering
+every staged loop: the channels-first, channels-last and per-sample forward and
+backward, the training and frozen backward of both layouts (with and without the fused
+ReLU and the parameter sums).  Examples: 30 per spec (630 in all) with odd dynamic
+sizes, NaN, infinities, subnormal inputs, results that are subnormal (a channel whose
+gamma is) and values that overflow; plus, for each conversion, one forward large enough
+to take the streaming-store path.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ class Staging:
 STAGINGS = [
     Staging("f16c", "float16", "half_conversion"),
     Staging("avx512bf16", "bfloat16", "bfloat16_conversion"),
+    # the build for AVX2 machines (bngen bench's row for x86-64-v3); its narrowing is the
+    # portable arithmetic itself, so NaNs keep the same payloads too
+    Staging("avx2bf16", "bfloat16", "bfloat16_conversion", isa="x86-64-v3", nan_payloads=True),
 ]
 CASES = [(staging, S(dtype=staging.dtype, **kw)) for staging in STAGINGS for kw in SHAPES]
 SPECIALS = {
