@@ -20,13 +20,18 @@ backward, the training and frozen backward of both layouts (with and without the
 ReLU and the parameter sums).  Examples: 30 per spec (630 in all) with odd dynamic
 sizes, NaN, infinities, subnormal inputs, results that are subnormal (a channel whose
 gamma is) and values that overflow; plus, for each conversion, one forward large enough
-to take the streaming-store path.
+to take the streaming-store path.  And the bfloat16 block conversions themselves
+(tests/c/narrow8_check.c.j2): narrow8 over all 2^32 float bit patterns and widen8 over
+all 2^16 stored ones, bit for bit against the one-value conversions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+from pathlib import Path
 
+import jinja2
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,10 +39,13 @@ from hypothesis import strategies as st
 from strategies import sized
 
 import bngen
+from bngen.codegen.render import render_template
 from bngen.core.dtypes import numpy_dtype
 from bngen.jit.compiler import DEFAULT_FLAGS, STRICT_WARNINGS, Compiler
+from bngen.plan.plan import make_plan
 
 S = bngen.Spec
+TEST_C = Path(__file__).parent.parent / "c"  # C only the tests use
 SHAPES = [
     dict(shape=(None, 5, None), axis=1, momentum=0.9),
     dict(shape=(None, 3, None), axis=1, training=False, activation="relu"),
@@ -224,3 +232,23 @@ def test_streamed_forward_equals_portable(pair, staging):
     assert got[0] is out
     _assert_same_bits(got, want, staging.nan_payloads)
 
+
+@pytest.mark.parametrize("staging", [s for s in STAGINGS if s.dtype == "bfloat16"], ids=lambda s: s.conversion)
+def test_block_conversions_equal_the_portable_ones(session_cache, tmp_path, staging):
+    """narrow8 against store_half on every float (NaN payloads, infinities, negative
+    zero, subnormals, every rounding tie) and widen8 against load_half on every
+    bfloat16, bit for bit, in a program of the partial alone."""
+    with_hw = _staged_compiler(staging, session_cache)
+    plan = make_plan(S((None, 8), dtype=staging.dtype), with_hw.features(session_cache).target(with_hw.flags))
+    assert plan.precision.half_conversion == staging.conversion
+    conversions = render_template(f"half_{staging.conversion}.c.j2", plan)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEST_C)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    source = tmp_path / "narrow8_check.c"
+    source.write_text(env.get_template("narrow8_check.c.j2").render(plan=plan, conversions=conversions))
+    program = tmp_path / "narrow8_check"
+    built = subprocess.run([with_hw.argv0, *with_hw.flags, *STRICT_WARNINGS, "-o", str(program), str(source)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    run = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.endswith("0 mismatches\n"), run.stdout
