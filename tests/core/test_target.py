@@ -1,6 +1,7 @@
 """The target record read off a compiler's macros, and what the plan takes from it.
 
-Pure data: no compiler runs.  Cases: 10 targets (macro sets) x 4 dtypes.
+Pure data: no compiler runs.  Cases: 10 targets (macro sets) x 4 dtypes; 5 plans for where
+the statistics sum.
 """
 
 from __future__ import annotations
@@ -61,3 +62,15 @@ def test_vector_width_follows_the_flags():
     assert _target(SPR).vector_bytes == 32  # GCC prefers 256-bit vectors on AVX-512 unless told
     assert _target(SPR, ("-O3", "-march=native", "-mprefer-vector-width=512")).vector_bytes == 64
     assert _target({"__x86_64__", "__SSE2__"}).vector_bytes == 16
+
+
+@pytest.mark.parametrize("macros, dtype, in_place", [
+    (X86 | {"__F16C__"}, "bfloat16", True),  # staged on AVX2
+    (X86 | {"__F16C__"}, "float16", True),
+    (X86 | {"__F16C__"}, "float32", False),  # not staged: the lane loops of every other plan
+    (SPR, "bfloat16", False),  # AVX-512: the local copies stay in registers
+    (SPR, "float16", False),
+])
+def test_lane_sums_go_in_place_only_in_staged_plans_without_avx512(macros, dtype, in_place):
+    plan = make_plan(bngen.Spec((None, 8, 64), axis=1, dtype=dtype), _target(macros))
+    assert plan.lanes_in_place == in_place
