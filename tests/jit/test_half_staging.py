@@ -14,10 +14,11 @@ machine without AVX512-BF16 stages bfloat16 on AVX2's lanes, and one without AVX
 AVX-512 either).  test_half.py holds the default (staged, on such a machine) kernels to
 the oracle.
 
-Specs: 7 per staged conversion (21), each built twice (staged and portable), covering
-every staged loop: the channels-first, channels-last and per-sample forward and
-backward, the training and frozen backward of both layouts (with and without the fused
-ReLU and the parameter sums).  Examples: 30 per spec (630 in all) with odd dynamic
+Specs: 7 per staged conversion and build (28; float16 in the x86-64-v3 build too, whose
+statistics loops differ), each built twice (staged and portable), covering every staged
+loop: the channels-first, channels-last and per-sample forward and backward, the
+training and frozen backward of both layouts (with and without the fused ReLU and the
+parameter sums).  Examples: 30 per spec (840 in all) with odd dynamic
 sizes, NaN, infinities, subnormal inputs, results that are subnormal (a channel whose
 gamma is) and values that overflow; plus, for each conversion, one forward large enough
 to take the streaming-store path.  And the bfloat16 block conversions themselves
@@ -74,6 +75,8 @@ STAGINGS = [
     # the build for AVX2 machines (bngen bench's row for x86-64-v3); its narrowing is the
     # portable arithmetic itself, so NaNs keep the same payloads too
     Staging("avx2bf16", "bfloat16", "bfloat16_conversion", isa="x86-64-v3", nan_payloads=True),
+    # and float16 in that build, whose loops differ from the native ones (Plan.lanes_in_place)
+    Staging("f16c", "float16", "half_conversion", isa="x86-64-v3"),
 ]
 CASES = [(staging, S(dtype=staging.dtype, **kw)) for staging in STAGINGS for kw in SHAPES]
 SPECIALS = {
@@ -191,9 +194,13 @@ def _assert_same_bits(got, want, nan_payloads=False):
         np.testing.assert_array_equal(g.view(bits)[~nan], w.view(bits)[~nan])
 
 
+def _staging_id(staging):
+    return staging.conversion + ("" if staging.isa == "native" else f"-{staging.isa}")
+
+
 def _case_id(case):
     staging, s = case
-    return f"{staging.conversion}-mode{s.mode}-{'train' if s.training else 'infer'}-{s.shape}"
+    return f"{_staging_id(staging)}-mode{s.mode}-{'train' if s.training else 'infer'}-{s.shape}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -213,7 +220,7 @@ def test_staged_equals_portable(pair, case):
     check()
 
 
-@pytest.mark.parametrize("staging", STAGINGS, ids=lambda s: s.conversion)
+@pytest.mark.parametrize("staging", STAGINGS, ids=_staging_id)
 def test_streamed_forward_equals_portable(pair, staging):
     """An output past STREAM_MIN_BYTES, from an odd offset: the staged streaming path
     (plain head, streamed lines, plain tail) writes what the portable one writes."""
@@ -233,7 +240,7 @@ def test_streamed_forward_equals_portable(pair, staging):
     _assert_same_bits(got, want, staging.nan_payloads)
 
 
-@pytest.mark.parametrize("staging", [s for s in STAGINGS if s.dtype == "bfloat16"], ids=lambda s: s.conversion)
+@pytest.mark.parametrize("staging", [s for s in STAGINGS if s.dtype == "bfloat16"], ids=_staging_id)
 def test_block_conversions_equal_the_portable_ones(session_cache, tmp_path, staging):
     """narrow8 against store_half on every float (NaN payloads, infinities, negative
     zero, subnormals, every rounding tie) and widen8 against load_half on every
