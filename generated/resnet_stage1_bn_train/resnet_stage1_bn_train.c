@@ -89,9 +89,13 @@ NOINLINE static void lanes_add_sum(acc_t *restrict sum, const data_t *restrict x
                 s[k] += LOAD(xr[i + k]) - shift;
         }
         if (whole < len) {
-            acc_t t[LANES] = {0};  /* lanes past the run's end add 0 */
+            acc_t t[LANES];
+            for (int k = 0; k < LANES; k++)
+                t[k] = shift;  /* lanes past the run's end: deviation 0 */
             for (ptrdiff_t k = 0; k < len - whole; k++)
-                t[k] = LOAD(xr[whole + k]) - shift;
+                t[k] = LOAD(xr[whole + k]);
+            for (int k = 0; k < LANES; k++)
+                t[k] -= shift;
             OMP(omp simd)
             for (int k = 0; k < LANES; k++)
                 s[k] += t[k];
@@ -130,9 +134,13 @@ NOINLINE static void lanes_add_dev(acc_t *restrict sum1, acc_t *restrict sum2, c
             }
         }
         if (whole < len) {
-            acc_t t[LANES] = {0};  /* lanes past the run's end add 0 */
+            acc_t t[LANES];
+            for (int k = 0; k < LANES; k++)
+                t[k] = center;  /* lanes past the run's end: deviation 0 */
             for (ptrdiff_t k = 0; k < len - whole; k++)
-                t[k] = LOAD(xr[whole + k]) - center;
+                t[k] = LOAD(xr[whole + k]);
+            for (int k = 0; k < LANES; k++)
+                t[k] -= center;
             OMP(omp simd)
             for (int k = 0; k < LANES; k++) {
                 s1[k] += t[k];
