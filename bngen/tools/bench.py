@@ -538,7 +538,7 @@ def markdown(report: dict) -> str:
         "(inference 1 copy; training forward 1 copy channels-first, 1 copy + 1 read channels-last; "
         "backward 1 copy + 1 read channels-first, 1 copy + 3 reads channels-last; "
         "the faster of a plain and a streamed copy)."
-        + (" isa: the instruction set bngen's kernels were built for (native = this machine's own)." if has_isa else "")
+        + (" isa: which build of bngen's kernels the row times (native: tuned to this machine's processor)." if has_isa else "")
         + (" inductor: torch.compile of the same torch call; compile times are in the JSON report."
            if has_inductor else "")
         + (" malloc keeps freed memory (no page faults from one implementation's frees)."

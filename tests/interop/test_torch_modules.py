@@ -387,12 +387,42 @@ def _op_names(fn) -> list:
             if e.name.startswith("bngen::compiled_") and (e.cpu_parent is None or e.cpu_parent.name != e.name)]
 
 
+def _fuse_joint_graph(f, args) -> dict:
+    """`f` on `args` through AOTAutograd (inductor's decompositions: the ReLU's backward as
+    where(le); no inductor) with `_fuse_relu` run on the joint graph; asserts that the
+    partitioned graphs give f's values and gradients.  Returns what the pass did: the
+    count it returned, the call targets and the masks' recompute tags of the graph after it."""
+    from functorch.compile import aot_function, min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    seen = {}
+
+    def partition(joint, inputs, **kwargs):
+        seen["fused"] = bnt._fuse_relu(joint.graph)
+        joint.graph.lint()  # still in topological order
+        seen["targets"] = [n.target for n in joint.graph.nodes if n.op == "call_function"]
+        seen["masks"] = [n.meta.get("recompute") for n in joint.graph.nodes if n.target is torch.ops.aten.le.Scalar]
+        joint.recompile()
+        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+
+    args = [t.requires_grad_() for t in args]
+    compiled = aot_function(f, fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition,
+                            decompositions=select_decomp_table())
+    out = compiled(*args)
+    grads = torch.autograd.grad(out.square().sum(), args)
+    expected = f(*args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    return seen
+
+
 def test_fuse_relu_rewrites_the_joint_graph():
     """The pass on a joint graph from AOTAutograd (inductor's decompositions, no inductor): one batch norm fused with its
     ReLU forward and backward, the other (its output also feeds a sum) not, every op replaced
     by its twin without autograd, the remaining ReLU's mask tagged for recomputation; the
     partitioned graphs compute the gradients of the unfused function."""
-    from functorch.compile import aot_function, min_cut_rematerialization_partition
     from torch.utils.checkpoint import CheckpointPolicy
 
     ops, aten = torch.ops.bngen, torch.ops.aten
@@ -402,26 +432,9 @@ def test_fuse_relu_rewrites_the_joint_graph():
         y = ops.batch_norm_train(a, w2, b2, 1e-5)[0]
         return torch.relu(y + a) * y
 
-    seen = {}
-
-    def partition(joint, inputs, **kwargs):
-        seen["fused"] = bnt._fuse_relu(joint.graph)
-        seen["targets"] = [n.target for n in joint.graph.nodes if n.op == "call_function"]
-        seen["masks"] = [n.meta.get("recompute") for n in joint.graph.nodes if n.target is aten.le.Scalar]
-        joint.recompile()
-        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
-
     torch.manual_seed(0)
-    args = [torch.randn(4, 3, 5, 6), torch.rand(3) + 0.5, torch.randn(3), torch.rand(3) + 0.5, torch.randn(3)]
-    args = [t.requires_grad_() for t in args]
-    from torch._inductor.decomposition import select_decomp_table  # inductor's: the ReLU's backward as where(le)
-
-    compiled = aot_function(f, fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition,
-                            decompositions=select_decomp_table())
-    out = compiled(*args)
-    grads = torch.autograd.grad(out.square().sum(), args)
-    expected = f(*args)
-    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    seen = _fuse_joint_graph(f, [torch.randn(4, 3, 5, 6), torch.rand(3) + 0.5, torch.randn(3), torch.rand(3) + 0.5,
+                                 torch.randn(3)])
     assert seen["fused"] == 1
     targets = seen["targets"]
     for name, count in (("batch_norm_relu_train", 1), ("batch_norm_train", 1), ("batch_norm_relu_train_backward", 1),
@@ -430,9 +443,6 @@ def test_fuse_relu_rewrites_the_joint_graph():
         assert getattr(ops, name).default not in targets, name
     assert targets.count(aten.relu.default) == 1  # the unfused one
     assert seen["masks"] == [CheckpointPolicy.MUST_RECOMPUTE]
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
-    for ours, theirs in zip(grads, expected_grads):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_fuse_relu_fuses_under_compile_with_the_same_results():
@@ -476,8 +486,6 @@ def test_fuse_relu_fuses_residual_sums_in_the_joint_graph():
     """relu(bn(x) + r) and bn(x) + r become one op each (batch_norm_add_train), also where
     r is computed after the batch norm (a projection shortcut: the graph is reordered);
     the partitioned graphs compute the values and gradients of the unfused function."""
-    from functorch.compile import aot_function, min_cut_rematerialization_partition
-
     ops = torch.ops.bngen
 
     def f(x, w, b, w2, b2, s):
@@ -486,34 +494,13 @@ def test_fuse_relu_fuses_residual_sums_in_the_joint_graph():
         out = torch.relu(y + shortcut)  # the shortcut's output feeds the sum too: only y's batch norm fuses
         return ops.batch_norm_train(out, w, None, 1e-5)[0] + out  # no ReLU
 
-    seen = {}
-
-    def partition(joint, inputs, **kwargs):
-        seen["fused"] = bnt._fuse_relu(joint.graph)
-        joint.graph.lint()  # in topological order
-        seen["targets"] = [n.target for n in joint.graph.nodes if n.op == "call_function"]
-        joint.recompile()
-        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
-
     torch.manual_seed(0)
-    args = [torch.randn(4, 3, 5, 6), torch.rand(3) + 0.5, torch.randn(3), torch.rand(3) + 0.5, torch.randn(3),
-            torch.rand(1, 3, 1, 1) + 0.5]
-    args = [t.requires_grad_() for t in args]
-    from torch._inductor.decomposition import select_decomp_table
-
-    compiled = aot_function(f, fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition,
-                            decompositions=select_decomp_table())
-    out = compiled(*args)
-    grads = torch.autograd.grad(out.square().sum(), args)
-    expected = f(*args)
-    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    seen = _fuse_joint_graph(f, [torch.randn(4, 3, 5, 6), torch.rand(3) + 0.5, torch.randn(3), torch.rand(3) + 0.5,
+                                 torch.randn(3), torch.rand(1, 3, 1, 1) + 0.5])
     assert seen["fused"] == 2
     assert seen["targets"].count(ops.compiled_batch_norm_add_train.default) == 2
     assert seen["targets"].count(ops.compiled_batch_norm_train.default) == 1  # the shortcut's
     assert torch.ops.aten.relu.default not in seen["targets"]
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
-    for ours, theirs in zip(grads, expected_grads):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
