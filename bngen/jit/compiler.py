@@ -225,7 +225,7 @@ class Features:
         """The JIT target these features describe (flags: the compiler's, which may ask
         for wider vectors than its default)."""
         return host_target(dict.fromkeys(self.macros, "1"), flags, openmp=self.openmp is not None,
-                           simd_pragmas=self.simd is not None)
+                           simd_pragmas=self.simd is not None, vendor=cpu_vendor())
 
 
     @classmethod
@@ -291,6 +291,19 @@ def _cpu_features() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """This machine's CPU vendor (x86 ``vendor_id``: GenuineIntel, AuthenticAMD), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
 
 
 @functools.lru_cache(maxsize=None)

@@ -97,6 +97,21 @@ class Plan:
         return self.precision.half_conversion in STAGED_CONVERSIONS
 
     @property
+    def row_moments(self) -> bool:
+        """True when the channels-last statistics read each block in whole rows, sums in
+        stack arrays, prefetching `prefetch_bytes` ahead (block_moments), rather than a
+        group of LANES channels at a time in registers: on targets that read sequentially
+        (`Target.sequential_reads`), where tiles are wider than a group.  Each channel
+        adds its rows in the same order either way, so the moments are the same bits."""
+        return self.target.sequential_reads and self.schedule == "channels_last" and self.batch_stats \
+            and self.channel_tile > self.lanes
+
+    @property
+    def prefetch_bytes(self) -> int:
+        """How far ahead the row-wise statistics prefetch (`Tuning.prefetch_bytes`)."""
+        return self.tuning.prefetch_bytes
+
+    @property
     def lanes_in_place(self) -> bool:
         """True when the statistics' lane loops (lanes_add_sum, lanes_add_dev) add into
         the caller's lane sums rather than into local copies: staged plans without

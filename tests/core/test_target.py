@@ -1,7 +1,7 @@
 """The target record read off a compiler's macros, and what the plan takes from it.
 
 Pure data: no compiler runs.  Cases: 10 targets (macro sets) x 4 dtypes; 5 plans for where
-the statistics sum.
+the statistics sum; 5 targets x 6 plans for how the channels-last statistics read memory.
 """
 
 from __future__ import annotations
@@ -74,3 +74,22 @@ def test_vector_width_follows_the_flags():
 def test_lane_sums_go_in_place_only_in_staged_plans_without_avx512(macros, dtype, in_place):
     plan = make_plan(bngen.Spec((None, 8, 64), axis=1, dtype=dtype), _target(macros))
     assert plan.lanes_in_place == in_place
+
+
+@pytest.mark.parametrize("macros, vendor, sequential", [
+    (SPR, "AuthenticAMD", True),  # Zen 4
+    (X86 | {"__F16C__"}, "AuthenticAMD", True),  # an x86-64-v3 build on it: the same memory system
+    (SPR, "GenuineIntel", False),
+    (SPR, "", False),  # no /proc/cpuinfo
+    ({"__aarch64__", "__ARM_NEON"}, "AuthenticAMD", False),  # (not x86: the vendor string means nothing)
+])
+def test_channels_last_statistics_read_rows_on_amd(macros, vendor, sequential):
+    """AMD x86 targets read channels-last statistics in whole rows where a tile is wider than a
+    group of lanes; every other target keeps the register groups."""
+    target = host_target(dict.fromkeys(macros, "1"), ("-O3",), openmp=True, simd_pragmas=True, vendor=vendor)
+    assert target.sequential_reads == sequential
+    for channels, wide in ((16, False), (200, True)):
+        plan = make_plan(bngen.Spec((None, channels)), target)
+        assert plan.row_moments == (sequential and wide)
+        assert not make_plan(bngen.Spec((None, channels), training=False), target).row_moments
+        assert not make_plan(bngen.Spec((None, channels, 9), axis=1), target).row_moments  # channels-first

@@ -2,8 +2,8 @@
 
 Covers: lane-parallel statistics (runs shorter than, equal to and longer than LANES and
 STAT_BLOCK, static and runtime sizes, run tails), the channels-last register groups
-(channel counts that leave a tail group, several channel tiles), per-sample rows longer
-than a statistics block, streaming stores (forced on for small tensors, every alignment
+(channel counts that leave a tail group, several channel tiles) and the same statistics
+read in whole rows (bit for bit), per-sample rows longer than a statistics block, streaming stores (forced on for small tensors, every alignment
 of the output, an unaligned output, and one tensor above the real threshold), threads 1
 to 3 and run-to-run determinism, the large-offset and constant-feature cases on every
 schedule, the fast Python call paths of forward and backward (kept parameter sets and their
@@ -11,14 +11,16 @@ pointers, sets taking turns, every in-place change of a kept array, kept moving 
 overlap with x and out, unchained errors, two threads, every fallback), the memory probes and
 `bngen bench` itself (a smoke run, never a timed assertion).
 
-Specs: 27 kernels (10 general, 4 with streaming forced on, 2 real-size streaming and a never-streaming twin,
+Specs: 37 kernels (10 general, 5 x 2 with the channels-last statistics read in groups
+and in rows, 4 with streaming forced on, 2 real-size streaming and a never-streaming twin,
 2 x 2 with dx streamed or not (each with its split phases), 4 backward,
-2 memory probes, bench's own).  Examples: about 330 drawn calls in all (40 per
+2 memory probes, bench's own).  Examples: about 370 drawn calls in all (40 per
 hypothesis test) plus ~800 fixed calls (600 of them from two threads).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -142,6 +144,62 @@ def test_channels_last(build, data):
     x = _data((n,) + spec.shape[1:], spec.dtype, kind, rng, S((n,) + spec.shape[1:], axis=spec.axis, mode=spec.mode) if kind == "constant" else None)
     threads = data.draw(st.integers(1, 3), label="threads")
     check(kernel, x, random_params(spec, rng), threads)
+
+
+# -- channels-last statistics read in whole rows (Target.sequential_reads) -----------------------
+# The same specs built for this machine's target with each statistics scheme: a block read
+# a group of LANES channels at a time in registers, or in whole rows with stack sums and a
+# prefetch (Plan.row_moments, tiles wider than a group).  Each channel adds its rows in the
+# same order either way, so every output is the same bits, and both match the oracle.
+ROW_STATISTICS = [
+    S((None, 37)),  # one tile wider than a group of 32 floats
+    S((None, 1100), momentum=0.5),  # two tiles (1024 + 76)
+    S((None, 5, 70), axis=-1, dtype="float16", activation="relu"),  # staged spans
+    S((None, 200), dtype="bfloat16", center=False),
+    S((None, 48), virtual_batch_size=8),  # ghost batch norm's tiles
+]
+
+
+@pytest.fixture(scope="module")
+def statistics_schemes(build, session_cache, strict_compiler):
+    """spec -> (grouped kernel, row-wise kernel), each with its split phases."""
+    host = strict_compiler.features(session_cache).target(strict_compiler.flags)
+    pairs = {}
+    for spec in ROW_STATISTICS:
+        grouped, rows = (build(spec, split=True, target=dataclasses.replace(host, sequential_reads=v)) for v in (False, True))
+        assert not grouped.plan.row_moments and rows.plan.row_moments
+        pairs[spec] = grouped, rows
+    return pairs
+
+
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_row_statistics_equal_grouped_ones(statistics_schemes, data):
+    spec = data.draw(st.sampled_from(ROW_STATISTICS), label="spec")
+    grouped, rows = statistics_schemes[spec]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    rest = int(np.prod(spec.shape[1:]))
+    n = data.draw(st.sampled_from([1, 2, 63, 64, 65, 129, 2000]), label="outer")
+    n = max(1, min(n, 60_000 // rest))
+    if spec.virtual_batch_size:
+        n = max(8, n // 8 * 8)
+    half = spec.dtype in ("float16", "bfloat16")  # (an offset of 1e4 std overflows float16)
+    kind = data.draw(st.sampled_from(["normal", "constant"] if half else ["normal", "offset", "constant"]), label="data")
+    x = _data((n,) + spec.shape[1:], spec.dtype, kind, rng,
+              S((n,) + spec.shape[1:], axis=spec.axis) if kind == "constant" else None)
+    threads = data.draw(st.integers(1, 3), label="threads")
+    params = random_params(spec, rng)
+    # (test_half.py and test_variants.py hold half-precision and ghost kernels to the oracle,
+    # with the scheme of the machine they run on)
+    if not half and not spec.virtual_batch_size:
+        check(rows, x, params, threads)
+    want = grouped.forward(x, *params, threads=threads)
+    got = rows.forward(x, *params, threads=threads)
+    for name, a, b in zip(("y", "mean", "variance"), got, want):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+    if not spec.virtual_batch_size:
+        assert np.array_equal(rows.moments(x, threads=threads), grouped.moments(x, threads=threads))
+
 
 
 def test_per_sample_rows_longer_than_a_block(build, rng):
