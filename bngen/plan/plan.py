@@ -107,6 +107,16 @@ class Plan:
             and self.channel_tile > self.lanes
 
     @property
+    def sweeps(self) -> bool:
+        """True when the channels-first training forward, for inputs of at most
+        `Tuning.sweep_max_bytes`, computes every channel's statistics and coefficients
+        first and then writes y in one sweep of memory in order (as inference does), on
+        targets that read sequentially (`Target.sequential_reads`): channel by channel, y
+        is written in runs CHANNELS * inner apart.  The values are the same either way."""
+        return self.target.sequential_reads and self.schedule == "channels_first" and self.batch_stats \
+            and not self.ghost and self.channels <= self.tuning.coef_table_max
+
+    @property
     def prefetch_bytes(self) -> int:
         """How far ahead the row-wise statistics prefetch (`Tuning.prefetch_bytes`)."""
         return self.tuning.prefetch_bytes

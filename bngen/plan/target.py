@@ -34,12 +34,13 @@ class Target:
     openmp: bool = False  # OpenMP threads: kernels take a thread count
     simd_pragmas: bool = False  # the compiler understands `omp simd` (-fopenmp or -fopenmp-simd)
     export: bool = False  # freestanding C for another build: pragmas guarded by #ifdef _OPENMP
-    # Channels-last training reads memory only in ascending whole rows, prefetching ahead:
-    # on AMD Zen the hardware prefetchers kept up neither with statistics read a group of
-    # LANES channels at a time (each row's lines in strides) nor with a normalisation that
-    # takes its blocks last first (Zen 4, one thread, (32, 56, 56, 64) training forward:
-    # 7.2 -> 4.3 ms).  Measured on Zen 4 only; elsewhere the grouped, registers-only
-    # statistics stay.
+    # Training forwards read memory in order: on AMD Zen the hardware prefetchers kept up
+    # neither with channels-last statistics read a group of LANES channels at a time (each
+    # row's lines in strides) nor with a normalisation that takes its blocks last first
+    # (Zen 4, one thread, (32, 56, 56, 64) training forward: 7.2 -> 4.3 ms), nor with a
+    # channels-first one that writes channel after channel, runs far apart (Plan.sweeps).
+    # Measured on Zen 4 only; elsewhere the grouped statistics and the channel-by-channel
+    # normalisation stay.
     sequential_reads: bool = False
     channel_tile: int = 1024  # channels per channels-last tile: the stack its work arrays may take
     stat: str = "double"  # C type statistics are merged and coefficients computed in
@@ -105,6 +106,11 @@ class Tuning:
     # sequentially (Target.sequential_reads): 8-32 KiB measured alike on Zen 4, none at
     # all 1.4x-1.9x slower.
     prefetch_bytes: int = 16 << 10
+    # Inputs up to which a channels-first training forward on such targets normalises in
+    # one sweep of memory after all the statistics (Plan.sweeps), rather than each channel
+    # right after its own: above it, re-reading a channel from L2 beats a second sweep
+    # (Zen 4, one thread: (32, 64, 32, 32), 8 MiB, 1.14 -> 0.79 ms; 25 MiB 3.0 -> 3.5).
+    sweep_max_bytes: int = 8 << 20
 
 
 DEFAULT_TUNING = Tuning()

@@ -280,15 +280,23 @@ static inline void channel_normalize(const data_t *restrict x, data_t *restrict 
     }
 }
 
+/* Channel c's statistics and its coefficients center, scale and shift. */
+static inline void channel_coefficients(ptrdiff_t c, const data_t *restrict x, ptrdiff_t outer, ptrdiff_t inner,
+                                        const param_t *restrict gamma, const param_t *restrict beta, param_t *restrict moving_mean, param_t *restrict moving_variance, param_t *restrict mean, param_t *restrict variance, acc_t *center, acc_t *scale, acc_t *shift)
+{
+    const data_t *xc = x + c * inner;
+    moments_t acc = {0, 0, 0};
+    channel_moments(&acc, xc, outer, inner, c + 1 < CHANNELS ? xc + inner : NULL);
+    finish_channel(c, acc.count, acc.mean, acc.m2, gamma, beta, moving_mean, moving_variance, mean, variance, center, scale, shift);
+}
+
 /* Channel c from start to finish: statistics, coefficients, output. */
 static inline void forward_channel(ptrdiff_t c, const data_t *restrict x, data_t *restrict y, ptrdiff_t outer,
                                    ptrdiff_t inner, const param_t *restrict gamma, const param_t *restrict beta, param_t *restrict moving_mean, param_t *restrict moving_variance, param_t *restrict mean, param_t *restrict variance)
 {
     const data_t *xc = x + c * inner;
     acc_t center, scale, shift;
-    moments_t acc = {0, 0, 0};
-    channel_moments(&acc, xc, outer, inner, c + 1 < CHANNELS ? xc + inner : NULL);
-    finish_channel(c, acc.count, acc.mean, acc.m2, gamma, beta, moving_mean, moving_variance, mean, variance, &center, &scale, &shift);
+    channel_coefficients(c, x, outer, inner, gamma, beta, moving_mean, moving_variance, mean, variance, &center, &scale, &shift);
     channel_normalize(xc, y + c * inner, outer, inner, center, scale, shift);
 }
 

@@ -1,7 +1,7 @@
 """The target record read off a compiler's macros, and what the plan takes from it.
 
 Pure data: no compiler runs.  Cases: 10 targets (macro sets) x 4 dtypes; 5 plans for where
-the statistics sum; 5 targets x 6 plans for how the channels-last statistics read memory.
+the statistics sum; 5 targets x 9 plans for how the training forwards read memory.
 """
 
 from __future__ import annotations
@@ -83,9 +83,10 @@ def test_lane_sums_go_in_place_only_in_staged_plans_without_avx512(macros, dtype
     (SPR, "", False),  # no /proc/cpuinfo
     ({"__aarch64__", "__ARM_NEON"}, "AuthenticAMD", False),  # (not x86: the vendor string means nothing)
 ])
-def test_channels_last_statistics_read_rows_on_amd(macros, vendor, sequential):
+def test_training_forwards_read_in_order_on_amd(macros, vendor, sequential):
     """AMD x86 targets read channels-last statistics in whole rows where a tile is wider than a
-    group of lanes; every other target keeps the register groups."""
+    group of lanes, and normalise channels-first inputs in one sweep; every other target keeps
+    the register groups and the channel-by-channel normalisation."""
     target = host_target(dict.fromkeys(macros, "1"), ("-O3",), openmp=True, simd_pragmas=True, vendor=vendor)
     assert target.sequential_reads == sequential
     for channels, wide in ((16, False), (200, True)):
@@ -93,3 +94,7 @@ def test_channels_last_statistics_read_rows_on_amd(macros, vendor, sequential):
         assert plan.row_moments == (sequential and wide)
         assert not make_plan(bngen.Spec((None, channels), training=False), target).row_moments
         assert not make_plan(bngen.Spec((None, channels, 9), axis=1), target).row_moments  # channels-first
+        # ... whose training forward sweeps y in memory order instead (not inference: it always does)
+        assert make_plan(bngen.Spec((None, channels, 9), axis=1), target).sweeps == sequential
+        assert not make_plan(bngen.Spec((None, channels, 9), axis=1, training=False), target).sweeps
+        assert not make_plan(bngen.Spec((None, channels), mode=1), target).sweeps

@@ -3,7 +3,8 @@
 Covers: lane-parallel statistics (runs shorter than, equal to and longer than LANES and
 STAT_BLOCK, static and runtime sizes, run tails), the channels-last register groups
 (channel counts that leave a tail group, several channel tiles) and the same statistics
-read in whole rows (bit for bit), per-sample rows longer than a statistics block, streaming stores (forced on for small tensors, every alignment
+read in whole rows (bit for bit), the channels-first training forward's one sweep of y
+(bit for bit with channel by channel), per-sample rows longer than a statistics block, streaming stores (forced on for small tensors, every alignment
 of the output, an unaligned output, and one tensor above the real threshold), threads 1
 to 3 and run-to-run determinism, the large-offset and constant-feature cases on every
 schedule, the fast Python call paths of forward and backward (kept parameter sets and their
@@ -11,10 +12,11 @@ pointers, sets taking turns, every in-place change of a kept array, kept moving 
 overlap with x and out, unchained errors, two threads, every fallback), the memory probes and
 `bngen bench` itself (a smoke run, never a timed assertion).
 
-Specs: 37 kernels (10 general, 5 x 2 with the channels-last statistics read in groups
-and in rows, 4 with streaming forced on, 2 real-size streaming and a never-streaming twin,
+Specs: 47 kernels (10 general, 5 x 2 with the channels-last statistics read in groups
+and in rows, 5 x 2 with the channels-first forward normalising channel by channel and in
+one sweep, 4 with streaming forced on, 2 real-size streaming and a never-streaming twin,
 2 x 2 with dx streamed or not (each with its split phases), 4 backward,
-2 memory probes, bench's own).  Examples: about 370 drawn calls in all (40 per
+2 memory probes, bench's own).  Examples: about 410 drawn calls in all (40 per
 hypothesis test) plus ~800 fixed calls (600 of them from two threads).
 """
 
@@ -199,6 +201,58 @@ def test_row_statistics_equal_grouped_ones(statistics_schemes, data):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
     if not spec.virtual_batch_size:
         assert np.array_equal(rows.moments(x, threads=threads), grouped.moments(x, threads=threads))
+
+
+# -- channels-first training forward normalising in one sweep (Plan.sweeps) -----------------------
+# Built for this machine's target with and without sequential reads; the sweeping kernel
+# with a threshold of 4 KiB, so that the drawn sizes take both of its branches (the sweep
+# below it, channel by channel above).  Same coefficients, same formula: the same bits.
+SWEEPS = [
+    S((None, 5, None), axis=1, momentum=0.9),
+    S((None, 7, 9), axis=1, dtype="float16", activation="relu"),
+    S((None, 3, None), axis=1, residual=True),
+    S((None, 4, 33), axis=1, dtype="bfloat16", center=False),
+    S((None, 6, 10), axis=1, dtype="float64", unbiased=True),
+]
+
+
+@pytest.fixture(scope="module")
+def sweep_schemes(build, session_cache, strict_compiler):
+    """spec -> (channel-by-channel kernel, sweeping kernel)."""
+    host = strict_compiler.features(session_cache).target(strict_compiler.flags)
+    pairs = {}
+    for spec in SWEEPS:
+        plain = build(spec, target=dataclasses.replace(host, sequential_reads=False))
+        sweeping = build(spec, target=dataclasses.replace(host, sequential_reads=True),
+                         tuning=dataclasses.replace(DEFAULT_TUNING, sweep_max_bytes=1 << 12))
+        assert not plain.plan.sweeps and sweeping.plan.sweeps
+        pairs[spec] = plain, sweeping
+    return pairs
+
+
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_sweeping_forward_equals_channel_by_channel(sweep_schemes, data):
+    spec = data.draw(st.sampled_from(SWEEPS), label="spec")
+    plain, sweeping = sweep_schemes[spec]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    shape = list(spec.shape)
+    if shape[2] is None:
+        shape[2] = data.draw(st.sampled_from([1, 7, 64, 300]), label="inner")
+    shape[0] = data.draw(st.sampled_from([1, 2, 5, 40, 300]), label="outer")
+    half = spec.dtype in ("float16", "bfloat16")
+    kind = data.draw(st.sampled_from(["normal", "constant"] if half else ["normal", "offset", "constant"]), label="data")
+    x = _data(tuple(shape), spec.dtype, kind, rng, S(tuple(shape), axis=1) if kind == "constant" else None)
+    extra = {"residual": rng.standard_normal(shape).astype(spec.dtype)} if spec.residual else {}
+    threads = data.draw(st.integers(1, 3), label="threads")
+    gamma, beta, mm, mv = random_params(spec, rng)
+    moving = [(None if a is None else a.copy(), None if b is None else b.copy()) for a, b in ((mm, mv), (mm, mv))]
+    got = sweeping.forward(x, gamma, beta, *moving[0], threads=threads, **extra)
+    want = plain.forward(x, gamma, beta, *moving[1], threads=threads, **extra)
+    for name, a, b in zip(("y", "mean", "variance"), got, want):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+    for a, b in zip(*moving):
+        assert a is None or np.array_equal(a, b)
 
 
 
