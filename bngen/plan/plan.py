@@ -108,13 +108,14 @@ class Plan:
 
     @property
     def sweeps(self) -> bool:
-        """True when the channels-first training forward, for inputs of at most
-        `Tuning.sweep_max_bytes`, computes every channel's statistics and coefficients
-        first and then writes y in one sweep of memory in order (as inference does), on
-        targets that read sequentially (`Target.sequential_reads`): channel by channel, y
-        is written in runs CHANNELS * inner apart.  The values are the same either way."""
+        """True when the channels-first training forward and backward, for inputs of at
+        most `Tuning.sweep_max_bytes`, compute every channel's coefficients first and then
+        write y (dx) in one sweep of memory in order, as inference does, on targets that
+        read sequentially (`Target.sequential_reads`): channel by channel, they write runs
+        CHANNELS * inner apart.  The values are the same either way.  The coefficients
+        are stack arrays, so at most a channel tile's worth of channels."""
         return self.target.sequential_reads and self.schedule == "channels_first" and self.batch_stats \
-            and not self.ghost and self.channels <= self.tuning.coef_table_max
+            and not self.ghost and self.channels <= self.target.channel_tile
 
     @property
     def prefetch_bytes(self) -> int:

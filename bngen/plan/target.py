@@ -106,10 +106,11 @@ class Tuning:
     # sequentially (Target.sequential_reads): 8-32 KiB measured alike on Zen 4, none at
     # all 1.4x-1.9x slower.
     prefetch_bytes: int = 16 << 10
-    # Inputs up to which a channels-first training forward on such targets normalises in
-    # one sweep of memory after all the statistics (Plan.sweeps), rather than each channel
-    # right after its own: above it, re-reading a channel from L2 beats a second sweep
-    # (Zen 4, one thread: (32, 64, 32, 32), 8 MiB, 1.14 -> 0.79 ms; 25 MiB 3.0 -> 3.5).
+    # Inputs up to which the channels-first training forward and backward on such targets
+    # write y (dx) in one sweep of memory after every channel's coefficients (Plan.sweeps),
+    # rather than each channel right after its sums: above it, re-reading a channel from L2
+    # beats a second sweep (Zen 4, one thread, forward: (32, 64, 32, 32), 8 MiB, 0.91 ->
+    # 0.64 ms; 25 MiB 3.0 -> 3.5).
     sweep_max_bytes: int = 8 << 20
 
 

@@ -3,18 +3,19 @@
 Covers: lane-parallel statistics (runs shorter than, equal to and longer than LANES and
 STAT_BLOCK, static and runtime sizes, run tails), the channels-last register groups
 (channel counts that leave a tail group, several channel tiles) and the same statistics
-read in whole rows (bit for bit), the channels-first training forward's one sweep of y
-(bit for bit with channel by channel), per-sample rows longer than a statistics block, streaming stores (forced on for small tensors, every alignment
-of the output, an unaligned output, and one tensor above the real threshold), threads 1
-to 3 and run-to-run determinism, the large-offset and constant-feature cases on every
+read in whole rows (bit for bit), the channels-first training forward's and backward's one
+sweep of y and dx (bit for bit with channel by channel), per-sample rows longer than a
+statistics block, streaming stores (forced on for small tensors, every alignment of the
+output, an unaligned output, and one tensor above the real threshold), threads 1 to 3 and
+run-to-run determinism, the large-offset and constant-feature cases on every
 schedule, the fast Python call paths of forward and backward (kept parameter sets and their
 pointers, sets taking turns, every in-place change of a kept array, kept moving statistics,
 overlap with x and out, unchained errors, two threads, every fallback), the memory probes and
 `bngen bench` itself (a smoke run, never a timed assertion).
 
 Specs: 47 kernels (10 general, 5 x 2 with the channels-last statistics read in groups
-and in rows, 5 x 2 with the channels-first forward normalising channel by channel and in
-one sweep, 4 with streaming forced on, 2 real-size streaming and a never-streaming twin,
+and in rows, 5 x 2 with the channels-first forward and backward writing channel by channel
+and in one sweep, 4 with streaming forced on, 2 real-size streaming and a never-streaming twin,
 2 x 2 with dx streamed or not (each with its split phases), 4 backward,
 2 memory probes, bench's own).  Examples: about 410 drawn calls in all (40 per
 hypothesis test) plus ~800 fixed calls (600 of them from two threads).
@@ -203,10 +204,11 @@ def test_row_statistics_equal_grouped_ones(statistics_schemes, data):
         assert np.array_equal(rows.moments(x, threads=threads), grouped.moments(x, threads=threads))
 
 
-# -- channels-first training forward normalising in one sweep (Plan.sweeps) -----------------------
+# -- channels-first training forward and backward writing in one sweep (Plan.sweeps) ---------------
 # Built for this machine's target with and without sequential reads; the sweeping kernel
 # with a threshold of 4 KiB, so that the drawn sizes take both of its branches (the sweep
-# below it, channel by channel above).  Same coefficients, same formula: the same bits.
+# below it, channel by channel above).  Same coefficients, same formula: the same bits,
+# for y, the statistics, the moving statistics, dx, dgamma and dbeta.
 SWEEPS = [
     S((None, 5, None), axis=1, momentum=0.9),
     S((None, 7, 9), axis=1, dtype="float16", activation="relu"),
@@ -232,7 +234,7 @@ def sweep_schemes(build, session_cache, strict_compiler):
 
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
-def test_sweeping_forward_equals_channel_by_channel(sweep_schemes, data):
+def test_sweeping_kernels_equal_channel_by_channel(sweep_schemes, data):
     spec = data.draw(st.sampled_from(SWEEPS), label="spec")
     plain, sweeping = sweep_schemes[spec]
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
@@ -253,6 +255,15 @@ def test_sweeping_forward_equals_channel_by_channel(sweep_schemes, data):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
     for a, b in zip(*moving):
         assert a is None or np.array_equal(a, b)
+    if spec.residual:  # (forward only)
+        return
+    dy = rng.standard_normal(shape).astype(spec.dtype)
+    mean, var = want[1], want[2]
+    beta_arg = {"beta": beta} if spec.activation == "relu" and beta is not None else {}
+    got = sweeping.backward(dy, x, gamma, mean, var, threads=threads, **beta_arg)
+    want = plain.backward(dy, x, gamma, mean, var, threads=threads, **beta_arg)
+    for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want):
+        assert (a is None and b is None) or np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
 
 
 
