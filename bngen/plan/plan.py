@@ -99,7 +99,7 @@ class Plan:
     @property
     def row_moments(self) -> bool:
         """True when the channels-last statistics read each block in whole rows, sums in
-        stack arrays, prefetching `prefetch_bytes` ahead (block_moments), rather than a
+        stack arrays, prefetching `Tuning.prefetch_bytes` ahead (block_moments), rather than a
         group of LANES channels at a time in registers: on targets that read sequentially
         (`Target.sequential_reads`), where tiles are wider than a group.  Each channel
         adds its rows in the same order either way, so the moments are the same bits."""
@@ -116,11 +116,6 @@ class Plan:
         are stack arrays, so at most a channel tile's worth of channels."""
         return self.target.sequential_reads and self.schedule == "channels_first" and self.batch_stats \
             and not self.ghost and self.channels <= self.target.channel_tile
-
-    @property
-    def prefetch_bytes(self) -> int:
-        """How far ahead the row-wise statistics prefetch (`Tuning.prefetch_bytes`)."""
-        return self.tuning.prefetch_bytes
 
     @property
     def lanes_in_place(self) -> bool:

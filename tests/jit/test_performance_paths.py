@@ -149,11 +149,34 @@ def test_channels_last(build, data):
     check(kernel, x, random_params(spec, rng), threads)
 
 
-# -- channels-last statistics read in whole rows (Target.sequential_reads) -----------------------
-# The same specs built for this machine's target with each statistics scheme: a block read
-# a group of LANES channels at a time in registers, or in whole rows with stack sums and a
-# prefetch (Plan.row_moments, tiles wider than a group).  Each channel adds its rows in the
-# same order either way, so every output is the same bits, and both match the oracle.
+# -- the schemes of targets that read sequentially (Target.sequential_reads) -----------------------
+def _scheme_pair(build, session_cache, strict_compiler, spec, split=False, tuning=None):
+    """`spec` built for this machine's target without and with sequential reads, both with
+    `split`, the second with `tuning`.  (The same build options on both sides: GCC may
+    contract a statistics merge differently in a build with the split phases, one ulp of a
+    variance apart.)"""
+    host = strict_compiler.features(session_cache).target(strict_compiler.flags)
+    return (build(spec, split=split, target=dataclasses.replace(host, sequential_reads=False)),
+            build(spec, split=split, target=dataclasses.replace(host, sequential_reads=True), tuning=tuning))
+
+
+def _draw_input(data, rng, spec, shape):
+    """x of `shape` for `spec`: normal, far off zero, or with a constant channel (half
+    precision: no offset of 1e4 std, which overflows float16)."""
+    half = spec.dtype in ("float16", "bfloat16")
+    kind = data.draw(st.sampled_from(["normal", "constant"] if half else ["normal", "offset", "constant"]), label="data")
+    return _data(tuple(shape), spec.dtype, kind, rng, S(tuple(shape), axis=spec.axis) if kind == "constant" else None)
+
+
+def _assert_same_bits(names, got, want):
+    for name, a, b in zip(names, got, want):
+        assert (a is None and b is None) or np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+
+
+# Channels-last statistics: a block read a group of LANES channels at a time in registers,
+# or in whole rows with stack sums and a prefetch (Plan.row_moments, tiles wider than a
+# group).  Each channel adds its rows in the same order either way, so every output is the
+# same bits, and both match the oracle.
 ROW_STATISTICS = [
     S((None, 37)),  # one tile wider than a group of 32 floats
     S((None, 1100), momentum=0.5),  # two tiles (1024 + 76)
@@ -166,12 +189,8 @@ ROW_STATISTICS = [
 @pytest.fixture(scope="module")
 def statistics_schemes(build, session_cache, strict_compiler):
     """spec -> (grouped kernel, row-wise kernel), each with its split phases."""
-    host = strict_compiler.features(session_cache).target(strict_compiler.flags)
-    pairs = {}
-    for spec in ROW_STATISTICS:
-        grouped, rows = (build(spec, split=True, target=dataclasses.replace(host, sequential_reads=v)) for v in (False, True))
-        assert not grouped.plan.row_moments and rows.plan.row_moments
-        pairs[spec] = grouped, rows
+    pairs = {spec: _scheme_pair(build, session_cache, strict_compiler, spec, split=True) for spec in ROW_STATISTICS}
+    assert all(not grouped.plan.row_moments and rows.plan.row_moments for grouped, rows in pairs.values())
     return pairs
 
 
@@ -186,29 +205,23 @@ def test_row_statistics_equal_grouped_ones(statistics_schemes, data):
     n = max(1, min(n, 60_000 // rest))
     if spec.virtual_batch_size:
         n = max(8, n // 8 * 8)
-    half = spec.dtype in ("float16", "bfloat16")  # (an offset of 1e4 std overflows float16)
-    kind = data.draw(st.sampled_from(["normal", "constant"] if half else ["normal", "offset", "constant"]), label="data")
-    x = _data((n,) + spec.shape[1:], spec.dtype, kind, rng,
-              S((n,) + spec.shape[1:], axis=spec.axis) if kind == "constant" else None)
+    x = _draw_input(data, rng, spec, (n,) + spec.shape[1:])
     threads = data.draw(st.integers(1, 3), label="threads")
     params = random_params(spec, rng)
     # (test_half.py and test_variants.py hold half-precision and ghost kernels to the oracle,
     # with the scheme of the machine they run on)
-    if not half and not spec.virtual_batch_size:
+    if spec.dtype in ("float32", "float64") and not spec.virtual_batch_size:
         check(rows, x, params, threads)
-    want = grouped.forward(x, *params, threads=threads)
-    got = rows.forward(x, *params, threads=threads)
-    for name, a, b in zip(("y", "mean", "variance"), got, want):
-        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+    _assert_same_bits(("y", "mean", "variance"), rows.forward(x, *params, threads=threads),
+                      grouped.forward(x, *params, threads=threads))
     if not spec.virtual_batch_size:
         assert np.array_equal(rows.moments(x, threads=threads), grouped.moments(x, threads=threads))
 
 
-# -- channels-first training forward and backward writing in one sweep (Plan.sweeps) ---------------
-# Built for this machine's target with and without sequential reads; the sweeping kernel
-# with a threshold of 4 KiB, so that the drawn sizes take both of its branches (the sweep
-# below it, channel by channel above).  Same coefficients, same formula: the same bits,
-# for y, the statistics, the moving statistics, dx, dgamma and dbeta.
+# Channels-first training forward and backward writing in one sweep (Plan.sweeps), the
+# sweeping kernel with a threshold of 4 KiB, so that the drawn sizes take both of its
+# branches (the sweep below it, channel by channel above).  Same coefficients, same
+# formula: the same bits, for y, the statistics, the moving statistics, dx, dgamma and dbeta.
 SWEEPS = [
     S((None, 5, None), axis=1, momentum=0.9),
     S((None, 7, 9), axis=1, dtype="float16", activation="relu"),
@@ -221,14 +234,9 @@ SWEEPS = [
 @pytest.fixture(scope="module")
 def sweep_schemes(build, session_cache, strict_compiler):
     """spec -> (channel-by-channel kernel, sweeping kernel)."""
-    host = strict_compiler.features(session_cache).target(strict_compiler.flags)
-    pairs = {}
-    for spec in SWEEPS:
-        plain = build(spec, target=dataclasses.replace(host, sequential_reads=False))
-        sweeping = build(spec, target=dataclasses.replace(host, sequential_reads=True),
-                         tuning=dataclasses.replace(DEFAULT_TUNING, sweep_max_bytes=1 << 12))
-        assert not plain.plan.sweeps and sweeping.plan.sweeps
-        pairs[spec] = plain, sweeping
+    small = dataclasses.replace(DEFAULT_TUNING, sweep_max_bytes=1 << 12)
+    pairs = {spec: _scheme_pair(build, session_cache, strict_compiler, spec, tuning=small) for spec in SWEEPS}
+    assert all(not plain.plan.sweeps and sweeping.plan.sweeps for plain, sweeping in pairs.values())
     return pairs
 
 
@@ -242,29 +250,21 @@ def test_sweeping_kernels_equal_channel_by_channel(sweep_schemes, data):
     if shape[2] is None:
         shape[2] = data.draw(st.sampled_from([1, 7, 64, 300]), label="inner")
     shape[0] = data.draw(st.sampled_from([1, 2, 5, 40, 300]), label="outer")
-    half = spec.dtype in ("float16", "bfloat16")
-    kind = data.draw(st.sampled_from(["normal", "constant"] if half else ["normal", "offset", "constant"]), label="data")
-    x = _data(tuple(shape), spec.dtype, kind, rng, S(tuple(shape), axis=1) if kind == "constant" else None)
+    x = _draw_input(data, rng, spec, shape)
     extra = {"residual": rng.standard_normal(shape).astype(spec.dtype)} if spec.residual else {}
     threads = data.draw(st.integers(1, 3), label="threads")
     gamma, beta, mm, mv = random_params(spec, rng)
     moving = [(None if a is None else a.copy(), None if b is None else b.copy()) for a, b in ((mm, mv), (mm, mv))]
-    got = sweeping.forward(x, gamma, beta, *moving[0], threads=threads, **extra)
     want = plain.forward(x, gamma, beta, *moving[1], threads=threads, **extra)
-    for name, a, b in zip(("y", "mean", "variance"), got, want):
-        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
-    for a, b in zip(*moving):
-        assert a is None or np.array_equal(a, b)
+    _assert_same_bits(("y", "mean", "variance"), sweeping.forward(x, gamma, beta, *moving[0], threads=threads, **extra), want)
+    _assert_same_bits(("moving_mean", "moving_variance"), *moving)
     if spec.residual:  # (forward only)
         return
     dy = rng.standard_normal(shape).astype(spec.dtype)
     mean, var = want[1], want[2]
     beta_arg = {"beta": beta} if spec.activation == "relu" and beta is not None else {}
-    got = sweeping.backward(dy, x, gamma, mean, var, threads=threads, **beta_arg)
-    want = plain.backward(dy, x, gamma, mean, var, threads=threads, **beta_arg)
-    for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want):
-        assert (a is None and b is None) or np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
-
+    _assert_same_bits(("dx", "dgamma", "dbeta"), sweeping.backward(dy, x, gamma, mean, var, threads=threads, **beta_arg),
+                      plain.backward(dy, x, gamma, mean, var, threads=threads, **beta_arg))
 
 
 def test_per_sample_rows_longer_than_a_block(build, rng):
