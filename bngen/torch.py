@@ -59,20 +59,22 @@ _kernels_lock = threading.Lock()
 
 
 def _kernel(training: bool, dtype: torch.dtype, channels: int, inner: int, eps: float, scale: bool,
-            center: bool, relu: bool = False, residual: bool = False) -> Kernel:
+            center: bool, relu: bool = False, residual: bool = False, momentum: Optional[float] = None) -> Kernel:
     """The kernel of one shape class (see the module docstring), built once per process;
     `relu`: with the ReLU fused (``Spec(activation="relu")``); `residual`: with a residual
-    input added before it (``Spec(residual=True)``)."""
-    key = (training, dtype, channels, inner, eps, scale, center, relu, residual)
+    input added before it (``Spec(residual=True)``); `momentum`: a training kernel that
+    updates the running statistics it is given with this (PyTorch) momentum, the unbiased
+    variance, as torch does (else they are updated by torch ops, and momentum does not matter)."""
+    key = (training, dtype, channels, inner, eps, scale, center, relu, residual, momentum)
     kernel = _kernels.get(key)
     if kernel is None:
         with _kernels_lock:
             kernel = _kernels.get(key)
             if kernel is None:
                 shape = (None, channels) if inner == 1 else (None, channels, inner)
-                # momentum and unbiased do not matter: the running statistics are updated in torch
                 spec = Spec(shape=shape, axis=1, dtype=_DTYPES[dtype], training=training, mode=0, epsilon=eps,
-                            momentum=0.0, center=center, scale=scale, unbiased=False,
+                            momentum=0.0 if momentum is None else 1.0 - momentum,  # bngen's: the weight of the old value
+                            center=center, scale=scale, unbiased=momentum is not None,
                             activation="relu" if relu else None, residual=residual)
                 kernel = _kernels[key] = build(spec)
     return kernel
@@ -400,23 +402,44 @@ _relu_eval.register_autograd(_relu_eval_grad, setup_context=_eval_setup)
 
 
 # Eager calls skip the custom-op machinery (dispatch, autograd wrapper: several times the
-# cost of a small kernel) and run the same implementations under an autograd.Function;
-# under torch.compile the ops above are what the graph records.
+# cost of a small kernel) and run the kernels under an autograd.Function; under
+# torch.compile the ops above are what the graph records.
 class _BatchNormTrain(torch.autograd.Function):
+    """Training forward (y, batch mean, biased batch variance) and backward.  With `running` = (running_mean, running_var,
+    momentum), the kernel also updates the running statistics in place (a kernel per
+    momentum: only for a module's fixed one).  The backward reuses the forward's kernel,
+    array views and batch statistics (kept on ctx), which saves it the look-ups."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, var = _train_impl(x, weight, bias, eps)
-        _train_setup(ctx, (x, weight, bias, eps), (y, mean, var))
+    def forward(ctx, x, weight, bias, eps, running):
+        x, last = _input(x)
+        rows = _array(x, last)
+        momentum = running and running[2]
+        kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None,
+                         momentum=momentum)
+        if momentum is None:
+            y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
+        else:
+            y, mean, var = kernel.forward(rows, _param(weight), _param(bias), _param(running[0]), _param(running[1]),
+                                          threads=_threads())
+        ctx.save_for_backward(x, weight)  # (so that autograd notices x or weight changed in place before the backward)
+        ctx.kernel, ctx.rows, ctx.last, ctx.stats = kernel, rows, last, (mean, var)
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics, which backward ignores
-        return y, mean, var
+        mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var)
+        ctx.mark_non_differentiable(mean_t, var_t)
+        return _tensor(y, x, last), mean_t, var_t
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:  # (grads are not materialised) nothing reached y
-            return None, None, None, None
-        x, weight, _, mean, var = ctx.saved_tensors
-        dx, dweight, dbias = _train_backward_impl(dy, x, weight, mean, var, ctx.eps, ctx.has_bias)
-        return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
+            return None, None, None, None, None
+        x, weight = ctx.saved_tensors
+        last = ctx.last
+        dx, dgamma, dbeta = ctx.kernel.backward(_array(_like(dy, x, last), last), ctx.rows, _param(weight), *ctx.stats,
+                                                threads=_threads())
+        return (_tensor(dx, x, last), torch.from_numpy(dgamma) if ctx.has_weight else None,
+                torch.from_numpy(dbeta) if ctx.has_bias else None, None, None)
 
 
 class _BatchNormEval(torch.autograd.Function):
@@ -676,7 +699,7 @@ def takes(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[T
     if not (isinstance(eps, float) and 0.0 < eps < math.inf):  # torch's errors for eps <= 0; eval allows eps=0
         return False
     dtype = input.dtype
-    if input.device.type != "cpu" or dtype not in _DTYPES or input.layout != torch.strided or input.dim() < 2 \
+    if not input.is_cpu or dtype not in _DTYPES or input.layout != torch.strided or input.dim() < 2 \
             or input.numel() == 0:
         return False
     if not input.is_contiguous() and not _channels_last(input):
@@ -685,8 +708,7 @@ def takes(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[T
         return False
     pdtype, channels = _param_dtype(dtype), input.shape[1]
     for t in (weight, bias, running_mean, running_var):
-        if t is not None and (t.device.type != "cpu" or t.dtype is not pdtype or t.dim() != 1
-                              or t.shape[0] != channels or not t.is_contiguous()):
+        if t is not None and (not t.is_cpu or t.dtype is not pdtype or t.shape != (channels,) or not t.is_contiguous()):
             return False
     return True
 
@@ -702,6 +724,15 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     statistics normalise it.  Raises torch's ValueError when training sees one value per
     channel.
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
+
+
+def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum, eps: float,
+                fixed: bool) -> Tensor:
+    """`batch_norm`; `fixed`: `momentum` is a module's, the same every step, so an eager
+    training call may leave the running statistics to a kernel built for it (no torch ops
+    after the kernel; a momentum that changes each step would build a kernel each step)."""
     if training:
         F._verify_batch_size(input.size())
     if not takes(input, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -711,11 +742,14 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if compiling:
             return torch.ops.bngen.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
         return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
+    running = running_mean is not None or running_var is not None
     if compiling:
         y, mean, var = torch.ops.bngen.batch_norm_train(input, weight, bias, eps)
+    elif running and fixed and momentum.__class__ is float and 0.0 <= momentum <= 1.0:
+        return _BatchNormTrain.apply(input, weight, bias, eps, (running_mean, running_var, momentum))[0]
     else:
-        y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)
-    if running_mean is not None or running_var is not None:
+        y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, None)
+    if running:
         n = input.numel() // input.shape[1]
         with torch.no_grad():
             if running_mean is not None:
@@ -740,8 +774,8 @@ class _Forward:
         tracked = not self.training or self.track_running_stats
         if bn_training and self.training and self._synchronised():
             return self._sync_forward(input, factor)
-        return batch_norm(input, self.running_mean if tracked else None, self.running_var if tracked else None,
-                          self.weight, self.bias, bn_training, factor, self.eps)
+        return _batch_norm(input, self.running_mean if tracked else None, self.running_var if tracked else None,
+                           self.weight, self.bias, bn_training, factor, self.eps, self.momentum is not None)
 
     def _synchronised(self) -> bool:
         return False

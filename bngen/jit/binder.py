@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from operator import is_
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -611,7 +612,7 @@ class KeptSets:
     def recall(self, *given):
         k = len(self.slots)
         for kept in self.last[0][1:]:
-            if all(kept[i] is given[i] for i in range(k)):
+            if all(map(is_, kept[:k], given)):
                 for value, (_, _, writes) in zip(given, self.slots):  # what can change in place
                     if value is not None and (value.dtype is not self.pdtype or value.strides != (self.pdtype.itemsize,)
                                               or writes and not value.flags.writeable):

@@ -211,9 +211,10 @@ def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes():
         y = bn(torch.randn(n, 4, 5, 6))
         assert y.shape == (n, 4, 5, 6)
         bn(torch.randn(n, 4, 3, 2).contiguous(memory_format=torch.channels_last))  # any H, W: one (N*H*W, C) class
-    # (training, dtype, C, inner, eps, scale, center, relu, residual): one class per layout, whatever N, H and W
-    expected = {(True, torch.float32, 4, 30, 1e-5, True, True, False, False),
-                (True, torch.float32, 4, 1, 1e-5, True, True, False, False)}
+    # (training, dtype, C, inner, eps, scale, center, relu, residual, momentum): one class per layout, whatever
+    # N, H and W; the module's momentum is built in (the kernel updates the running statistics)
+    expected = {(True, torch.float32, 4, 30, 1e-5, True, True, False, False, 0.1),
+                (True, torch.float32, 4, 1, 1e-5, True, True, False, False, 0.1)}
     assert expected <= set(bnt._kernels) and set(bnt._kernels) - before <= expected
 
 
