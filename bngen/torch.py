@@ -23,9 +23,10 @@ channels-last, every spatial size).  Outputs keep the input's memory format.  Ev
 else (another device or dtype, half parameters, a strided view, an empty batch) is
 passed to ``torch.nn.functional.batch_norm``.
 
-The running statistics are updated by torch ops on the batch statistics the kernel
-returns (PyTorch's momentum of the new value, unbiased variance, ``momentum=None``
-cumulative average), so a kernel does not depend on the momentum.
+In eager training, a module with a fixed momentum leaves its running statistics to the
+kernel, built for that momentum (PyTorch's momentum of the new value, unbiased variance);
+otherwise (``momentum=None``'s cumulative average, the functional form, compiled graphs)
+torch ops update them from the batch statistics the kernel returns.
 """
 
 from __future__ import annotations
