@@ -140,6 +140,37 @@ def test_module_options_match_torch(kwargs):
     _close(ours(x), theirs(x), torch.float64)
 
 
+def test_running_statistics_updated_by_the_kernel_only_for_a_fixed_momentum():
+    """A module with a fixed momentum trains on a kernel built for it, which updates the running
+    statistics itself (as torch, in double: float32 agrees to an ulp); momentum=None changes its
+    factor every step and must not build a kernel per step, nor must the functional form."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 4, 5) * 2 + 1
+    fixed, cumulative = bnt.BatchNorm2d(3, momentum=0.25), bnt.BatchNorm2d(3, momentum=None)
+    theirs = torch.nn.BatchNorm2d(3, momentum=0.25)
+    before = set(bnt._kernels)
+    for _ in range(3):
+        fixed(x), cumulative(x), theirs(x)
+        bnt.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=0.3)
+    momenta = {key[-1] for key in set(bnt._kernels) - before}
+    assert momenta <= {0.25, None} and 0.25 in momenta
+    torch.testing.assert_close(fixed.running_mean, theirs.running_mean, atol=0, rtol=2e-7)
+    torch.testing.assert_close(fixed.running_var, theirs.running_var, atol=0, rtol=2e-7)
+    assert int(fixed.num_batches_tracked) == 3
+
+
+def test_input_changed_in_place_before_the_backward_is_an_error():
+    """The eager backward reuses views of the forward's input: autograd must still refuse an
+    input modified in place in between, as it does for torch's batch norm."""
+    bn = bnt.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    h = x * 2
+    y = bn(h)
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("cls,theirs_cls,shape", [
     (bnt.BatchNorm1d, torch.nn.BatchNorm1d, (6, 5)),
     (bnt.BatchNorm1d, torch.nn.BatchNorm1d, (6, 5, 7)),
