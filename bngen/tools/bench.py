@@ -657,7 +657,9 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
                     rows.append({"mode": mode, "threads": nthreads, "implementation": name, "step": stats,
                                  "bn_cost_ms": stats["median_ms"] - without, "without_bn_ms": without,
                                  "bn_ms": shares[name][0], "bn_share": shares[name][1],
-                                 "torch_over_bngen": summary(times["torch"])["median_ms"] / stats["median_ms"]})
+                                 "torch_over_bngen": _paired_ratio(times["torch"], times[name]),
+                                 "rounds_faster": None if name == "torch" else
+                                 sum(t > b for t, b in zip(times["torch"], times[name])) / len(times[name])})
     finally:
         torch.set_num_threads(old_threads)
     return {"model": "bngen.tools.resnet.ResNet", "size": dataclasses.asdict(dims), "size_name": size,
@@ -666,17 +668,25 @@ def model_run(size: str = "realistic", threads: Sequence[int] = (1, 2), modes: S
             "rows": rows, "losses": agreement}
 
 
+def _paired_ratio(reference: Sequence[float], other: Sequence[float]) -> float:
+    """The median over rounds of reference / other within each round: this VM's speed drifts
+    by 10-40% between rounds, and within one both steps see the same machine, so the
+    paired ratio moves much less than the ratio of the two medians."""
+    return statistics.median(r / o for r, o in zip(reference, other))
+
+
 def model_markdown(report: dict) -> str:
     """The model report as a markdown table (median step time)."""
-    lines = ["| mode | threads | batch norm | step ms | spread | BN cost ms | profiled BN ms | BN share | torch / this |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | threads | batch norm | step ms | spread | BN cost ms | profiled BN ms | BN share | torch / this "
+             "| rounds faster |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         s = row["step"]
         spread = (s["q3_ms"] - s["q1_ms"]) / s["median_ms"]
         bn = "-" if row["bn_ms"] is None else _ms(row["bn_ms"])
         share = "-" if row["bn_share"] is None else f"{row['bn_share']:.0%}"
         lines.append(f"| {row['mode']} | {row['threads']} | {row['implementation']} | {_ms(s['median_ms'])} | "
-                     f"{spread:.0%} | {_ms(row['bn_cost_ms'])} | {bn} | {share} | {row['torch_over_bngen']:.2f}x |")
+                     f"{spread:.0%} | {_ms(row['bn_cost_ms'])} | {bn} | {share} | {row['torch_over_bngen']:.2f}x | "
+                     f"{'-' if row['rounds_faster'] is None else format(row['rounds_faster'], '.0%')} |")
     size = report["size"]
     worst = max((v["max_relative_difference"] for v in report["losses"].values()), default=0.0)
     lines += ["", f"ResNet-style CNN ({report['size_name']}: batch {size['batch']}, {size['image']}x{size['image']} "
@@ -684,6 +694,8 @@ def model_markdown(report: dict) -> str:
               f"one SGD training step; median of {report['repeat']} steps, the models alternating; "
               f"PyTorch {report['torch']}. BN cost: the step minus the step of the same model without batch norm "
               "(identities in its place, timed in the same rounds). "
+              "torch / this: the median over rounds of the ratio of the two steps within a round; rounds faster: "
+              "the share of rounds in which this step beat torch's. "
               "Profiled BN ms/share: batch-norm operators under torch.profiler "
               "('-': none left to see, inductor compiled torch's batch norm into its own code). "
               f"Losses over {report['steps']} steps from the same initialisation agree to {worst:.1e} "

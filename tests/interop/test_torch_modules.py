@@ -659,6 +659,9 @@ def test_bench_model_runs_and_losses_agree(tmp_path, capsys):
     # the batch-norm cost is the step against the same model without batch norm, timed alongside
     assert all(r["bn_cost_ms"] == r["step"]["median_ms"] - r["without_bn_ms"] and r["without_bn_ms"] > 0
                for r in report["rows"])
+    torch_row, bngen_row = report["rows"]
+    assert torch_row["torch_over_bngen"] == 1.0 and torch_row["rounds_faster"] is None  # (paired with itself)
+    assert bngen_row["torch_over_bngen"] > 0 and bngen_row["rounds_faster"] in (0.0, 0.5, 1.0)  # of 2 rounds
     assert set(report["losses"]["eager, 1 thread(s)"]) == {"max_relative_difference", "torch", "bngen"}
     losses = report["losses"]["eager, 1 thread(s)"]
     assert len(losses["bngen"]) == 4 and losses["max_relative_difference"] < 1e-4
