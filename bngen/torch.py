@@ -406,16 +406,17 @@ _relu_eval.register_autograd(_relu_eval_grad, setup_context=_eval_setup)
 # cost of a small kernel) and run the kernels under an autograd.Function; under
 # torch.compile the ops above are what the graph records.
 class _BatchNormTrain(torch.autograd.Function):
-    """Training forward (y, batch mean, biased batch variance) and backward.  With `running` = (running_mean, running_var,
-    momentum), the kernel also updates the running statistics in place (a kernel per
-    momentum: only for a module's fixed one).  The backward reuses the forward's kernel,
-    array views and batch statistics (kept on ctx), which saves it the look-ups."""
+    """Training forward (y, batch mean, biased batch variance) and backward.  With `running`
+    = (running_mean, running_var, momentum), the kernel also updates the running statistics
+    in place (a kernel per momentum: only for a module's fixed one).  The backward reuses
+    the forward's kernel, array views and batch statistics (kept on ctx), which saves it
+    the look-ups."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, running):
         x, last = _input(x)
         rows = _array(x, last)
-        momentum = running and running[2]
+        momentum = None if running is None else running[2]
         kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None,
                          momentum=momentum)
         if momentum is None:
