@@ -729,6 +729,24 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
 
 
+# Momenta built into kernels so far.  A module's momentum is usually fixed; one changed by a
+# schedule every few epochs gets a kernel per value, but past this many values the running
+# statistics go back to torch ops, so that a momentum changed every step costs no build a step.
+_MAX_BAKED_MOMENTA = 4
+_baked_momenta: set = set()
+
+
+def _bakes(momentum) -> bool:
+    """True when a kernel may update the running statistics with `momentum` (see above)."""
+    if momentum.__class__ is not float or not 0.0 <= momentum <= 1.0:
+        return False
+    if momentum not in _baked_momenta:
+        if len(_baked_momenta) >= _MAX_BAKED_MOMENTA:
+            return False
+        _baked_momenta.add(momentum)
+    return True
+
+
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum, eps: float,
                 fixed: bool) -> Tensor:
@@ -747,7 +765,7 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     running = running_mean is not None or running_var is not None
     if compiling:
         y, mean, var = torch.ops.bngen.batch_norm_train(input, weight, bias, eps)
-    elif running and fixed and momentum.__class__ is float and 0.0 <= momentum <= 1.0:
+    elif running and fixed and _bakes(momentum):
         return _BatchNormTrain.apply(input, weight, bias, eps, (running_mean, running_var, momentum))[0]
     else:
         y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, None)

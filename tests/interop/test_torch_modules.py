@@ -140,10 +140,11 @@ def test_module_options_match_torch(kwargs):
     _close(ours(x), theirs(x), torch.float64)
 
 
-def test_running_statistics_updated_by_the_kernel_only_for_a_fixed_momentum():
+def test_running_statistics_updated_by_the_kernel_only_for_a_fixed_momentum(monkeypatch):
     """A module with a fixed momentum trains on a kernel built for it, which updates the running
     statistics itself (as torch, in double: float32 agrees to an ulp); momentum=None changes its
     factor every step and must not build a kernel per step, nor must the functional form."""
+    monkeypatch.setattr(bnt, "_baked_momenta", set())  # (other tests' momenta do not count against the limit)
     torch.manual_seed(1)
     x = torch.randn(6, 3, 4, 5) * 2 + 1
     fixed, cumulative = bnt.BatchNorm2d(3, momentum=0.25), bnt.BatchNorm2d(3, momentum=None)
@@ -157,6 +158,22 @@ def test_running_statistics_updated_by_the_kernel_only_for_a_fixed_momentum():
     torch.testing.assert_close(fixed.running_mean, theirs.running_mean, atol=0, rtol=2e-7)
     torch.testing.assert_close(fixed.running_var, theirs.running_var, atol=0, rtol=2e-7)
     assert int(fixed.num_batches_tracked) == 3
+
+
+def test_a_momentum_changed_every_step_builds_a_bounded_number_of_kernels(monkeypatch):
+    """A schedule that changes a module's momentum every step: the first few values get kernels of
+    their own, later ones the torch ops (no build per step); the running statistics stay torch's."""
+    monkeypatch.setattr(bnt, "_baked_momenta", set())
+    torch.manual_seed(2)
+    ours, theirs = bnt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    before = set(bnt._kernels)
+    for step in range(bnt._MAX_BAKED_MOMENTA + 3):
+        x = torch.randn(5, 3, 2, 3)
+        ours.momentum = theirs.momentum = 0.05 + 0.01 * step
+        ours(x), theirs(x)
+    assert len({key[-1] for key in set(bnt._kernels) - before} - {None}) <= bnt._MAX_BAKED_MOMENTA
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-6, rtol=1e-6)
 
 
 def test_input_changed_in_place_before_the_backward_is_an_error():
@@ -230,7 +247,8 @@ def test_one_value_per_channel_in_training_raises_torchs_error(shape):
 
 
 # -- what the kernels take, and the fallback -----------------------------------------------------------
-def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes():
+def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes(monkeypatch):
+    monkeypatch.setattr(bnt, "_baked_momenta", set())  # (other tests' momenta do not count against the limit)
     bn = bnt.BatchNorm2d(4)
     x = torch.randn(3, 4, 5, 6)
     for t, last in ((x, False), (x.contiguous(memory_format=torch.channels_last), True)):
