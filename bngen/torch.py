@@ -405,32 +405,38 @@ _relu_eval.register_autograd(_relu_eval_grad, setup_context=_eval_setup)
 # Eager calls skip the custom-op machinery (dispatch, autograd wrapper: several times the
 # cost of a small kernel) and run the kernels under an autograd.Function; under
 # torch.compile the ops above are what the graph records.
+def _train_forward(x: Tensor, weight, bias, eps: float, running) -> tuple:
+    """The eager training forward: (y, mean, var, kernel, rows, last), the batch statistics
+    as arrays.  With `running` = (running_mean, running_var, momentum), the kernel also
+    updates the running statistics in place (a kernel per momentum: only for a module's
+    fixed one, see `_bakes`)."""
+    x, last = _input(x)
+    rows = _array(x, last)
+    momentum = None if running is None else running[2]
+    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None,
+                     momentum=momentum)
+    if momentum is None:
+        y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
+    else:
+        y, mean, var = kernel.forward(rows, _param(weight), _param(bias), _param(running[0]), _param(running[1]),
+                                      threads=_threads())
+    return _tensor(y, x, last), mean, var, kernel, rows, last
+
+
 class _BatchNormTrain(torch.autograd.Function):
-    """Training forward (y, batch mean, biased batch variance) and backward.  With `running`
-    = (running_mean, running_var, momentum), the kernel also updates the running statistics
-    in place (a kernel per momentum: only for a module's fixed one).  The backward reuses
-    the forward's kernel, array views and batch statistics (kept on ctx), which saves it
-    the look-ups."""
+    """`_train_forward` (y, batch mean, biased batch variance) and its backward, which reuses
+    the forward's kernel, array views and batch statistics (kept on ctx): no look-ups."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, running):
-        x, last = _input(x)
-        rows = _array(x, last)
-        momentum = None if running is None else running[2]
-        kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None,
-                         momentum=momentum)
-        if momentum is None:
-            y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
-        else:
-            y, mean, var = kernel.forward(rows, _param(weight), _param(bias), _param(running[0]), _param(running[1]),
-                                          threads=_threads())
+        y, mean, var, kernel, rows, last = _train_forward(x, weight, bias, eps, running)
         ctx.save_for_backward(x, weight)  # (so that autograd notices x or weight changed in place before the backward)
         ctx.kernel, ctx.rows, ctx.last, ctx.stats = kernel, rows, last, (mean, var)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics, which backward ignores
         mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var)
         ctx.mark_non_differentiable(mean_t, var_t)
-        return _tensor(y, x, last), mean_t, var_t
+        return y, mean_t, var_t
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -729,6 +735,14 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
 
 
+def _records(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether autograd records the call (grad mode on, a tensor requiring a gradient); without
+    it (no_grad, inference_mode, evaluation) the kernels run without an autograd.Function,
+    whose machinery costs more than a small kernel."""
+    return torch.is_grad_enabled() and (input.requires_grad or weight is not None and weight.requires_grad
+                                        or bias is not None and bias.requires_grad)
+
+
 # Momenta built into kernels so far.  A module's momentum is usually fixed; one changed by a
 # schedule every few epochs gets a kernel per value, but past this many values the running
 # statistics go back to torch ops, so that a momentum changed every step costs no build a step.
@@ -761,14 +775,22 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if not training:
         if compiling:
             return torch.ops.bngen.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+        if not _records(input, weight, bias):
+            return _eval_impl(input, weight, bias, running_mean, running_var, eps)
         return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
     running = running_mean is not None or running_var is not None
     if compiling:
         y, mean, var = torch.ops.bngen.batch_norm_train(input, weight, bias, eps)
-    elif running and fixed and _bakes(momentum):
-        return _BatchNormTrain.apply(input, weight, bias, eps, (running_mean, running_var, momentum))[0]
     else:
-        y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, None)
+        baked = running and fixed and _bakes(momentum)
+        args = (input, weight, bias, eps, (running_mean, running_var, momentum) if baked else None)
+        if _records(input, weight, bias):
+            y, mean, var = _BatchNormTrain.apply(*args)
+        else:
+            y, mean, var, *_ = _train_forward(*args)
+            mean, var = torch.from_numpy(mean), torch.from_numpy(var)
+        if baked:
+            return y
     if running:
         n = input.numel() // input.shape[1]
         with torch.no_grad():

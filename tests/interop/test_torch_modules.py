@@ -213,14 +213,31 @@ def test_1d_and_3d_modules_match_torch(cls, theirs_cls, shape):
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_no_grad_and_inference_mode(context):
+    """Without a gradient to record the kernels run without an autograd.Function: the same outputs
+    (which require no gradient, as torch's) and running statistics."""
     torch.manual_seed(0)
     theirs, ours = torch.nn.BatchNorm2d(4), bnt.BatchNorm2d(4)
-    x = torch.randn(3, 4, 5, 6)
+    x = torch.randn(3, 4, 5, 6, requires_grad=True)
     with context():
         for training in (True, False):
             theirs.train(training), ours.train(training)
-            _close(ours(x), theirs(x), torch.float32)
+            y_ours, y_theirs = ours(x), theirs(x)
+            _close(y_ours, y_theirs, torch.float32)
+            assert y_ours.requires_grad is y_theirs.requires_grad is False and y_ours.grad_fn is None
     _close(ours.running_var, theirs.running_var, torch.float32)
+    _close(ours.running_mean, theirs.running_mean, torch.float32)
+
+
+def test_eval_mode_with_frozen_input_still_gives_parameter_gradients():
+    """Grad mode on, an input that requires no gradient, parameters that do: autograd records
+    the call (fine-tuning the affine parameters of a frozen trunk)."""
+    torch.manual_seed(3)
+    theirs, ours = torch.nn.BatchNorm2d(4).eval(), bnt.BatchNorm2d(4).eval()
+    x = torch.randn(3, 4, 5, 6)
+    for module in (theirs, ours):
+        module(x).pow(2).sum().backward()
+    _close(ours.weight.grad, theirs.weight.grad, torch.float32)
+    _close(ours.bias.grad, theirs.bias.grad, torch.float32)
 
 
 # -- errors: torch's own ------------------------------------------------------------------------------
