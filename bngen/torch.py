@@ -737,8 +737,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 def _records(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
     """Whether autograd records the call (grad mode on, a tensor requiring a gradient); without
-    it (no_grad, inference_mode, evaluation) the kernels run without an autograd.Function,
-    whose machinery costs more than a small kernel."""
+    it (no_grad, inference_mode, or an input and parameters that require none) the kernels
+    run without an autograd.Function, whose machinery costs more than a small kernel."""
     return torch.is_grad_enabled() and (input.requires_grad or weight is not None and weight.requires_grad
                                         or bias is not None and bias.requires_grad)
 
