@@ -212,13 +212,28 @@ def _define_compiled(name: str, impl, fake, schema: str) -> None:
     torch.library.register_fake(f"{_LIB}::{twin}", fake, lib=_LIBRARY)
 
 
-def _train_impl(x, weight, bias, eps, relu=False):
-    """Normalise x with its own statistics (then the ReLU, if `relu`): (y, batch mean, biased batch variance)."""
+def _train_forward(x: Tensor, weight, bias, eps: float, running=None, relu: bool = False) -> tuple:
+    """Normalise x with its own statistics (then the ReLU, if `relu`): (y, batch mean, biased
+    batch variance, kernel, rows, last), the statistics as arrays.  With `running` =
+    (running_mean, running_var, momentum), the kernel also updates the running statistics in
+    place (a kernel per momentum: only for a module's fixed one, see `_bakes`)."""
     x, last = _input(x)
     rows = _array(x, last)
-    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu)
-    y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
-    return _tensor(y, x, last), torch.from_numpy(mean), torch.from_numpy(var)
+    momentum = None if running is None else running[2]
+    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu,
+                     momentum=momentum)
+    if momentum is None:
+        y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
+    else:
+        y, mean, var = kernel.forward(rows, _param(weight), _param(bias), _param(running[0]), _param(running[1]),
+                                      threads=_threads())
+    return _tensor(y, x, last), mean, var, kernel, rows, last
+
+
+def _train_impl(x, weight, bias, eps, relu=False):
+    """Normalise x with its own statistics (then the ReLU, if `relu`): (y, batch mean, biased batch variance)."""
+    y, mean, var, *_ = _train_forward(x, weight, bias, eps, relu=relu)
+    return y, torch.from_numpy(mean), torch.from_numpy(var)
 
 
 def _train_fake(x, weight, bias, eps):
@@ -405,24 +420,6 @@ _relu_eval.register_autograd(_relu_eval_grad, setup_context=_eval_setup)
 # Eager calls skip the custom-op machinery (dispatch, autograd wrapper: several times the
 # cost of a small kernel) and run the kernels under an autograd.Function; under
 # torch.compile the ops above are what the graph records.
-def _train_forward(x: Tensor, weight, bias, eps: float, running) -> tuple:
-    """The eager training forward: (y, mean, var, kernel, rows, last), the batch statistics
-    as arrays.  With `running` = (running_mean, running_var, momentum), the kernel also
-    updates the running statistics in place (a kernel per momentum: only for a module's
-    fixed one, see `_bakes`)."""
-    x, last = _input(x)
-    rows = _array(x, last)
-    momentum = None if running is None else running[2]
-    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None,
-                     momentum=momentum)
-    if momentum is None:
-        y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
-    else:
-        y, mean, var = kernel.forward(rows, _param(weight), _param(bias), _param(running[0]), _param(running[1]),
-                                      threads=_threads())
-    return _tensor(y, x, last), mean, var, kernel, rows, last
-
-
 class _BatchNormTrain(torch.autograd.Function):
     """`_train_forward` (y, batch mean, biased batch variance) and its backward, which reuses
     the forward's kernel, array views and batch statistics (kept on ctx): no look-ups."""

@@ -168,6 +168,13 @@ def _draw_input(data, rng, spec, shape):
     return _data(tuple(shape), spec.dtype, kind, rng, S(tuple(shape), axis=spec.axis) if kind == "constant" else None)
 
 
+def _draw_pair(data, schemes):
+    """A spec of `schemes` (spec -> kernel pair, from `_scheme_pair`), its two kernels and a seeded rng."""
+    spec = data.draw(st.sampled_from(list(schemes)), label="spec")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    return (spec, *schemes[spec], rng)
+
+
 def _assert_same_bits(names, got, want):
     for name, a, b in zip(names, got, want):
         assert (a is None and b is None) or np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
@@ -197,9 +204,7 @@ def statistics_schemes(build, session_cache, strict_compiler):
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
 def test_row_statistics_equal_grouped_ones(statistics_schemes, data):
-    spec = data.draw(st.sampled_from(ROW_STATISTICS), label="spec")
-    grouped, rows = statistics_schemes[spec]
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    spec, grouped, rows, rng = _draw_pair(data, statistics_schemes)
     rest = int(np.prod(spec.shape[1:]))
     n = data.draw(st.sampled_from([1, 2, 63, 64, 65, 129, 2000]), label="outer")
     n = max(1, min(n, 60_000 // rest))
@@ -243,9 +248,7 @@ def sweep_schemes(build, session_cache, strict_compiler):
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
 def test_sweeping_kernels_equal_channel_by_channel(sweep_schemes, data):
-    spec = data.draw(st.sampled_from(SWEEPS), label="spec")
-    plain, sweeping = sweep_schemes[spec]
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    spec, plain, sweeping, rng = _draw_pair(data, sweep_schemes)
     shape = list(spec.shape)
     if shape[2] is None:
         shape[2] = data.draw(st.sampled_from([1, 7, 64, 300]), label="inner")
