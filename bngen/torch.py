@@ -10,8 +10,8 @@ The kernels are ``torch.library`` custom ops (``torch.ops.bngen.*``) with fake-t
 implementations and autograd formulas, so autograd and ``torch.compile`` see them as
 single operators.  They take CPU tensors of float32/float64 (parameters of the same
 dtype) or float16/bfloat16 (float32 parameters, torch's mixed precision), contiguous or
-channels_last, without a copy: a tensor's memory is handed to the kernel as a NumPy
-array of one of two shape classes,
+channels_last, without a copy: a tensor's memory is handed to the kernel's C entry point
+as it is (no NumPy in between), seen as one of two shape classes,
 
 * channels-first (a contiguous ``(N, C, ...)`` tensor): ``(N, C, inner)``, feature axis 1,
   ``inner`` the product of the spatial sizes (``(N, C)`` when there are none);
@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import operator
 import threading
-import weakref
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -42,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core.dtypes import DTYPES, numpy_dtype
+from .core.dtypes import DTYPES
 from .core.spec import Spec
 from .core.threads import max_threads
 from .jit.build import build
 from .jit.kernel import Kernel
+from .plan.entries import Entry
 from .statistics import merge_moments
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]  # and fuse_relu (made on first use)
@@ -87,94 +87,110 @@ def _channels_last(x: Tensor) -> bool:
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
 
-def _array(x: Tensor, last: bool) -> np.ndarray:
-    """x's memory as the kernel's array (see the module docstring; no copy for the layouts
-    taken).  The layout is rearranged in NumPy, whose views cost a fraction of torch's."""
-    a = _numpy(x)
-    if last:
-        return a.transpose(0, *range(2, a.ndim), 1).reshape(-1, a.shape[1])
-    n, c = a.shape[0], a.shape[1]
-    return a.reshape(n, c) if a.size == n * c else a.reshape(n, c, -1)  # (no spatial size but 1: one class)
-
-
-def _inner(rows: np.ndarray) -> int:
-    """The `inner` size of the kernel's shape class for array `rows` (from `_array`)."""
-    return rows.shape[2] if rows.ndim == 3 else 1
-
-
-def _tensor(y: np.ndarray, like: Tensor, last: bool) -> Tensor:
-    """The kernel's output `y` as a tensor of `like`'s shape, in the same memory layout."""
-    shape = tuple(like.shape)
-    if last:
-        nd = len(shape)
-        y = y.reshape(shape[:1] + shape[2:] + shape[1:2]).transpose(0, nd - 1, *range(1, nd - 1))
-    else:
-        y = y.reshape(shape)
-    return _torch(y)
-
-
-def _bf16():
-    return numpy_dtype("bfloat16")
-
-
-def _numpy(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    """A NumPy array sharing `t`'s memory (bfloat16 through ml_dtypes)."""
-    if t is None:
-        return None
-    t = t.detach()
-    if t.dtype is torch.bfloat16:
-        return t.view(torch.int16).numpy().view(_bf16())
-    return t.numpy()
-
-
-def _torch(a: np.ndarray) -> Tensor:
-    """A tensor sharing NumPy array `a`'s memory."""
-    if a.dtype == _bf16():
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
-# NumPy views of parameter tensors, made once per tensor: a kernel's fast path recognises
-# parameters it has seen by the identity of their arrays, and a new array each call would
-# cost it a look-up (several microseconds per call, ~18 calls in a ResNet step).  Keyed by
-# id: the entry leaves with its tensor (the weakref's callback), and holds a detached alias,
-# not the tensor itself.
-_params: Dict[int, tuple] = {}
-
-
-def _param(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    """`_numpy(t)` for a parameter or statistics vector: the same array while t's memory is."""
-    if t is None:
-        return None
-    key, ptr = id(t), t.data_ptr()
-    kept = _params.get(key)
-    if kept is None or kept[0]() is not t or kept[1] != ptr or kept[2].shape[0] != t.shape[0]:
-        kept = _params[key] = (weakref.ref(t, lambda _, key=key: _params.pop(key, None)), ptr, _numpy(t))
-    return kept[2]
-
-
 def _param_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype is torch.float64 else torch.float32
 
 
-def _input(x: Tensor) -> Tuple[Tensor, bool]:
-    """x in a layout the kernels take: itself, or (only when the op is called on a strided
-    view directly, which `batch_norm` never does) a contiguous copy."""
+def _input(x: Tensor) -> Tuple[Tensor, bool, int, int]:
+    """(x, channels-last, outer, inner): x in a layout the kernels take (itself, or, only when
+    an op is called on a strided view directly, which `batch_norm` never does, a contiguous
+    copy) and its shape class (see the module docstring) as the kernel's sizes."""
     last = _channels_last(x)
     if not last and not x.is_contiguous():
         x = x.contiguous()
-    return x, last
+    channels = x.shape[1]
+    if last:
+        return x, True, x.numel() // channels, 1
+    return x, False, x.shape[0], x.numel() // (x.shape[0] * channels)
 
 
 def _like(t: Tensor, x: Tensor, last: bool) -> Tensor:
-    """t (the gradient dy) in x's memory layout."""
+    """t (the gradient dy, a residual) in x's memory layout."""
     fmt = _LAST_FORMATS[x.dim()] if last else torch.contiguous_format
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _empty_out(x: Tensor) -> Tensor:
-    """The output the ops return for input x (what the fake implementations promise)."""
-    return torch.empty_like(x, memory_format=_LAST_FORMATS[x.dim()] if _channels_last(x) else torch.contiguous_format)
+def _empty_out(x: Tensor, last: Optional[bool] = None) -> Tensor:
+    """The output the ops return for input x (what the fake implementations promise);
+    `last`: `_channels_last(x)`, if known."""
+    last = _channels_last(x) if last is None else last
+    return torch.empty_like(x, memory_format=_LAST_FORMATS[x.dim()] if last else torch.contiguous_format)
+
+
+def _vector(x: Tensor, size: int) -> Tensor:
+    """A new per-feature output of `size` values (0: a gradient the layer does not have)."""
+    return x.new_empty((size,), dtype=_param_dtype(x.dtype))
+
+
+# -- what the kernels take ------------------------------------------------------------------
+def _data_refusal(x: Tensor) -> Optional[str]:
+    """Why the kernels cannot take data tensor x (whatever its strides), or None."""
+    if not isinstance(x, Tensor):
+        return f"is a {type(x).__name__}, not a tensor"
+    if not x.is_cpu or x.layout != torch.strided:
+        return f"is a {x.layout} tensor on {x.device}; the kernels take strided CPU tensors"
+    if x.dtype not in _DTYPES:
+        return f"has dtype {x.dtype}; the kernels take {', '.join(str(d) for d in _DTYPES)}"
+    if x.dim() < 2:
+        return f"has {x.dim()} dimension(s); expected (N, C, ...)"
+    if x.numel() == 0:
+        return "is empty"
+    return None
+
+
+def _vector_refusal(t: Tensor, channels: int, dtype: torch.dtype) -> Optional[str]:
+    """Why the kernels cannot take per-feature tensor t for `channels` features of data of
+    `dtype`, or None."""
+    pdtype = _param_dtype(dtype)
+    if not isinstance(t, Tensor) or not t.is_cpu or t.dtype is not pdtype or t.dim() != 1 or t.shape[0] != channels \
+            or not t.is_contiguous():
+        return f"must be a contiguous CPU tensor of shape ({channels},) and dtype {pdtype}"
+    return None
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory of contiguous tensors a and b overlaps."""
+    return a.data_ptr() < b.data_ptr() + b.nbytes and b.data_ptr() < a.data_ptr() + a.nbytes
+
+
+def _check(op: str, x: Tensor, like: Optional[dict] = None, vectors: Optional[dict] = None) -> None:
+    """Raises ValueError naming op and argument where the kernels cannot take the tensors an op
+    is called with: x, the tensors `like` x (name: tensor, same shape and dtype) and the
+    per-feature `vectors` (name: tensor or None).  Before any C runs: the kernels are
+    called on the tensors' memory directly."""
+    reason = _data_refusal(x)
+    if reason is not None:
+        raise ValueError(f"bngen::{op}: x {reason}")
+    for name, t in (like or {}).items():
+        if not isinstance(t, Tensor) or not t.is_cpu or t.shape != x.shape or t.dtype is not x.dtype:
+            raise ValueError(f"bngen::{op}: {name} must be a CPU tensor of x's shape {tuple(x.shape)} and dtype {x.dtype}")
+    for name, t in (vectors or {}).items():
+        reason = None if t is None else _vector_refusal(t, x.shape[1], x.dtype)
+        if reason is not None:
+            raise ValueError(f"bngen::{op}: {name} {reason}")
+
+
+# -- calling the kernels ---------------------------------------------------------------------
+# The kernels' C entry points get the tensors' memory directly: data pointers, sizes and the
+# thread count, by argument name.  Through NumPy views and the binder (whose checks `_check`
+# and `takes` make here, on the tensors) a call costs ~20-30 us more when warm, and in a
+# training step, where the activations have pushed Python's own data out of the caches
+# between two batch norms, 100-200 us more: 3 ms of a 90-180 ms ResNet step.
+_entries: Dict[tuple, tuple] = {}
+
+
+def _call(kernel: Kernel, entry: Entry, values: dict) -> None:
+    """Runs `entry` of `kernel` with `values` by argument name: tensors as their data
+    pointers (NULL for None or absent), sizes and flags as ints."""
+    key = (kernel, entry.name)
+    found = _entries.get(key)
+    if found is None:
+        found = _entries[key] = (kernel.entry_function(entry), tuple((a.name, a.role.is_array) for a in entry.args),
+                                 kernel.ffi)
+    function, args, ffi = found
+    cast, null = ffi.cast, ffi.NULL
+    function(*[(null if values.get(name) is None else cast("void *", values[name].data_ptr())) if array
+               else values[name] for name, array in args])
 
 
 def _threads() -> int:
@@ -212,28 +228,60 @@ def _define_compiled(name: str, impl, fake, schema: str) -> None:
     torch.library.register_fake(f"{_LIB}::{twin}", fake, lib=_LIBRARY)
 
 
-def _train_forward(x: Tensor, weight, bias, eps: float, running=None, relu: bool = False) -> tuple:
-    """Normalise x with its own statistics (then the ReLU, if `relu`): (y, batch mean, biased
-    batch variance, kernel, rows, last), the statistics as arrays.  With `running` =
+def _train_forward(x: Tensor, weight, bias, eps: float, running=None, relu: bool = False,
+                   residual: Optional[Tensor] = None) -> tuple:
+    """Normalise x with its own statistics (then add `residual`, then the ReLU, if `relu`):
+    (y, batch mean, biased batch variance, kernel, `_input(x)`).  With `running` =
     (running_mean, running_var, momentum), the kernel also updates the running statistics in
     place (a kernel per momentum: only for a module's fixed one, see `_bakes`)."""
-    x, last = _input(x)
-    rows = _array(x, last)
+    taken = x, last, outer, inner = _input(x)
     momentum = None if running is None else running[2]
-    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu,
-                     momentum=momentum)
-    if momentum is None:
-        y, mean, var = kernel.forward(rows, _param(weight), _param(bias), threads=_threads())
-    else:
-        y, mean, var = kernel.forward(rows, _param(weight), _param(bias), _param(running[0]), _param(running[1]),
-                                      threads=_threads())
-    return _tensor(y, x, last), mean, var, kernel, rows, last
+    kernel = _kernel(True, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None, relu,
+                     residual is not None, momentum)
+    if outer * inner < kernel.spec.min_values_per_feature:
+        raise ValueError(f"x: shape {tuple(x.shape)} gives one value per channel, so the unbiased variance is undefined")
+    y, mean, var = _empty_out(x, last), _vector(x, x.shape[1]), _vector(x, x.shape[1])
+    _call(kernel, kernel.plan.forward, {
+        "x": x, "residual": None if residual is None else _like(residual, x, last), "y": y, "gamma": weight,
+        "beta": bias, "moving_mean": None if running is None else running[0],
+        "moving_variance": None if running is None else running[1], "mean": mean, "variance": var, "outer": outer,
+        "inner": inner, "nthreads": _threads(), "may_stream": 0})
+    return y, mean, var, kernel, taken
+
+
+def _eval_forward(x: Tensor, weight, bias, running_mean, running_var, eps: float, relu: bool = False,
+                  residual: Optional[Tensor] = None) -> Tensor:
+    """Normalise x with the running statistics (then add `residual`, then the ReLU, if `relu`)."""
+    x, last, outer, inner = _input(x)
+    kernel = _kernel(False, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None, relu,
+                     residual is not None)
+    y = _empty_out(x, last)
+    _call(kernel, kernel.plan.forward, {
+        "x": x, "residual": None if residual is None else _like(residual, x, last), "y": y, "gamma": weight,
+        "beta": bias, "moving_mean": running_mean, "moving_variance": running_var, "outer": outer, "inner": inner,
+        "nthreads": _threads(), "may_stream": 0})
+    return y
+
+
+def _gradients(kernel: Kernel, dy: Tensor, taken: tuple, weight, beta, mean, var, has_bias: bool) -> tuple:
+    """(dx, dweight, dbias) from `kernel`'s backward at x, `taken` = `_input(x)`; empty
+    dweight/dbias when absent.  `beta` only for a fused ReLU (its mask recomputes the output)."""
+    x, last, outer, inner = taken
+    channels = x.shape[1]
+    dx = _empty_out(x, last)
+    dweight, dbias = _vector(x, channels if weight is not None else 0), _vector(x, channels if has_bias else 0)
+    _call(kernel, kernel.plan.backward, {
+        "dy": _like(dy, x, last), "x": x, "gamma": weight, "beta": beta, "mean": mean, "variance": var,
+        "moving_mean": mean, "moving_variance": var, "dx": dx, "dgamma": dweight if weight is not None else None,
+        "dbeta": dbias if has_bias else None, "outer": outer, "inner": inner, "nthreads": _threads()})
+    return dx, dweight, dbias
 
 
 def _train_impl(x, weight, bias, eps, relu=False):
     """Normalise x with its own statistics (then the ReLU, if `relu`): (y, batch mean, biased batch variance)."""
+    _check(f"batch_norm_{'relu_' * relu}train", x, vectors={"weight": weight, "bias": bias})
     y, mean, var, *_ = _train_forward(x, weight, bias, eps, relu=relu)
-    return y, torch.from_numpy(mean), torch.from_numpy(var)
+    return y, mean, var
 
 
 def _train_fake(x, weight, bias, eps):
@@ -255,11 +303,9 @@ _relu_train = _define("batch_norm_relu_train", _relu_train_impl, _train_fake, _T
 
 def _eval_impl(x, weight, bias, running_mean, running_var, eps, relu=False):
     """Normalise x with the running statistics (then the ReLU, if `relu`)."""
-    x, last = _input(x)
-    rows = _array(x, last)
-    kernel = _kernel(False, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu)
-    y = kernel(rows, _param(weight), _param(bias), _param(running_mean), _param(running_var), threads=_threads())
-    return _tensor(y, x, last)
+    _check(f"batch_norm_{'relu_' * relu}eval", x,
+           vectors={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var})
+    return _eval_forward(x, weight, bias, running_mean, running_var, eps, relu)
 
 
 def _eval_fake(x, weight, bias, running_mean, running_var, eps):
@@ -280,24 +326,16 @@ _relu_eval = _define("batch_norm_relu_eval", _relu_eval_impl, _eval_fake, _EVAL_
 
 def _add_train_impl(x, residual, weight, bias, eps, relu):
     """batch_norm_train's output plus `residual` (then the ReLU, if `relu`) in one kernel, and the batch statistics."""
-    x, last = _input(x)
-    rows = _array(x, last)
-    kernel = _kernel(True, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu,
-                     residual=True)
-    y, mean, var = kernel.forward(rows, _param(weight), _param(bias), residual=_array(_like(residual, x, last), last),
-                                  threads=_threads())
-    return _tensor(y, x, last), torch.from_numpy(mean), torch.from_numpy(var)
+    _check("batch_norm_add_train", x, like={"residual": residual}, vectors={"weight": weight, "bias": bias})
+    y, mean, var, *_ = _train_forward(x, weight, bias, eps, relu=relu, residual=residual)
+    return y, mean, var
 
 
 def _add_eval_impl(x, residual, weight, bias, running_mean, running_var, eps, relu):
     """batch_norm_eval's output plus `residual` (then the ReLU, if `relu`) in one kernel."""
-    x, last = _input(x)
-    rows = _array(x, last)
-    kernel = _kernel(False, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, bias is not None, relu,
-                     residual=True)
-    y = kernel(rows, _param(weight), _param(bias), _param(running_mean), _param(running_var),
-               residual=_array(_like(residual, x, last), last), threads=_threads())
-    return _tensor(y, x, last)
+    _check("batch_norm_add_eval", x, like={"residual": residual},
+           vectors={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var})
+    return _eval_forward(x, weight, bias, running_mean, running_var, eps, relu, residual)
 
 
 # Only in compiled graphs, where `fuse_relu` puts them (no autograd: the backward of the
@@ -314,16 +352,12 @@ _define_compiled("batch_norm_add_eval", _add_eval_impl,
 def _backward_impl(training, dy, x, weight, bias, mean, var, eps, has_bias, relu=False):
     """(dx, dweight, dbias); empty dweight/dbias when absent.  `bias` (beta) is read only by the
     ReLU's mask, which recomputes the forward output."""
-    x, last = _input(x)
-    rows = _array(x, last)
-    kernel = _kernel(training, x.dtype, x.shape[1], _inner(rows), eps, weight is not None, has_bias, relu)
-    dx, dgamma, dbeta = kernel.backward(_array(_like(dy, x, last), last), rows, _param(weight), _numpy(mean),
-                                        _numpy(var), beta=_param(bias) if relu else None, threads=_threads())
-
-    def grad(g):  # an absent gradient is an empty tensor of its own (outputs must not alias)
-        return x.new_empty((0,), dtype=_param_dtype(x.dtype)) if g is None else torch.from_numpy(g)
-
-    return _tensor(dx, x, last), grad(dgamma), grad(dbeta)
+    _check(f"batch_norm_{'relu_' * relu}{'train' if training else 'eval'}_backward", x, like={"dy": dy},
+           vectors={"weight": weight, "bias": bias if relu else None, ("mean" if training else "running_mean"): mean,
+                    ("var" if training else "running_var"): var})
+    taken = x, _, _, inner = _input(x)
+    kernel = _kernel(training, x.dtype, x.shape[1], inner, eps, weight is not None, has_bias, relu)
+    return _gradients(kernel, dy, taken, weight, bias if relu else None, mean, var, has_bias)
 
 
 def _grads_fake(x, weight, has_bias):
@@ -422,36 +456,33 @@ _relu_eval.register_autograd(_relu_eval_grad, setup_context=_eval_setup)
 # torch.compile the ops above are what the graph records.
 class _BatchNormTrain(torch.autograd.Function):
     """`_train_forward` (y, batch mean, biased batch variance) and its backward, which reuses
-    the forward's kernel, array views and batch statistics (kept on ctx): no look-ups."""
+    the forward's kernel and batch statistics (kept on ctx): no look-ups."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, running):
-        y, mean, var, kernel, rows, last = _train_forward(x, weight, bias, eps, running)
-        ctx.save_for_backward(x, weight)  # (so that autograd notices x or weight changed in place before the backward)
-        ctx.kernel, ctx.rows, ctx.last, ctx.stats = kernel, rows, last, (mean, var)
+        y, mean, var, ctx.kernel, taken = _train_forward(x, weight, bias, eps, running)
+        # (saved, so that autograd notices x or weight changed in place before the backward)
+        ctx.save_for_backward(taken[0], weight)
+        ctx.layout, ctx.stats = taken[1:], (mean, var)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics, which backward ignores
-        mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var)
-        ctx.mark_non_differentiable(mean_t, var_t)
-        return y, mean_t, var_t
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:  # (grads are not materialised) nothing reached y
             return None, None, None, None, None
         x, weight = ctx.saved_tensors
-        last = ctx.last
-        dx, dgamma, dbeta = ctx.kernel.backward(_array(_like(dy, x, last), last), ctx.rows, _param(weight), *ctx.stats,
-                                                threads=_threads())
-        return (_tensor(dx, x, last), torch.from_numpy(dgamma) if ctx.has_weight else None,
-                torch.from_numpy(dbeta) if ctx.has_bias else None, None, None)
+        dx, dgamma, dbeta = _gradients(ctx.kernel, dy, (x,) + ctx.layout, weight, None, *ctx.stats, ctx.has_bias)
+        return dx, dgamma if ctx.has_weight else None, dbeta if ctx.has_bias else None, None, None
 
 
 class _BatchNormEval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps):
         _eval_setup(ctx, (x, weight, bias, running_mean, running_var, eps), None)
-        return _eval_impl(x, weight, bias, running_mean, running_var, eps)
+        return _eval_forward(x, weight, bias, running_mean, running_var, eps)
 
     @staticmethod
     def backward(ctx, dy):
@@ -703,19 +734,13 @@ def takes(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[T
     """True when `batch_norm` runs bngen's kernels for these arguments (else torch's)."""
     if not (isinstance(eps, float) and 0.0 < eps < math.inf):  # torch's errors for eps <= 0; eval allows eps=0
         return False
-    dtype = input.dtype
-    if not input.is_cpu or dtype not in _DTYPES or input.layout != torch.strided or input.dim() < 2 \
-            or input.numel() == 0:
-        return False
-    if not input.is_contiguous() and not _channels_last(input):
+    if _data_refusal(input) is not None or not input.is_contiguous() and not _channels_last(input):
         return False
     if not training and (running_mean is None or running_var is None):
         return False
-    pdtype, channels = _param_dtype(dtype), input.shape[1]
-    for t in (weight, bias, running_mean, running_var):
-        if t is not None and (not t.is_cpu or t.dtype is not pdtype or t.shape != (channels,) or not t.is_contiguous()):
-            return False
-    return True
+    channels, dtype = input.shape[1], input.dtype
+    return all(t is None or _vector_refusal(t, channels, dtype) is None
+               for t in (weight, bias, running_mean, running_var))
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -747,6 +772,14 @@ _MAX_BAKED_MOMENTA = 4
 _baked_momenta: set = set()
 
 
+def _apart(running_mean: Optional[Tensor], running_var: Optional[Tensor], *read: Optional[Tensor]) -> bool:
+    """Whether both running statistics are given and share memory with neither each other
+    nor the tensors `read` (a kernel updating them in place needs it; torch ops do not)."""
+    if running_mean is None or running_var is None or _overlap(running_mean, running_var):
+        return False
+    return not any(t is not None and (_overlap(t, running_mean) or _overlap(t, running_var)) for t in read)
+
+
 def _bakes(momentum) -> bool:
     """True when a kernel may update the running statistics with `momentum` (see above)."""
     if momentum.__class__ is not float or not 0.0 <= momentum <= 1.0:
@@ -773,19 +806,18 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         if compiling:
             return torch.ops.bngen.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
         if not _records(input, weight, bias):
-            return _eval_impl(input, weight, bias, running_mean, running_var, eps)
+            return _eval_forward(input, weight, bias, running_mean, running_var, eps)
         return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
     running = running_mean is not None or running_var is not None
     if compiling:
         y, mean, var = torch.ops.bngen.batch_norm_train(input, weight, bias, eps)
     else:
-        baked = running and fixed and _bakes(momentum)
+        baked = running and fixed and _apart(running_mean, running_var, weight, bias) and _bakes(momentum)
         args = (input, weight, bias, eps, (running_mean, running_var, momentum) if baked else None)
         if _records(input, weight, bias):
             y, mean, var = _BatchNormTrain.apply(*args)
         else:
             y, mean, var, *_ = _train_forward(*args)
-            mean, var = torch.from_numpy(mean), torch.from_numpy(var)
         if baked:
             return y
     if running:
@@ -884,7 +916,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         dist = torch.distributed
-        x, _ = _input(x)
+        x = _input(x)[0]
         pdtype, channels = _param_dtype(x.dtype), x.shape[1]
         count = x.numel() // channels
         _, mean, var = torch.ops.bngen.batch_norm_train(x, None, None, eps)

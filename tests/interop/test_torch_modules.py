@@ -176,6 +176,59 @@ def test_a_momentum_changed_every_step_builds_a_bounded_number_of_kernels(monkey
     torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-6, rtol=1e-6)
 
 
+def test_running_statistics_sharing_memory_are_updated_by_torch_ops(monkeypatch):
+    """A kernel updating the running statistics in place must not be handed tensors that share
+    memory (with each other or with a parameter): such a module falls back to the torch ops,
+    whose results are torch's own."""
+    monkeypatch.setattr(bnt, "_baked_momenta", set())
+    torch.manual_seed(3)
+    x = torch.randn(6, 3, 4, 5) * 2 + 1
+    ours, theirs = bnt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for bn in (ours, theirs):
+        bn.running_var = bn.running_mean  # one buffer for both statistics
+    before = set(bnt._kernels)
+    for _ in range(2):
+        ours(x), theirs(x)
+    assert {key[-1] for key in set(bnt._kernels) - before} <= {None}  # no kernel updating them
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=1e-6, rtol=1e-6)
+
+
+# Each case: an op call with one argument the kernels cannot take, and the argument the error names.
+def _bad_op_calls():
+    ops = torch.ops.bngen
+    x, dy, w, b = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.rand(3) + 0.5, torch.randn(3)
+    m, v = x.mean((0, 2)), x.var((0, 2), unbiased=False)
+    return {
+        "weight shape": (lambda: ops.batch_norm_train(x, torch.ones(4), b, 1e-5), "weight", (x, b)),
+        "weight dtype": (lambda: ops.batch_norm_relu_train(x, w.double(), b, 1e-5), "weight", (x, b)),
+        "bias strided": (lambda: ops.batch_norm_train(x, w, torch.randn(6)[::2], 1e-5), "bias", (x, w)),
+        "x integer": (lambda: ops.batch_norm_train(x.long(), None, None, 1e-5), "x", ()),
+        "x one dimension": (lambda: ops.batch_norm_eval(torch.randn(3), w, b, m, v, 1e-5), "x", (w, b, m, v)),
+        "x empty": (lambda: ops.batch_norm_train(x[:0], w, b, 1e-5), "x", (w, b)),
+        "running_var shape": (lambda: ops.batch_norm_eval(x, w, b, m, v[:2], 1e-5), "running_var", (x, w, b, m)),
+        "mean dtype": (lambda: ops.batch_norm_train_backward(dy, x, w, m.double(), v, 1e-5, True), "mean",
+                       (dy, x, w, v)),
+        "dy shape": (lambda: ops.batch_norm_train_backward(dy[:2], x, w, m, v, 1e-5, True), "dy", (x, w, m, v)),
+        "residual dtype": (lambda: ops.compiled_batch_norm_add_train(x, dy.double(), w, b, 1e-5, True), "residual",
+                           (x, w, b)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_op_calls()))
+def test_ops_refuse_what_the_kernels_cannot_take_before_any_c_runs(monkeypatch, case):
+    """The ops hand tensors' memory to the C entry points directly, so they check the tensors
+    first: a ValueError naming the op and the argument, no C call, no tensor changed."""
+    call, argument, inputs = _bad_op_calls()[case]
+    before = [t.clone() for t in inputs]
+    calls = []
+    monkeypatch.setattr(bnt, "_call", lambda *args: calls.append(args))
+    with pytest.raises(ValueError, match=rf"^bngen::\w+: {argument} "):
+        call()
+    assert not calls
+    for t, kept in zip(inputs, before):
+        torch.testing.assert_close(t, kept, atol=0, rtol=0)
+
+
 def test_input_changed_in_place_before_the_backward_is_an_error():
     """The eager backward reuses views of the forward's input: autograd must still refuse an
     input modified in place in between, as it does for torch's batch norm."""
@@ -268,10 +321,15 @@ def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes(monkey
     monkeypatch.setattr(bnt, "_baked_momenta", set())  # (other tests' momenta do not count against the limit)
     bn = bnt.BatchNorm2d(4)
     x = torch.randn(3, 4, 5, 6)
+    seen = []  # the data pointers handed to the C entry points
+    call = bnt._call
+    monkeypatch.setattr(bnt, "_call", lambda kernel, entry, values: seen.append(values) or call(kernel, entry, values))
     for t, last in ((x, False), (x.contiguous(memory_format=torch.channels_last), True)):
-        rows = bnt._array(t, bnt._channels_last(t))
-        assert bnt._channels_last(t) is last
-        assert rows.__array_interface__["data"][0] == t.data_ptr() and rows.shape == ((90, 4) if last else (3, 4, 30))
+        taken, is_last, outer, inner = bnt._input(t)
+        assert taken is t and is_last is last and (outer, inner) == ((90, 1) if last else (3, 30))
+        y = bn(t)
+        assert seen[-1]["x"].data_ptr() == t.data_ptr() and seen[-1]["y"] is y  # no copy in, none out
+        assert y.stride() == t.stride()  # the output keeps the input's layout
     before = set(bnt._kernels)
     for n in (1, 2, 7, 16):
         y = bn(torch.randn(n, 4, 5, 6))
