@@ -342,6 +342,58 @@ def test_layouts_taken_without_copy_and_kernels_shared_across_batch_sizes(monkey
     assert expected <= set(bnt._kernels) and set(bnt._kernels) - before <= expected
 
 
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """t's values as the kernel's NumPy array of its shape class (a copy, for the reference)."""
+    a = t.detach()
+    a = a.view(torch.int16).numpy().view("bfloat16") if a.dtype is torch.bfloat16 else a.numpy()
+    if bnt._channels_last(t):
+        return np.ascontiguousarray(a.transpose(0, *range(2, a.ndim), 1)).reshape(-1, a.shape[1])
+    return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+
+
+def _same_bits(ours: torch.Tensor, want: np.ndarray) -> None:
+    got = _rows(ours) if ours.dim() > 1 else ours.numpy()
+    width = {2: np.uint16, 4: np.uint32, 8: np.uint64}[want.dtype.itemsize]
+    np.testing.assert_array_equal(got.reshape(want.shape).view(width), want.view(width))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_ops_give_the_kernels_numpy_results_bit_for_bit(dtype, fmt):
+    """The ops call the C entry points on the tensors' memory, arguments mapped by name: their
+    results are those of the same kernels through the NumPy API (the binder's mapping), bit for
+    bit, for the training forward and backward with the ReLU fused, the inference with a residual
+    (given in the other layout: copied into x's) and the frozen layer's backward."""
+    ops = torch.ops.bngen
+    g = torch.Generator().manual_seed(0)
+    pdtype = bnt._param_dtype(dtype)
+    x = (torch.randn(3, 4, 2, 3, 5, generator=g) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+    other = torch.channels_last_3d if fmt is torch.contiguous_format else torch.contiguous_format
+    residual, dy = (torch.randn(3, 4, 2, 3, 5, generator=g).to(dtype).contiguous(memory_format=f) for f in (other, fmt))
+    w, b = (torch.rand(4, generator=g) + 0.5).to(pdtype), torch.randn(4, generator=g).to(pdtype)
+    rm, rv = torch.randn(4, generator=g).to(pdtype), (torch.rand(4, generator=g) + 0.5).to(pdtype)
+    inner = 1 if bnt._channels_last(x) else 30
+    W, B, RM, RV = (t.numpy() for t in (w, b, rm, rv))
+
+    y, mean, var = ops.batch_norm_relu_train(x, w, b, 1e-5)
+    kernel = bnt._kernel(True, dtype, 4, inner, 1e-5, True, True, True)
+    want = kernel.forward(_rows(x), W, B)
+    for ours, theirs in zip((y, mean, var), want):
+        _same_bits(ours, theirs)
+    grads = ops.batch_norm_relu_train_backward(dy, x, w, b, mean, var, 1e-5)
+    for ours, theirs in zip(grads, kernel.backward(_rows(dy), _rows(x), W, want[1], want[2], beta=B)):
+        _same_bits(ours, theirs)
+
+    kernel = bnt._kernel(False, dtype, 4, inner, 1e-5, True, True, True, residual=True)
+    _same_bits(ops.compiled_batch_norm_add_eval(x, residual, w, b, rm, rv, 1e-5, True),
+               kernel(_rows(x), W, B, RM, RV, residual=_rows(residual.contiguous(memory_format=fmt))))
+    kernel = bnt._kernel(False, dtype, 4, inner, 1e-5, True, True)
+    grads = ops.batch_norm_eval_backward(dy, x, w, rm, rv, 1e-5, True)
+    for ours, theirs in zip(grads, kernel.backward(_rows(dy), _rows(x), W, RM, RV)):
+        _same_bits(ours, theirs)
+    assert y.stride() == x.stride() and grads[0].stride() == x.stride()
+
+
 @pytest.mark.parametrize("case", ["half_params", "strided", "eps0_eval", "running_stats_float64"])
 def test_fallback_to_torch_matches_torch(case):
     """What the kernels do not take runs torch's own batch norm, with torch's results."""
