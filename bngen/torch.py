@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import torch_native
+from .codegen.render import template_dir
 from .core.dtypes import DTYPES
 from .core.spec import Spec
 from .core.threads import max_threads
@@ -221,11 +223,29 @@ def _define(name: str, impl, fake, schema: str):
 
 
 def _define_compiled(name: str, impl, fake, schema: str) -> None:
-    """The op bngen::compiled_`name`, without autograd: for compiled graphs only (see above)."""
+    """The op bngen::compiled_`name`, without autograd: for compiled graphs only (see above);
+    for the training ops also bngen::native_`name`, implemented in C++ (bngen/torch_native.py)."""
     twin = _COMPILED_PREFIX + name
     _LIBRARY.define(twin + schema, tags=_TAGS)
     _LIBRARY.impl(twin, impl, "CPU")
     torch.library.register_fake(f"{_LIB}::{twin}", fake, lib=_LIBRARY)
+    if name in torch_native.OPS:
+        _LIBRARY.define(torch_native.PREFIX + name + schema, tags=_TAGS)
+        torch.library.register_fake(f"{_LIB}::{torch_native.PREFIX}{name}", fake, lib=_LIBRARY)
+
+
+def _native_entry(x: Tensor, kind: int, eps: float, relu: bool, residual: bool) -> list:
+    """[address, thread cap] of the C entry point a native op of `kind` (an index into
+    torch_native.KINDS) calls for channels-last x, or [] where the kernel has none it can
+    call; the kernel is built on first use and kept (the address stays valid)."""
+    name = list(torch_native.KINDS)[kind]
+    kernel = _kernel(True, x.dtype, x.shape[1], 1, eps, True, True, relu, residual)
+    entry = torch_native.kind_entry(kernel, name)
+    return [] if entry is None else [kernel.entry_address(entry), max_threads()]
+
+
+_LIBRARY.define("native_entry(Tensor x, int kind, float eps, bool relu, bool residual) -> int[]")
+_LIBRARY.impl("native_entry", _native_entry, "CPU")
 
 
 def _train_forward(x: Tensor, weight, bias, eps: float, running=None, relu: bool = False,
@@ -638,7 +658,23 @@ def _fuse_relu(graph: torch.fx.Graph) -> int:
         if node.op == "call_function" and node.target in twins:
             node.target = twins[node.target]
     _recomputed_masks(graph)
+    _natives(graph)
     return fused
+
+
+def _natives(graph: torch.fx.Graph) -> int:
+    """Each training twin in `graph` -> its native op (same schema, no Python per call; see
+    bngen/torch_native.py), where the native ops can be loaded; the number replaced."""
+    if not torch_native.available():
+        return 0
+    ops, count = torch.ops.bngen, 0
+    natives = {getattr(ops, _COMPILED_PREFIX + name).default: getattr(ops, torch_native.PREFIX + name).default
+               for name in torch_native.OPS}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in natives:
+            node.target = natives[node.target]
+            count += 1
+    return count
 
 
 def _recomputed_masks(graph: torch.fx.Graph) -> int:
@@ -713,8 +749,9 @@ def _fusion_pass():
         def __call__(self, graph: torch.fx.Graph) -> None:
             _fuse_relu(graph)
 
-        def uuid(self):  # compiled graphs are cached under it: it changes with this module
-            return get_hash_for_files((__file__,))
+        def uuid(self):  # compiled graphs are cached under it: it changes with this module and the native ops
+            files = (__file__, torch_native.__file__, str(template_dir() / "torch_ops.cpp.j2"))
+            return get_hash_for_files(files) + (b"native" if torch_native.available() else b"python")
 
     return FuseRelu()
 

@@ -21,7 +21,7 @@ LAYERS = [
     {"jit.binder"},
     {"jit.kernel"},
     {"jit.build"},
-    {"aot.fold", "aot.emit", "distributed"},
+    {"aot.fold", "aot.emit", "distributed", "torch_native"},
     {"layers.population"},
     {"layers.layer", "aot.catalogue", "torch", "tools.resnet"},
     {"tools.bench"},

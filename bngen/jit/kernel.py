@@ -77,6 +77,11 @@ class Kernel:
         """The compiled C function of `entry`."""
         return getattr(self._lib, entry.name)
 
+    def entry_address(self, entry: Entry) -> int:
+        """The address of the compiled C function of `entry`, for callers outside Python
+        (bngen.torch's native ops); valid while this kernel is alive."""
+        return int(self.ffi.cast("uintptr_t", self.ffi.addressof(self._lib, entry.name)))
+
     # -- public calls (the checked path; a kernel's fast path calls these for what it refuses) --
     def __call__(self, x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *, out=None,
                  moving_stddev=None, renorm_mean=None, renorm_stddev=None, rmax=None, rmin=None, dmax=None,

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # small tensors; pytest -n 2 already uses both cores
 
 import bngen.torch as bnt  # noqa: E402
+from bngen import torch_native  # noqa: E402
 
 F = torch.nn.functional
 HALF = (torch.float16, torch.bfloat16)
@@ -559,9 +560,13 @@ class _ResidualBlock(torch.nn.Module):
 def _op_names(fn) -> list:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    # (an op's dispatch may show as an event nested in one of the same name: counted once)
-    return [e.name.replace("bngen::compiled_", "bngen::") for e in prof.events()
-            if e.name.startswith("bngen::compiled_") and (e.cpu_parent is None or e.cpu_parent.name != e.name)]
+    # (an op's dispatch may show as an event nested in one of the same name, and a native op's
+    # fallback as its twin nested in it: counted once)
+    def twin(name):
+        return name.replace("bngen::compiled_", "bngen::").replace("bngen::native_", "bngen::")
+
+    return [twin(e.name) for e in prof.events() if e.name.startswith(("bngen::compiled_", "bngen::native_"))
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith(("bngen::compiled_", "bngen::native_")))]
 
 
 def _fuse_joint_graph(f, args) -> dict:
@@ -577,7 +582,12 @@ def _fuse_joint_graph(f, args) -> dict:
     def partition(joint, inputs, **kwargs):
         seen["fused"] = bnt._fuse_relu(joint.graph)
         joint.graph.lint()  # still in topological order
-        seen["targets"] = [n.target for n in joint.graph.nodes if n.op == "call_function"]
+        ops = torch.ops.bngen  # (a native op counts as the twin it stands for)
+        twins = {getattr(ops, "native_" + name).default: getattr(ops, "compiled_" + name).default
+                 for name in torch_native.OPS}
+        calls = [n.target for n in joint.graph.nodes if n.op == "call_function"]
+        seen["targets"] = [twins.get(t, t) for t in calls]
+        seen["natives"] = sum(t in twins for t in calls)
         seen["masks"] = [n.meta.get("recompute") for n in joint.graph.nodes if n.target is torch.ops.aten.le.Scalar]
         joint.recompile()
         return min_cut_rematerialization_partition(joint, inputs, **kwargs)
@@ -593,6 +603,59 @@ def _fuse_joint_graph(f, args) -> dict:
     for ours, theirs in zip(grads, expected_grads):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_native_ops_give_the_python_twins_results_bit_for_bit(dtype):
+    """The native ops (C++, calling the kernels without Python) return what the twins they
+    stand for return, bit for bit and in the same layout, channels-last 4-d and 5-d; other
+    inputs (channels-first, no affine parameters, bad arguments) go to the twins, errors and all."""
+    if not torch_native.available():
+        pytest.skip("no C++ compiler for the native ops")  # (CI installs one: the test runs there)
+    ops = torch.ops.bngen
+    g = torch.Generator().manual_seed(0)
+    pdtype = bnt._param_dtype(dtype)
+    w, b = (torch.rand(4, generator=g) + 0.5).to(pdtype), torch.randn(4, generator=g).to(pdtype)
+    for shape, fmt in (((3, 4, 5, 6), torch.channels_last), ((2, 4, 3, 2, 5), torch.channels_last_3d),
+                       ((3, 4, 5, 6), torch.contiguous_format)):
+        x, r, dy = ((torch.randn(*shape, generator=g) * 2 + 1).to(dtype).contiguous(memory_format=fmt) for _ in range(3))
+        r = r.contiguous()  # (a residual in another layout is copied into x's)
+        calls = [("batch_norm_train", (x, w, b, 1e-5)), ("batch_norm_relu_train", (x, w, b, 1e-5)),
+                 ("batch_norm_train", (x, None, None, 1e-5)), ("batch_norm_add_train", (x, r, w, b, 1e-5, True))]
+        _, mean, var = ops.compiled_batch_norm_train(x, w, b, 1e-5)
+        calls += [("batch_norm_train_backward", (dy, x, w, mean, var, 1e-5, True)),
+                  ("batch_norm_relu_train_backward", (dy, x, w, b, mean, var, 1e-5))]
+        for name, args in calls:
+            ours, theirs = getattr(ops, "native_" + name)(*args), getattr(ops, "compiled_" + name)(*args)
+            for a, t in zip(ours, theirs):
+                assert a.stride() == t.stride() and torch.equal(a, t), (name, fmt)
+    with pytest.raises(ValueError, match="^bngen::batch_norm_train: weight "):
+        ops.native_batch_norm_train(x.contiguous(memory_format=torch.channels_last), torch.ones(3, dtype=pdtype), b, 1e-5)
+
+
+def test_without_a_cxx_compiler_compiled_graphs_keep_the_python_ops(monkeypatch):
+    """A C++ compiler that is missing or fails: one warning saying so, and the native ops are not
+    used (compiled graphs keep the twins); BNGEN_TORCH_NATIVE=0: not tried, no warning."""
+    import warnings
+
+    for cxx in ("/nonexistent/c++", "false"):
+        monkeypatch.setattr(torch_native, "_state", {})
+        monkeypatch.setenv("CXX", cxx)
+        with pytest.warns(RuntimeWarning, match="through Python"):
+            assert not torch_native.available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not torch_native.available()  # (remembered: no second try, no second warning)
+    monkeypatch.setattr(torch_native, "_state", {})
+    monkeypatch.setenv(torch_native.ENV_VAR, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not torch_native.available()
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    node = graph.call_function(torch.ops.bngen.compiled_batch_norm_train.default, (x, None, None, 1e-5))
+    graph.output(node)
+    assert bnt._natives(graph) == 0 and node.target is torch.ops.bngen.compiled_batch_norm_train.default
 
 
 def test_fuse_relu_rewrites_the_joint_graph():
@@ -620,6 +683,7 @@ def test_fuse_relu_rewrites_the_joint_graph():
         assert getattr(ops, name).default not in targets, name
     assert targets.count(aten.relu.default) == 1  # the unfused one
     assert seen["masks"] == [CheckpointPolicy.MUST_RECOMPUTE]
+    assert seen["natives"] == (4 if torch_native.available() else 0)  # the training ops: called without Python
 
 
 def test_fuse_relu_fuses_under_compile_with_the_same_results():
