@@ -76,13 +76,14 @@ def _identity(cxx: list) -> str:
     return out.stdout.strip()
 
 
-def _command(cxx: list, cpp: Path, output: Path) -> list:
+def _command(cxx: list, cpp: Path, output: Path, strict: bool = False) -> list:
+    """The compile command; `strict`: warnings are errors (the tests' build)."""
     root = Path(torch.__file__).parent
     include, lib = root / "include", root / "lib"
-    return cxx + ["-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}",
-                  f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}", str(cpp), "-o", str(output), f"-L{lib}",
-                  f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu",
-                  f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    return cxx + ["-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra"] + (["-Werror"] if strict else []) + [
+        f"-isystem{include}", f"-isystem{include / 'torch' / 'csrc' / 'api' / 'include'}", str(cpp), "-o", str(output),
+        f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 
 def build(cache_dir=None) -> Path:

@@ -633,6 +633,19 @@ def test_native_ops_give_the_python_twins_results_bit_for_bit(dtype):
         ops.native_batch_norm_train(x.contiguous(memory_format=torch.channels_last), torch.ones(3, dtype=pdtype), b, 1e-5)
 
 
+def test_native_ops_source_compiles_without_warnings(tmp_path):
+    """The rendered C++ builds with -Wall -Wextra -Werror (torch's headers as system headers)."""
+    try:
+        cxx = torch_native._compiler()
+    except Exception:
+        pytest.skip("no C++ compiler")
+    cpp = tmp_path / "torch_ops.cpp"
+    cpp.write_text(torch_native.source())
+    run = subprocess.run(torch_native._command(cxx, cpp, tmp_path / "ops.so", strict=True), capture_output=True,
+                         text=True, timeout=torch_native.TIMEOUT)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
 def test_without_a_cxx_compiler_compiled_graphs_keep_the_python_ops(monkeypatch):
     """A C++ compiler that is missing or fails: one warning saying so, and the native ops are not
     used (compiled graphs keep the twins); BNGEN_TORCH_NATIVE=0: not tried, no warning."""
