@@ -48,7 +48,6 @@ from .core.spec import Spec
 from .core.threads import max_threads
 from .jit.build import build
 from .jit.kernel import Kernel
-from .plan.entries import Entry
 from .statistics import merge_moments
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "takes"]  # and fuse_relu (made on first use)
@@ -181,12 +180,14 @@ def _check(op: str, x: Tensor, like: Optional[dict] = None, vectors: Optional[di
 _entries: Dict[tuple, tuple] = {}
 
 
-def _call(kernel: Kernel, entry: Entry, values: dict) -> None:
-    """Runs `entry` of `kernel` with `values` by argument name: tensors as their data
-    pointers (NULL for None or absent), sizes and flags as ints."""
-    key = (kernel, entry.name)
+def _call(kernel: Kernel, backward: bool, values: dict) -> None:
+    """Runs `kernel`'s forward (or inference) entry point, or its backward one, with `values`
+    by argument name: tensors as their data pointers (NULL for None or absent), sizes and
+    flags as ints."""
+    key = (kernel, backward)
     found = _entries.get(key)
     if found is None:
+        entry = kernel.plan.backward if backward else kernel.plan.forward
         found = _entries[key] = (kernel.entry_function(entry), tuple((a.name, a.role.is_array) for a in entry.args),
                                  kernel.ffi)
     function, args, ffi = found
@@ -261,7 +262,7 @@ def _train_forward(x: Tensor, weight, bias, eps: float, running=None, relu: bool
     if outer * inner < kernel.spec.min_values_per_feature:
         raise ValueError(f"x: shape {tuple(x.shape)} gives one value per channel, so the unbiased variance is undefined")
     y, mean, var = _empty_out(x, last), _vector(x, x.shape[1]), _vector(x, x.shape[1])
-    _call(kernel, kernel.plan.forward, {
+    _call(kernel, False, {
         "x": x, "residual": None if residual is None else _like(residual, x, last), "y": y, "gamma": weight,
         "beta": bias, "moving_mean": None if running is None else running[0],
         "moving_variance": None if running is None else running[1], "mean": mean, "variance": var, "outer": outer,
@@ -276,7 +277,7 @@ def _eval_forward(x: Tensor, weight, bias, running_mean, running_var, eps: float
     kernel = _kernel(False, x.dtype, x.shape[1], inner, eps, weight is not None, bias is not None, relu,
                      residual is not None)
     y = _empty_out(x, last)
-    _call(kernel, kernel.plan.forward, {
+    _call(kernel, False, {
         "x": x, "residual": None if residual is None else _like(residual, x, last), "y": y, "gamma": weight,
         "beta": bias, "moving_mean": running_mean, "moving_variance": running_var, "outer": outer, "inner": inner,
         "nthreads": _threads(), "may_stream": 0})
@@ -290,7 +291,7 @@ def _gradients(kernel: Kernel, dy: Tensor, taken: tuple, weight, beta, mean, var
     channels = x.shape[1]
     dx = _empty_out(x, last)
     dweight, dbias = _vector(x, channels if weight is not None else 0), _vector(x, channels if has_bias else 0)
-    _call(kernel, kernel.plan.backward, {
+    _call(kernel, True, {
         "dy": _like(dy, x, last), "x": x, "gamma": weight, "beta": beta, "mean": mean, "variance": var,
         "moving_mean": mean, "moving_variance": var, "dx": dx, "dgamma": dweight if weight is not None else None,
         "dbeta": dbias if has_bias else None, "outer": outer, "inner": inner, "nthreads": _threads()})

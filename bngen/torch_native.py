@@ -31,6 +31,7 @@ import torch
 from .codegen.render import environment
 from .core.errors import CompileError
 from .jit.cache import Cache, digest, resolve_root
+from .jit.compiler import Compiler
 from .version import __version__
 
 ENV_VAR = "BNGEN_TORCH_NATIVE"
@@ -61,19 +62,12 @@ def source() -> str:
         ops=[PREFIX + name for name in OPS], kinds=KINDS, version=__version__)
 
 
-def _compiler() -> list:
-    cxx = os.environ.get("CXX", "c++").split()
-    if not cxx or shutil.which(cxx[0]) is None:
-        raise CompileError(f"C++ compiler {' '.join(cxx) or repr('')} (CXX) not found")
-    return cxx
-
-
-def _identity(cxx: list) -> str:
-    try:
-        out = subprocess.run(cxx + ["--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CompileError(f"cannot run C++ compiler {cxx[0]}: {exc}") from None
-    return out.stdout.strip()
+def _compiler() -> Compiler:
+    """The C++ compiler: ``$CXX`` or ``c++`` (a CompileError if it is not found)."""
+    compiler = Compiler(cc=os.environ.get("CXX", "c++"))
+    if shutil.which(compiler.command[0]) is None:
+        raise CompileError(f"C++ compiler {compiler.cc!r} (CXX) not found")
+    return compiler
 
 
 def _command(cxx: list, cpp: Path, output: Path, strict: bool = False) -> list:
@@ -88,9 +82,11 @@ def _command(cxx: list, cpp: Path, output: Path, strict: bool = False) -> list:
 
 def build(cache_dir=None) -> Path:
     """The library's shared object: from the cache, or compiled into it (CompileError if it cannot be)."""
-    cxx = _compiler()
+    compiler = _compiler()
+    cxx = compiler.command
     text = source()
-    key = digest("torch-ops", text, _identity(cxx), torch.__version__, sys.version, " ".join(_command(cxx, Path(), Path())))
+    key = digest("torch-ops", text, compiler.identity(), torch.__version__, sys.version,
+                 " ".join(_command(cxx, Path(), Path())))
 
     def compile(directory: Path) -> Path:
         output = directory / OBJECT
